@@ -1,0 +1,221 @@
+"""In-memory datamodules with the four kdlab splits.
+
+Every dataset is held as tensors (inputs, targets). ``setup`` splits the training set into
+``train`` (labels possibly noisy), ``meta`` (a clean, stratified held-out fraction of the
+training set) and optionally a separate ``val``; ``val`` is ``meta`` unless
+``val_fraction > 0``. ``test`` is the dataset's own test set. Model selection uses ``val``,
+never ``test``.
+
+Batches are dicts ``{input, target, index}``: ``index`` is the example's position in its
+split (for ``train``: the row of per-example method state such as ALM-KD's weight table).
+Batches are cut by indexing the tensors directly (no per-sample collation), and the
+sampler shards batches across DDP ranks itself, deterministically from (seed, epoch), so
+every rank sees the same permutation and resumes reproduce the data order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ConfigError
+from .noise import apply_label_noise
+
+
+class ArrayDataset(Dataset):
+    """Tensors indexed a whole batch at a time: ``ds[list_of_positions] -> batch dict``."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor, clean_targets: Tensor | None = None):
+        if len(inputs) != len(targets):
+            raise ConfigError("inputs and targets differ in length")
+        self.inputs = inputs
+        self.targets = targets
+        self.clean_targets = targets if clean_targets is None else clean_targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, positions) -> dict[str, Tensor]:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return {"input": self.inputs[index], "target": self.targets[index], "index": index}
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class BatchSampler(Sampler[list[int]]):
+    """Yields lists of positions; shuffles from (seed, epoch) and shards over DDP ranks.
+
+    Rank r takes batches r, r + world, r + 2 world, ... of the same global permutation, so
+    ranks never overlap; with ``drop_last`` every rank gets the same number of batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.n, self.batch_size, self.shuffle = n, int(batch_size), shuffle
+        self.seed, self.drop_last, self.epoch = int(seed), drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[Tensor]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        batches = list(order.split(self.batch_size))
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        rank, world = _distributed_rank_world()
+        if world > 1:
+            usable = len(batches) - len(batches) % world if self.drop_last else len(batches)
+            batches = batches[rank:usable:world]
+        return batches
+
+    def __iter__(self):
+        for b in self._batches():
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Base for all kdlab datasets. Subclasses implement ``load()``.
+
+    ``load`` returns a dict with ``train_inputs``, ``train_targets``, ``test_inputs``,
+    ``test_targets`` (tensors) and optionally ``train_coarse`` (superclass labels, used by
+    the CIFAR-100 asymmetric noise).
+    """
+
+    name = "dataset"
+    asymmetric_class_map: dict[int, int] | None = None  # built-in map for noise=asymmetric
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None,
+                 meta_fraction: float = 0.1, val_fraction: float = 0.0,
+                 meta_batch_size: int | None = None, num_workers: int = 0,
+                 noise: dict | None = None, seed: int = 0, **_: Any):
+        super().__init__()
+        if not 0.0 < float(meta_fraction) < 1.0:
+            raise ConfigError(f"dataset.meta_fraction must be in (0, 1), got {meta_fraction}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or max(256, batch_size))
+        self.meta_batch_size = int(meta_batch_size or self.eval_batch_size)
+        self.meta_fraction = float(meta_fraction)
+        self.val_fraction = float(val_fraction)
+        self.num_workers = int(num_workers)
+        self.noise = dict(noise or {"type": "none", "rate": 0.0})
+        self.seed = int(seed)
+        self.splits: dict[str, ArrayDataset] = {}
+        self.noise_mask: Tensor | None = None
+        self.class_map: dict | None = None
+
+    # -- to implement ----------------------------------------------------------------------
+    def load(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- splits ----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        data = self.load()
+        x, y = data["train_inputs"], data["train_targets"].long()
+        positions = np.arange(len(y))
+        train_pos, meta_pos = _stratified_split(positions, y, self.meta_fraction, self.seed)
+        val_pos = None
+        if self.val_fraction > 0:
+            frac = self.val_fraction / (1.0 - self.meta_fraction)
+            train_pos, val_pos = _stratified_split(train_pos, y, frac, self.seed + 1)
+        clean = y[train_pos]
+        noise = dict(self.noise)
+        noise["class_map"] = noise.get("class_map") or self.asymmetric_class_map
+        coarse = data.get("train_coarse")
+        noisy, mask = apply_label_noise(
+            clean, num_classes=self.num_classes, seed=self.seed,
+            coarse=None if coarse is None else coarse[train_pos], **noise)
+        self.noise_mask = mask
+        self.splits["train"] = ArrayDataset(x[train_pos], noisy, clean_targets=clean)
+        self.splits["meta"] = ArrayDataset(x[meta_pos], y[meta_pos])
+        self.splits["val"] = (ArrayDataset(x[val_pos], y[val_pos]) if val_pos is not None
+                              else self.splits["meta"])
+        self.splits["test"] = ArrayDataset(data["test_inputs"], data["test_targets"].long())
+
+    @property
+    def train_size(self) -> int:
+        self.setup()
+        return len(self.splits["train"])
+
+    @property
+    def realised_noise_rate(self) -> float:
+        self.setup()
+        return float(self.noise_mask.float().mean()) if len(self.noise_mask) else 0.0
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool,
+                seed_offset: int = 0) -> DataLoader:
+        self.setup()
+        ds = self.splits[split]
+        sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed + seed_offset, drop_last)
+        return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def meta_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
+        """Clean held-out batches for methods that learn from a validation signal."""
+        return self._loader("meta", batch_size or self.meta_batch_size, shuffle=shuffle,
+                            drop_last=False, seed_offset=7919)
+
+    def train_eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The train split in order, unshuffled (for per-example passes such as caches)."""
+        return self._loader("train", batch_size or self.eval_batch_size, shuffle=False,
+                            drop_last=False)
+
+    # -- device-side preprocessing ---------------------------------------------------------
+    def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
+        """Turn stored inputs into model inputs on the device (augmentation goes here)."""
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(batch, train=training)
+
+    def describe(self) -> dict[str, Any]:
+        self.setup()
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "sizes": {k: len(v) for k, v in self.splits.items()},
+            "noise": {"type": self.noise.get("type", "none"),
+                      "rate": float(self.noise.get("rate", 0.0)),
+                      "realised_rate": self.realised_noise_rate},
+        }
+
+
+def _stratified_split(positions: np.ndarray, labels: Tensor, fraction: float, seed: int):
+    """Split ``positions`` into (rest, held_out) with ``fraction`` held out, per class."""
+    y = labels[torch.as_tensor(positions)].numpy()
+    n_held = max(int(math.ceil(fraction * len(positions))), len(np.unique(y)))
+    rest, held = train_test_split(positions, test_size=n_held, stratify=y, random_state=seed)
+    return np.sort(rest), np.sort(held)

@@ -1,0 +1,82 @@
+"""Label noise for the train split: symmetric, symmetric_exclusive, asymmetric, pairflip.
+
+All protocols are deterministic functions of (clean labels, rate, seed), so every DDP rank
+and every resume sees the same noisy labels. Each example is corrupted independently with
+probability ``rate``; the returned mask marks the examples whose label actually changed
+(so for ``symmetric``, where the drawn label may equal the true one, the realised rate is
+about ``rate * (1 - 1/C)``).
+
+- symmetric: with probability r, a label drawn uniformly over all C classes.
+- symmetric_exclusive: with probability r, a label drawn uniformly over the other C-1 classes.
+- asymmetric: with probability r, class c -> class_map[c]. CIFAR-10: truck->automobile,
+  bird->airplane, deer->horse, cat<->dog. CIFAR-100: within each superclass (from the coarse
+  labels) the next fine class, circularly. Other datasets need ``class_map``.
+- pairflip: with probability r, class c -> (c + 1) mod C.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "pairflip")
+
+# CIFAR-10 classes: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse,
+# 8 ship, 9 truck.
+CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+
+def superclass_ring(fine: Tensor, coarse: Tensor) -> dict[int, int]:
+    """Map each fine class to the next fine class of its superclass (circular)."""
+    groups: dict[int, set[int]] = {}
+    for f, c in zip(fine.tolist(), coarse.tolist(), strict=True):
+        groups.setdefault(int(c), set()).add(int(f))
+    ring = {}
+    for members in groups.values():
+        ordered = sorted(members)
+        for i, f in enumerate(ordered):
+            ring[f] = ordered[(i + 1) % len(ordered)]
+    return ring
+
+
+def apply_label_noise(labels: Tensor, type: str = "none", rate: float = 0.0, *,
+                      num_classes: int, seed: int = 0, coarse: Tensor | None = None,
+                      class_map: dict | None = None, **_) -> tuple[Tensor, Tensor]:
+    """Return (noisy labels, mask of changed labels)."""
+    if type not in NOISE_TYPES:
+        raise ConfigError(f"unknown noise type {type!r}; available: {', '.join(NOISE_TYPES)}")
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"noise.rate must be in [0, 1], got {rate}")
+    labels = labels.long()
+    if type == "none" or rate == 0.0:
+        return labels.clone(), torch.zeros(len(labels), dtype=torch.bool)
+    g = torch.Generator().manual_seed(int(seed) * 7 + 12345)
+    corrupt = torch.rand(len(labels), generator=g) < rate
+    noisy = labels.clone()
+    if type == "symmetric":
+        drawn = torch.randint(0, num_classes, (len(labels),), generator=g)
+    elif type == "symmetric_exclusive":
+        shift = torch.randint(1, num_classes, (len(labels),), generator=g)
+        drawn = (labels + shift) % num_classes
+    elif type == "pairflip":
+        drawn = (labels + 1) % num_classes
+    else:  # asymmetric
+        mapping = _asymmetric_map(num_classes, coarse, labels, class_map)
+        lookup = torch.arange(num_classes)
+        for src, dst in mapping.items():
+            lookup[int(src)] = int(dst)
+        drawn = lookup[labels]
+    noisy[corrupt] = drawn[corrupt]
+    return noisy, noisy != labels
+
+
+def _asymmetric_map(num_classes, coarse, labels, class_map) -> dict[int, int]:
+    if class_map:
+        return {int(k): int(v) for k, v in class_map.items()}
+    if coarse is not None:
+        return superclass_ring(labels, coarse)
+    raise ConfigError("noise=asymmetric needs a class map for this dataset: set "
+                     "noise.class_map={src: dst, ...} (built in for CIFAR-10 and CIFAR-100)")

@@ -1,0 +1,121 @@
+"""VGG with batch normalisation for CIFAR: vgg8, vgg11, vgg13, vgg16, vgg19.
+
+Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
+ICLR 2015, with BN after every conv and the CIFAR head of the knowledge-distillation
+benchmarks (Tian et al., "Contrastive Representation Distillation", ICLR 2020): five conv
+stages separated by 2x2 max-pooling, global average pooling and a single linear classifier
+(no 4096-wide fully connected layers). vgg8 has one conv per stage (configuration "S" of
+the CRD code); vgg11/13/16/19 are configurations A/B/D/E of the paper.
+
+Module paths for feature hooks (32x32 input); stages 2-5 start with their max-pool:
+
+* ``layer1``: 32x32, 64 channels
+* ``layer2``: 16x16, 128 channels -- the usual FitNet hint layer
+* ``layer3``: 8x8, 256 channels
+* ``layer4``: 4x4, 512 channels
+* ``layer5``: 2x2, 512 channels -- last feature map before pooling
+* ``layerK.i``: the i-th ``ConvBNReLU`` of stage K (``layerK.0`` is the pool for K >= 2)
+
+No operation is in place, so tensors captured by forward hooks are never overwritten.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import register
+
+# Output channels of the convs in each of the five stages.
+_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg8": ((64,), (128,), (256,), (512,), (512,)),
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
+}
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 conv (with bias, as in the reference VGG) -> BN -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        )
+
+
+class CifarVGG(nn.Module):
+    """Five conv stages (``layer1``..``layer5``), global average pooling, classifier."""
+
+    def __init__(self, stages: tuple[tuple[int, ...], ...], num_classes: int,
+                 in_channels: int = 3):
+        super().__init__()
+        if len(stages) != 5:
+            raise ValueError(f"CIFAR VGG has five stages, got {len(stages)}")
+        widths = [in_channels] + [channels[-1] for channels in stages]
+        self.layer1 = _stage(widths[0], stages[0], pool=False)
+        self.layer2 = _stage(widths[1], stages[1], pool=True)
+        self.layer3 = _stage(widths[2], stages[2], pool=True)
+        self.layer4 = _stage(widths[3], stages[3], pool=True)
+        self.layer5 = _stage(widths[4], stages[4], pool=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(widths[5], num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        x = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        return self.classifier(self.avgpool(x).flatten(1))
+
+
+def _stage(in_channels: int, channels: tuple[int, ...], pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.MaxPool2d(2)] if pool else []
+    for out_channels in channels:
+        layers.append(ConvBNReLU(in_channels, out_channels))
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...]) -> CifarVGG:
+    if len(input_shape) != 3:
+        raise ValueError(f"VGGs need image inputs (C, H, W), got shape {input_shape}")
+    return CifarVGG(_CONFIGS[name], num_classes, in_channels=input_shape[0])
+
+
+@register("vgg8")
+def vgg8(num_classes, input_shape=(3, 32, 32)):
+    return _vgg("vgg8", num_classes, input_shape)
+
+
+@register("vgg11")
+def vgg11(num_classes, input_shape=(3, 32, 32)):
+    return _vgg("vgg11", num_classes, input_shape)
+
+
+@register("vgg13")
+def vgg13(num_classes, input_shape=(3, 32, 32)):
+    return _vgg("vgg13", num_classes, input_shape)
+
+
+@register("vgg16")
+def vgg16(num_classes, input_shape=(3, 32, 32)):
+    return _vgg("vgg16", num_classes, input_shape)
+
+
+@register("vgg19")
+def vgg19(num_classes, input_shape=(3, 32, 32)):
+    return _vgg("vgg19", num_classes, input_shape)

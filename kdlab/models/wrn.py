@@ -1,0 +1,125 @@
+"""Wide residual networks for CIFAR: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
+
+Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016: pre-activation basic blocks
+(BN-ReLU-conv twice), depth 6n+4, a 16-channel stem and stages of 16k, 32k and 64k channels
+for widen factor k, with a 1x1-conv shortcut whenever the channel count changes. These are
+the WRN-d-k teachers and students of the CIFAR knowledge-distillation benchmarks (Tian et
+al., "Contrastive Representation Distillation", ICLR 2020).
+
+Module paths for feature hooks (32x32 input):
+
+* ``conv1``: stem, 32x32, 16 channels
+* ``layer1``: 32x32, 16k channels
+* ``layer2``: 16x16, 32k channels -- the usual FitNet hint layer
+* ``layer3``: 8x8, 64k channels (pre-activation: the final ``bn``/ReLU follow it)
+* ``layerK.i``: the i-th ``PreActBlock`` of stage K
+
+Stage outputs are pre-activations (as always in pre-activation networks). No operation is
+in place, so tensors captured by forward hooks are never overwritten.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3 (strided) -> BN-ReLU-[dropout]-conv3x3, plus identity or 1x1 shortcut.
+
+    When the channel count changes the shortcut projects the *activated* input, as in the
+    original WRN code.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = None
+        if in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        activated = F.relu(self.bn1(x))
+        out = self.conv1(activated)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        residual = x if self.shortcut is None else self.shortcut(activated)
+        return out + residual
+
+
+class WideResNet(nn.Module):
+    """3x3 stem, three stages of ``(depth - 4) / 6`` pre-activation blocks, BN-ReLU, pooling."""
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3,
+                 dropout: float = 0.0):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+        blocks_per_stage = (depth - 4) // 6
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.layer1 = _stage(16, widths[0], blocks_per_stage, 1, dropout)
+        self.layer2 = _stage(widths[0], widths[1], blocks_per_stage, 2, dropout)
+        self.layer3 = _stage(widths[1], widths[2], blocks_per_stage, 2, dropout)
+        self.bn = nn.BatchNorm2d(widths[2])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(widths[2], num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.classifier(self.avgpool(x).flatten(1))
+
+
+def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int,
+           dropout: float) -> nn.Sequential:
+    blocks = [PreActBlock(in_channels, out_channels, stride, dropout)]
+    blocks += [PreActBlock(out_channels, out_channels, 1, dropout)
+               for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def _wrn(depth: int, widen_factor: int, num_classes: int, input_shape: tuple[int, ...],
+         dropout: float) -> WideResNet:
+    if len(input_shape) != 3:
+        raise ValueError(f"WRNs need image inputs (C, H, W), got shape {input_shape}")
+    return WideResNet(depth, widen_factor, num_classes, input_shape[0], dropout)
+
+
+@register("wrn_16_1")
+def wrn_16_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
+    return _wrn(16, 1, num_classes, input_shape, dropout)
+
+
+@register("wrn_16_2")
+def wrn_16_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
+    return _wrn(16, 2, num_classes, input_shape, dropout)
+
+
+@register("wrn_40_1")
+def wrn_40_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
+    return _wrn(40, 1, num_classes, input_shape, dropout)
+
+
+@register("wrn_40_2")
+def wrn_40_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
+    return _wrn(40, 2, num_classes, input_shape, dropout)

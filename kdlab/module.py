@@ -1,0 +1,178 @@
+"""``DistillModule``: the generic LightningModule.
+
+It trains a student with whatever method it is given, through the method contract in
+``kdlab/methods/base.py``; it never asks which method that is. Teachers are frozen, kept
+out of the module's registered children (so they are neither optimised nor written into
+every checkpoint) and moved to the device with the module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteLossError
+from .methods.base import Method, Outputs
+from .metrics import Agreement, ReliabilityBins, classification_metrics
+from .models.features import FeatureHooks
+
+
+def forward_with_features(model: nn.Module, x: Tensor, paths: tuple[str, ...]) -> Outputs:
+    if not paths:
+        return Outputs(logits=model(x))
+    with FeatureHooks(model, paths) as feats:
+        logits = model(x)
+    return Outputs(logits=logits, features=dict(feats))
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, student: nn.Module, method: Method, teachers: list[nn.Module],
+                 num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any],
+                 teacher_names: list[str] | None = None):
+        super().__init__()
+        self.student = student
+        self.method = method
+        self._teachers = tuple(teachers)  # a tuple: not registered as submodules
+        self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
+        self.num_classes = num_classes
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler)
+        self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
+        self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
+        self.test_reliability = ReliabilityBins()
+        self.teacher_test_metrics = nn.ModuleList(
+            classification_metrics(num_classes).clone(prefix=f"teacher{i}/test/")
+            for i in range(len(teachers)))
+        self.test_agreement = nn.ModuleList(Agreement() for _ in teachers)
+
+    # -- forward passes --------------------------------------------------------------------
+    @property
+    def teachers(self) -> tuple[nn.Module, ...]:
+        return self._teachers
+
+    def _teachers_to_device(self) -> None:
+        for t in self._teachers:
+            t.to(self.device).eval()
+
+    @torch.no_grad()
+    def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
+        outs = []
+        for t in self._teachers:
+            o = forward_with_features(t, x, paths)
+            outs.append(Outputs(o.logits.float(), {k: v.float() for k, v in o.features.items()}))
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    # -- training --------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._teachers_to_device()
+        self.method.on_fit_start(self)
+
+    def on_train_epoch_start(self) -> None:
+        self.method.on_train_epoch_start(self)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x = batch["input"]
+        teachers = (self.teacher_outputs(x, self.method.teacher_features)
+                    if self.method.needs_teacher else [])
+        student = forward_with_features(self.student, x, self.method.student_features)
+        terms = self.method(student, teachers, batch)
+        self._check_finite(terms)
+        loss = torch.stack([v.float() for v in terms.values()]).sum()
+        n = x.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.method.on_train_batch_end(self, batch)
+
+    def _check_finite(self, terms: dict[str, Tensor]) -> None:
+        for name, value in terms.items():
+            v = float(value.detach())
+            if not math.isfinite(v):
+                raise NonFiniteLossError(
+                    f"loss term {name!r} became {v} at step {self.global_step} "
+                    f"(epoch {self.current_epoch}); training stopped, the last good "
+                    "checkpoint is kept (lower the learning rate or check the data)")
+
+    # -- evaluation ------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self.student(batch["input"]).float()
+        self.val_metrics.update(logits, batch["target"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()  # torchmetrics has already synced the ranks
+        self.log("val/acc", values.pop("val/acc"), prog_bar=True)
+        self.log_dict(values)
+        self.val_metrics.reset()
+
+    def on_test_start(self) -> None:
+        self._teachers_to_device()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y = batch["input"], batch["target"]
+        logits = self.student(x).float()
+        self.test_metrics.update(logits, y)
+        self.test_reliability.update(logits, y)
+        for i, t in enumerate(self.teacher_outputs(x)):
+            self.teacher_test_metrics[i].update(t.logits, y)
+            self.test_agreement[i].update(logits, t.logits)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        for i, metrics in enumerate(self.teacher_test_metrics):
+            self.log_dict(metrics.compute())
+            self.log(f"teacher{i}/test/agreement", self.test_agreement[i].compute())
+        self.reliability_bins = {k: v.cpu() for k, v in self.test_reliability.compute().items()}
+        for m in [self.test_metrics, self.test_reliability, *self.teacher_test_metrics,
+                  *self.test_agreement]:
+            m.reset()
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = list(self.student.parameters()) + self.method.extra_parameters()
+        optimizer = build_optimizer(params, self.optimizer_cfg)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.trainer.max_epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    @property
+    def current_lr(self) -> float:
+        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    cfg = dict(cfg)
+    name = cfg.pop("name", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
+                               weight_decay=cfg.get("weight_decay", 0.0),
+                               nesterov=bool(cfg.get("nesterov", False)))
+    if name in ("adam", "adamw"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    raise ValueError(f"unknown optimizer.name {name!r}; available: sgd, adam, adamw")
+
+
+def build_scheduler(optimizer, cfg: dict[str, Any], max_epochs: int):
+    cfg = dict(cfg)
+    name = cfg.pop("name", "none")
+    if name in ("none", None):
+        return None
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(cfg["milestones"]), gamma=cfg.get("gamma", 0.1))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, int(max_epochs)), eta_min=cfg.get("eta_min", 0.0))
+    raise ValueError(f"unknown scheduler.name {name!r}; available: none, multistep, cosine")

@@ -1,0 +1,285 @@
+"""The one place that assembles a run from the composed config.
+
+datamodule, student, teacher(s), method, DistillModule, loggers and trainer are built here;
+then fit, test (last epoch and best-on-val), and the run directory is completed with
+``results.json``, the reliability diagram and a summary table.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .config import model_kwargs
+from .data.base import SplitDataModule
+from .errors import ConfigError, KdlabError
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .methods.base import Method
+from .models import build_model
+from .models.loading import freeze, load_weights
+from .module import DistillModule
+from .plots import reliability_diagram
+
+log = logging.getLogger("kdlab")
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _tidy_lightning_logging() -> None:
+    """Lightning prints through its own handler; stop the copy through Hydra's root one."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        for handler in logger.handlers:
+            handler.addFilter(_DropAdverts())
+
+
+_tidy_lightning_logging()
+
+RESULT_METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def build_datamodule(cfg: DictConfig) -> SplitDataModule:
+    noise = OmegaConf.to_container(cfg.noise, resolve=True)
+    try:
+        dm = instantiate(cfg.dataset, noise=noise, seed=cfg.seed, _convert_="all")
+    except Exception as e:  # Hydra wraps constructor errors; surface ours unwrapped
+        raise _unwrap(e) from None
+    dm.setup()
+    return dm
+
+
+def build_method(cfg: DictConfig) -> Method:
+    try:
+        method = instantiate(cfg.method, _convert_="all")
+    except Exception as e:
+        raise _unwrap(e) from None
+    if not isinstance(method, Method):
+        raise ConfigError(f"method._target_ {cfg.method._target_} is not a kdlab Method")
+    return method
+
+
+def teacher_specs(cfg: DictConfig) -> list[DictConfig]:
+    return list(cfg.teachers) if cfg.get("teachers") else [cfg.teacher]
+
+
+def build_teachers(cfg: DictConfig, dm: SplitDataModule) -> list[torch.nn.Module]:
+    teachers = []
+    for spec in teacher_specs(cfg):
+        model = build_model(spec.name, dm.num_classes, dm.input_shape, **model_kwargs(spec))
+        ckpt = spec.get("ckpt") or "auto"
+        if ckpt == "auto":
+            ckpt = str(ensure_teacher(cfg, spec))
+        load_weights(model, ckpt, allow_pickle=bool(spec.get("allow_pickle", False)))
+        teachers.append(freeze(model))
+    return teachers
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed where the hardware runs it natively, else 32-true."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        chosen = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        chosen = "bf16-mixed" if native else "32-true"
+    log.info("trainer.precision=auto -> %s", chosen)
+    return chosen
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs["precision"] = resolve_precision(str(kwargs.get("precision", "auto")),
+                                            str(kwargs.get("accelerator", "auto")))
+    loggers = [instantiate(node, save_dir=str(output_dir)) for node in (cfg.logger or {}).values()]
+    return L.Trainer(**kwargs, logger=loggers or False, callbacks=callbacks,
+                     default_root_dir=str(output_dir), use_distributed_sampler=False,
+                     enable_model_summary=False)
+
+
+def _unwrap(e: Exception) -> Exception:
+    """Hydra's instantiate wraps errors; return the user-facing cause if there is one."""
+    cause = e
+    while cause is not None and not isinstance(cause, KdlabError):
+        cause = cause.__cause__ or cause.__context__
+    return cause if cause is not None else e
+
+
+# -- the teacher cache -------------------------------------------------------------------------
+
+
+def teacher_cache_dir(cfg: DictConfig, spec: DictConfig) -> Path:
+    """Cache entry keyed by everything that determines a CE-trained teacher."""
+    key_source = {
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "noise": OmegaConf.to_container(cfg.noise, resolve=True),
+        "arch": model_kwargs(spec) | {"name": spec.name},
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        "max_epochs": cfg.trainer.max_epochs,
+        "precision": cfg.trainer.precision,
+        "seed": cfg.seed,
+    }
+    key_source["dataset"].pop("num_workers", None)
+    for k in ("root", "download"):  # where the data lives does not change the teacher
+        key_source["dataset"].pop(k, None)
+    digest = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
+    dataset = cfg.dataset._target_.rsplit(".", 1)[-1].replace("DataModule", "").lower()
+    return Path(cfg.paths.cache_dir) / "teachers" / f"{dataset}-{spec.name}-{digest}"
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
+    """Return the cached teacher weights, training the teacher with CE first if needed."""
+    entry = teacher_cache_dir(cfg, spec)
+    weights = entry / "teacher.pt"
+    if weights.is_file():
+        log.info("reusing cached teacher %s: %s", spec.name, weights)
+        return weights
+    with _locked(entry.with_suffix(".lock")):
+        if weights.is_file():  # another job trained it while we waited
+            return weights
+        log.info("no teacher.ckpt given: training teacher %s with CE -> %s", spec.name, entry)
+        teacher_cfg = cfg.copy()
+        OmegaConf.set_struct(teacher_cfg, False)
+        teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
+        teacher_cfg.student = {k: v for k, v in spec.items() if k not in ("ckpt", "allow_pickle")}
+        teacher_cfg.teachers = None
+        teacher_cfg.logger = {"csv": cfg.logger.csv} if "csv" in (cfg.logger or {}) else {}
+        run_dir = entry / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+        results = run(teacher_cfg, run_dir)
+        best = torch.load(results["checkpoints"]["best"], map_location="cpu", weights_only=True)
+        atomic_write_json(entry / "meta.json", {"arch": spec.name, "run_dir": str(run_dir),
+                                                "test": results["test"],
+                                                "best_epoch": results["best_epoch"]})
+        atomic_torch_save(best["state_dict"], weights)
+    return weights
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+def check_run_dir(output_dir: Path) -> None:
+    if (output_dir / "results.json").exists():
+        raise ConfigError(f"{output_dir} already holds a finished run (results.json); "
+                          "choose another directory with hydra.run.dir=... or delete it")
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate one configuration; everything lands in ``output_dir``."""
+    start = time.time()
+    output_dir = Path(output_dir)
+    check_run_dir(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    dm = build_datamodule(cfg)
+    method = build_method(cfg)
+    teachers = build_teachers(cfg, dm) if method.needs_teacher else []
+    # Re-seed so the student starts from the same weights with or without teachers.
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    student = build_model(cfg.student.name, dm.num_classes, dm.input_shape,
+                          **model_kwargs(cfg.student))
+    specs = teacher_specs(cfg) if teachers else []
+    module = DistillModule(student, method, teachers, dm.num_classes,
+                           optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                           scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+                           teacher_names=[s.name for s in specs])
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-e{epoch:03d}",
+                                 monitor="val/acc", mode="max", save_last=True,
+                                 auto_insert_metric_name=False)
+    trainer = build_trainer(cfg, output_dir, [checkpoint])
+
+    trainer.fit(module, datamodule=dm)
+    last = trainer.test(module, datamodule=dm, verbose=False)[0]
+    best_path = checkpoint.best_model_path
+    best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
+                        verbose=False)[0]
+    bins = module.reliability_bins
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights are loaded
+
+    results = {
+        "status": "finished",
+        "method": method.name,
+        "dataset": dm.name,
+        "seed": int(cfg.seed),
+        "student": cfg.student.name,
+        "selection": "best epoch by val/acc on the clean validation split; test never used",
+        "best_epoch": _epoch_of(best_path),
+        "epochs": int(trainer.current_epoch),
+        "test": _metrics(best, "test/"),
+        "test_last": _metrics(last, "test/"),
+        "val": _metrics(val, "val/"),
+        "teachers": [{"arch": s.name, "test": _metrics(best, f"teacher{i}/test/"),
+                      "agreement": best.get(f"teacher{i}/test/agreement")}
+                     for i, s in enumerate(specs)],
+        "noise": dm.describe()["noise"],
+        "split_sizes": dm.describe()["sizes"],
+        "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
+        "precision": str(trainer.precision),
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    results.update(method.results() if hasattr(method, "results") else {})
+    if trainer.is_global_zero:
+        reliability_diagram(bins, output_dir / "reliability_test.png",
+                            f"{method.name} / {cfg.student.name} on {dm.name} test (best on val)")
+        atomic_write_json(output_dir / "results.json", results)
+        print(summary_table(results, output_dir))
+    return results
+
+
+def _metrics(logged: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k: float(logged[prefix + k]) for k in RESULT_METRICS if prefix + k in logged}
+
+
+def _epoch_of(ckpt_path: str) -> int | None:
+    m = re.search(r"best-e(\d+)", Path(ckpt_path).name)
+    return int(m.group(1)) if m else None
+
+
+def summary_table(results: dict[str, Any], output_dir: Path) -> str:
+    rows = [(f"teacher {t['arch']}", t["test"]) for t in results["teachers"]]
+    rows += [(f"student {results['student']} (best on val, epoch {results['best_epoch']})",
+              results["test"]),
+             (f"student {results['student']} (last epoch)", results["test_last"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"\nkdlab: method={results['method']} dataset={results['dataset']} "
+             f"seed={results['seed']} noise={results['noise']['type']}:"
+             f"{results['noise']['rate']} ({results['wall_time_s']:.0f} s)",
+             f"{'test set':<{width}}  {'acc':>7}  {'ECE':>7}  {'NLL':>7}"]
+    for name, m in rows:
+        lines.append(f"{name:<{width}}  {m['acc']:7.4f}  {m['ece']:7.4f}  {m['nll']:7.4f}")
+    lines.append(f"run directory: {output_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""The CIFAR model zoo: parameter counts, shapes, the classifier contract, configs, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from kdlab.models import UnknownModelError, available_models, build_model
+
+CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
+SMALL_MODELS = {"mlp", "cnn"}
+
+# Parameter counts (millions) for 100 classes as reported in the CIFAR-100 KD literature
+# (CRD, Tian et al. 2020, and follow-ups).
+PAPER_PARAMS_M = {
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_40_2": 2.26,
+    "wrn_16_2": 0.70,
+    "resnet56": 0.86,
+    "resnet20": 0.28,
+    "resnet110": 1.74,
+}
+
+
+def _input_shape(name: str) -> tuple[int, ...]:
+    return (1, 8, 8) if name in SMALL_MODELS else (3, 32, 32)
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_paper(name):
+    count = _num_params(build_model(name, 100))
+    expected = PAPER_PARAMS_M[name] * 1e6
+    assert abs(count - expected) / expected < 0.02, f"{name}: {count} parameters"
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_builds_and_maps_batch_to_logits(name):
+    torch.manual_seed(0)
+    shape = _input_shape(name)
+    model = build_model(name, 10, shape)
+    assert isinstance(model.classifier, nn.Linear)
+    assert model.classifier.out_features == 10
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(2, *shape))
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+
+
+def test_classifier_is_applied_last_to_pooled_features():
+    model = build_model("resnet8", 10).eval()
+    seen = {}
+    model.classifier.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert seen["x"].shape == (2, model.classifier.in_features)
+    assert torch.equal(seen["y"], logits)
+
+
+@pytest.mark.parametrize("name", [n for n in available_models() if n not in SMALL_MODELS])
+def test_hint_layers_are_named_layer1_to_layer3(name):
+    model = build_model(name, 10).eval()
+    features = {}
+    for path in ("layer1", "layer2", "layer3"):
+        module = model.get_submodule(path)
+        module.register_forward_hook(lambda m, a, out, path=path: features.update({path: out}))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert all(features[p].dim() == 4 and features[p].shape[0] == 2 for p in features)
+    assert len(features) == 3
+
+
+def test_cifar_models_accept_other_channel_counts_and_sizes():
+    model = build_model("resnet20", 10, (1, 28, 28)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image inputs"):
+        build_model("wrn_16_1", 10, (64,))
+
+
+@pytest.mark.parametrize("net_size", [0.5, 1.0, 1.5, 2.0])
+def test_shufflenetv2_sizes(net_size):
+    model = build_model("shufflenetv2", 10, net_size=net_size).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_model_lists_available_names():
+    with pytest.raises(UnknownModelError) as info:
+        build_model("nope", 10)
+    message = str(info.value)
+    assert "nope" in message
+    for name in ("resnet8x4", "wrn_40_2", "mobilenetv2", "shufflenetv2", "vgg13"):
+        assert name in message
+
+
+def test_torchvision_models_by_name():
+    model = build_model("tv:resnet18", 10, (3, 64, 64)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(UnknownModelError):
+        build_model("tv:xyz", 10)
+
+
+def test_model_configs_build_their_model():
+    configs = sorted(CONF_MODEL.glob("*.yaml"))
+    names = set()
+    for path in configs:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        name = cfg.pop("name")
+        names.add(name)
+        if name.startswith("tv:"):
+            continue
+        model = build_model(name, 10, _input_shape(name), **cfg)
+        assert model.classifier.out_features == 10, path.name
+    assert "tv:resnet18" in names
+    assert set(available_models()) - SMALL_MODELS <= names
