@@ -70,6 +70,10 @@ class DistillModule(L.LightningModule):
         return self.student(x)
 
     # -- training --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self._teachers_to_device()
+        self.method.setup(self)
+
     def on_fit_start(self) -> None:
         self._teachers_to_device()
         self.method.on_fit_start(self)

@@ -251,7 +251,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "wall_time_s": round(time.time() - start, 2),
     }
-    results.update(method.results() if hasattr(method, "results") else {})
+    results.update(method.results())
     if trainer.is_global_zero:
         reliability_diagram(bins, output_dir / "reliability_test.png",
                             f"{method.name} / {cfg.student.name} on {dm.name} test (best on val)")

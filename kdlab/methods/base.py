@@ -9,8 +9,17 @@ which method it runs; it only calls this contract:
   whose outputs the method needs; they are taken with forward hooks.
 * ``loss_terms(student, teachers, batch)`` — returns ``{term name: already-weighted scalar}``;
   the training loss is their sum and each term is logged on its own.
-* Optional hooks with the running ``DistillModule`` as ``ctx``: ``on_fit_start``,
+* Optional hooks with the running ``DistillModule`` as ``ctx``: ``setup`` (before
+  optimisers are built and before a checkpoint is restored: create state buffers and
+  learnable parts whose shapes depend on the data or models here), ``on_fit_start``,
   ``on_train_epoch_start``, ``on_train_batch_end`` (after the optimiser step).
+  ``setup`` runs for every stage (fit, validate, test): keep it idempotent.
+* ``results()`` — extra entries for the run's ``results.json``.
+
+``ctx`` gives ``ctx.student``, ``ctx.teachers``, ``ctx.teacher_outputs(x)``,
+``ctx.trainer`` (``ctx.trainer.datamodule`` has ``train_size``, ``noise_mask``,
+``meta_dataloader()``, ``preprocess(batch, train)``), ``ctx.current_epoch``,
+``ctx.current_lr`` and ``ctx.log(...)``.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ class Method(nn.Module):
         return self.loss_terms(student, teachers, batch)
 
     # Hooks: the default is to do nothing. ``ctx`` is the running DistillModule.
+    def setup(self, ctx: Any) -> None:
+        pass
+
     def on_fit_start(self, ctx: Any) -> None:
         pass
 
@@ -57,6 +69,9 @@ class Method(nn.Module):
 
     def on_train_batch_end(self, ctx: Any, batch: dict[str, Tensor]) -> None:
         pass
+
+    def results(self) -> dict[str, Any]:
+        return {}
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Learnable parts of the method (e.g. a FitNet regressor) that join the optimiser."""
