@@ -28,7 +28,7 @@ from .augment import (
     random_crop_flip,
 )
 from .base import SplitDataModule
-from .download import DatasetError, download_and_extract
+from .download import DatasetError, _one_line, download_and_extract
 from .noise import CIFAR10_ASYMMETRIC
 
 
@@ -82,11 +82,15 @@ def read_cifar_batch(path: str | Path) -> dict[str, Any]:
         try:
             return _CifarUnpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise DatasetError(f"cannot read CIFAR file {path}: {e}; delete its folder and "
-                               "run again with dataset.download=true to re-extract it") from None
+            raise DatasetError(f"cannot read CIFAR file {path}: {_one_line(e)}; delete its "
+                               "folder and run again with dataset.download=true to re-extract "
+                               "it") from None
 
 
 def _images(batch: dict[str, Any], path: Path) -> Tensor:
+    if not isinstance(batch, dict) or "data" not in batch:
+        raise DatasetError(f"CIFAR file {path} is not a batch dict with 'data'; re-extract the "
+                           "official archive")
     data = np.asarray(batch["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"unexpected 'data' in CIFAR file {path}: dtype {data.dtype}, "

@@ -11,6 +11,7 @@ refused. Every failure is a one-line ``DatasetError`` naming the URL and what to
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -21,12 +22,19 @@ import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
+from ..errors import KdlabError
+
 _CHUNK = 1 << 20
 _TIMEOUT = 60.0
 
 
-class DatasetError(RuntimeError):
+class DatasetError(KdlabError, RuntimeError):
     """A dataset could not be found, downloaded, verified or unpacked."""
+
+
+def _one_line(error: BaseException | str) -> str:
+    """An exception's text with all whitespace runs (newlines included) collapsed."""
+    return " ".join(str(error).split())
 
 
 def md5sum(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
@@ -47,7 +55,7 @@ def download_and_extract(url: str, md5: str, dest_dir: str | os.PathLike,
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot create the data directory {dest} for {url}: {e}; "
+        raise DatasetError(f"cannot create the data directory {dest} for {url}: {_one_line(e)}; "
                            "choose a writable dataset.root") from None
     filename = filename or PurePosixPath(urllib.parse.urlparse(url).path).name
     if not filename:
@@ -73,13 +81,18 @@ def _download(url: str, md5: str, archive: Path, progress: bool) -> None:
                 urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = _progress_bar(total, archive.name, enabled=progress)
+            received = 0
             try:
                 while block := response.read(_CHUNK):
                     out.write(block)
                     digest.update(block)
                     bar.update(len(block))
+                    received += len(block)
             finally:
                 bar.close()
+        if total is not None and received != total:
+            raise DatasetError(f"download of {url} failed: incomplete, got {received} of "
+                               f"{total} bytes; retry, {manual}")
         actual = digest.hexdigest()
         if actual != md5:
             raise DatasetError(f"md5 mismatch for {url}: expected {md5}, got {actual}; the "
@@ -89,13 +102,16 @@ def _download(url: str, md5: str, archive: Path, progress: bool) -> None:
     except DatasetError:
         raise
     except urllib.error.HTTPError as e:
-        raise DatasetError(f"download of {url} failed: HTTP {e.code} {e.reason}; check the "
-                           f"URL, {manual}") from None
+        raise DatasetError(f"download of {url} failed: HTTP {e.code} {_one_line(e.reason)}; "
+                           f"check the URL, {manual}") from None
     except urllib.error.URLError as e:
-        raise DatasetError(f"download of {url} failed: {e.reason}; check the network/proxy, "
-                           f"{manual}") from None
-    except OSError as e:  # timeouts, dropped connections, disk full
-        raise DatasetError(f"download of {url} failed: {e}; retry, {manual}") from None
+        raise DatasetError(f"download of {url} failed: {_one_line(e.reason)}; check the "
+                           f"network/proxy, {manual}") from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, cut connections, disk full
+        raise DatasetError(f"download of {url} failed: {type(e).__name__}: {_one_line(e)}; "
+                           f"retry, {manual}") from None
+    except ValueError as e:  # malformed URL
+        raise DatasetError(f"cannot download {url}: {_one_line(e)}; check dataset.url") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -190,9 +206,10 @@ def extract_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike,
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmp, members=members, filter="data")
                 else:  # Python < 3.11.4: the members were vetted above
-                    tar.extractall(tmp, members=members)  # noqa: S202
+                    tar.extractall(tmp, members=members)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise DatasetError(f"bad archive {archive} (from {origin}): {e}; {redo}") from None
+            raise DatasetError(f"bad archive {archive} (from {origin}): {_one_line(e)}; "
+                               f"{redo}") from None
         for entry in sorted(tmp.iterdir()):
             target = dest / entry.name
             if target.is_dir() and not target.is_symlink():
