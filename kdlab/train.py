@@ -203,6 +203,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     check_run_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
