@@ -25,7 +25,8 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 
 def test_plain_state_dict_and_prefixed_variants(tmp_path):
     src = _model()
-    for i, (key_prefix, wrap) in enumerate([("", None), ("module.", None), ("model.", "state_dict")]):
+    variants = [("", None), ("module.", None), ("model.", "state_dict")]
+    for i, (key_prefix, wrap) in enumerate(variants):
         state = {key_prefix + k: v for k, v in src.state_dict().items()}
         path = tmp_path / f"w{i}.pt"
         torch.save({wrap: state} if wrap else state, path)
