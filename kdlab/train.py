@@ -167,7 +167,7 @@ def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
     if weights.is_file():
         log.info("reusing cached teacher %s: %s", spec.name, weights)
         return weights
-    with _locked(entry.with_suffix(".lock")):
+    with _locked(entry.parent / ".locks" / f"{entry.name}.lock"):
         if weights.is_file():  # another job trained it while we waited
             return weights
         log.info("no teacher.ckpt given: training teacher %s with CE -> %s", spec.name, entry)

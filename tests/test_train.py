@@ -1,0 +1,101 @@
+"""The assembler in-process: teacher cache, precision choice, the module's use of teachers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdlab import train as train_mod
+from kdlab.config import compose
+from kdlab.errors import NonFiniteLossError
+from kdlab.methods.kd import KD
+from kdlab.models import build_model
+from kdlab.models.loading import freeze
+from kdlab.module import DistillModule, forward_with_features
+
+TINY = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
+
+
+def test_auto_teacher_is_trained_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    trained = []
+    real_run = train_mod.run
+
+    def counting_run(cfg, output_dir):
+        if cfg.method._target_.endswith("CE"):
+            trained.append(output_dir)
+        return real_run(cfg, output_dir)
+
+    monkeypatch.setattr(train_mod, "run", counting_run)
+    cfg = compose([*TINY, "seed=1"])
+    first = train_mod.run(cfg, tmp_path / "a")
+    entries = list((tmp_path / "cache" / "teachers").glob("digits-cnn-*"))
+    assert len(trained) == 1 and len(entries) == 1
+    weights = entries[0] / "teacher.pt"
+    stamp = weights.stat().st_mtime_ns
+    second = train_mod.run(compose([*TINY, "seed=1"]), tmp_path / "b")
+    assert len(trained) == 1 and weights.stat().st_mtime_ns == stamp
+    assert second["teachers"][0]["test"] == first["teachers"][0]["test"]
+    meta = json.loads((entries[0] / "meta.json").read_text())
+    assert meta["test"]["acc"] == pytest.approx(first["teachers"][0]["test"]["acc"], abs=1e-6)
+    # the teacher's own run is a normal CE run with its own results
+    assert json.loads((trained[0] / "results.json").read_text())["method"] == "ce"
+
+
+def test_cache_key_covers_what_determines_the_teacher():
+    base = compose([])
+    key = train_mod.teacher_cache_dir(base, base.teacher)
+    assert key == train_mod.teacher_cache_dir(compose([]), compose([]).teacher)
+    for override in ["seed=1", "noise=symmetric", "teacher.width=16", "optimizer.lr=0.1",
+                     "trainer.max_epochs=3", "dataset.meta_fraction=0.2"]:
+        cfg = compose([override])
+        assert train_mod.teacher_cache_dir(cfg, cfg.teacher) != key, override
+    # where the data lives, or the teacher checkpoint setting, does not matter
+    cfg = compose(["dataset.num_workers=2", "method=ce"])
+    assert train_mod.teacher_cache_dir(cfg, cfg.teacher) == key
+
+
+def test_precision_auto(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train_mod.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert train_mod.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert train_mod.resolve_precision("16-mixed", "cpu") == "16-mixed"
+
+
+def _module():
+    torch.manual_seed(0)
+    student = build_model("cnn", 10, (1, 8, 8), width=4)
+    teacher = freeze(build_model("cnn", 10, (1, 8, 8), width=8))
+    opt = {"name": "sgd", "lr": 0.1}
+    return DistillModule(student, KD(), [teacher], 10, opt, {"name": "none"}), teacher
+
+
+def test_training_step_trains_the_student_only():
+    module, teacher = _module()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = {"input": torch.randn(16, 1, 8, 8), "target": torch.randint(0, 10, (16,)),
+             "index": torch.arange(16)}
+    module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert all(p.grad is not None for p in module.student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # teachers are not registered submodules: not optimised, not in checkpoints
+    teacher_keys = set(teacher.state_dict())
+    assert not any(k.split(".", 1)[-1] in teacher_keys and not k.startswith("student.")
+                   for k in module.state_dict())
+    # the loss is the sum of the terms the method returned
+    terms = module.method(forward_with_features(module.student, batch["input"], ()),
+                          module.teacher_outputs(batch["input"]), batch)
+    assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+
+
+def test_non_finite_loss_names_step_and_term():
+    module, _ = _module()
+    with pytest.raises(NonFiniteLossError, match=r"'kd' became nan at step 0"):
+        module._check_finite({"ce": torch.tensor(1.0), "kd": torch.tensor(float("nan"))})
