@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ def _tidy_lightning_logging() -> None:
 
 
 _tidy_lightning_logging()
+# Batches are cut from in-memory tensors in the main process: workers would only add overhead.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*treespec.*")
 
 RESULT_METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
 

@@ -1,6 +1,12 @@
 """Datamodules yielding {input, target, index} with train / meta / val / test splits."""
 
 from .base import ArrayDataset, SplitDataModule
+from .cifar import Cifar10DataModule, Cifar100DataModule
+from .digits import DigitsDataModule
+from .download import DatasetError
 from .noise import NOISE_TYPES, apply_label_noise
+from .synthetic import SyntheticDataModule
 
-__all__ = ["ArrayDataset", "NOISE_TYPES", "SplitDataModule", "apply_label_noise"]
+__all__ = ["ArrayDataset", "Cifar10DataModule", "Cifar100DataModule", "DatasetError",
+           "DigitsDataModule", "NOISE_TYPES", "SplitDataModule", "SyntheticDataModule",
+           "apply_label_noise"]
