@@ -28,6 +28,7 @@ from .config import model_kwargs
 from .data.base import SplitDataModule
 from .errors import ConfigError, KdlabError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .loggers import build_loggers, finalize_loggers
 from .methods.base import Method
 from .models import build_model
 from .models.loading import freeze, load_weights
@@ -116,7 +117,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> L.Train
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["precision"] = resolve_precision(str(kwargs.get("precision", "auto")),
                                             str(kwargs.get("accelerator", "auto")))
-    loggers = [instantiate(node, save_dir=str(output_dir)) for node in (cfg.logger or {}).values()]
+    loggers = build_loggers(cfg, output_dir)
     return L.Trainer(**kwargs, logger=loggers or False, callbacks=callbacks,
                      default_root_dir=str(output_dir), use_distributed_sampler=False,
                      enable_model_summary=False)
@@ -201,11 +202,27 @@ def check_run_dir(output_dir: Path) -> None:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate one configuration; everything lands in ``output_dir``."""
-    start = time.time()
+    """Train and evaluate one configuration; everything lands in ``output_dir``.
+
+    A run that fails leaves ``failed.json`` (the error, one line) next to what it wrote, so
+    sweeps and reports can tell failed runs from finished and unfinished ones.
+    """
     output_dir = Path(output_dir)
     check_run_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "failed.json").unlink(missing_ok=True)
+    try:
+        return _run(cfg, output_dir)
+    except BaseException as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        atomic_write_json(output_dir / "failed.json", {
+            "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            "error": f"{type(e).__name__}: {message}"})
+        raise
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    start = time.time()
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
@@ -262,6 +279,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         reliability_diagram(bins, output_dir / "reliability_test.png",
                             f"{method.name} / {cfg.student.name} on {dm.name} test (best on val)")
         atomic_write_json(output_dir / "results.json", results)
+        finalize_loggers(trainer.loggers, cfg, results, output_dir)
         print(summary_table(results, output_dir))
     return results
 
