@@ -4,6 +4,15 @@ It trains a student with whatever method it is given, through the method contrac
 ``kdlab/methods/base.py``; it never asks which method that is. Teachers are frozen, kept
 out of the module's registered children (so they are neither optimised nor written into
 every checkpoint) and moved to the device with the module.
+
+Teacher cost: teachers run under ``inference_mode`` in the trainer's precision (autocast
+covers the training step), channels_last on CUDA. When every train example reaches the
+model as the same tensor (no random augmentation) and the method needs no teacher
+features, each teacher's logits are computed once per example before training and looked
+up by ``batch["index"]`` (``teacher_cache``: auto | memory | off).
+
+Randomness is re-seeded at every epoch start from (seed, epoch, rank), so a run resumed
+from an epoch-end checkpoint continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteLossError
+from .errors import ConfigError, NonFiniteLossError
 from .methods.base import Method, Outputs
 from .metrics import Agreement, ReliabilityBins, classification_metrics
 from .models.features import FeatureHooks
@@ -32,11 +41,17 @@ def forward_with_features(model: nn.Module, x: Tensor, paths: tuple[str, ...]) -
 class DistillModule(L.LightningModule):
     def __init__(self, student: nn.Module, method: Method, teachers: list[nn.Module],
                  num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any],
-                 teacher_names: list[str] | None = None):
+                 teacher_names: list[str] | None = None, seed: int = 0,
+                 teacher_cache: str = "auto"):
         super().__init__()
+        if teacher_cache not in ("auto", "memory", "off"):
+            raise ConfigError(f"teacher_cache must be auto, memory or off, got {teacher_cache!r}")
         self.student = student
         self.method = method
         self._teachers = tuple(teachers)  # a tuple: not registered as submodules
+        self.seed = int(seed)
+        self.teacher_cache = teacher_cache
+        self._cached_teacher_logits: list[Tensor] | None = None
         self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
         self.num_classes = num_classes
         self.optimizer_cfg = dict(optimizer)
@@ -54,18 +69,52 @@ class DistillModule(L.LightningModule):
     def teachers(self) -> tuple[nn.Module, ...]:
         return self._teachers
 
-    def _teachers_to_device(self) -> None:
-        for t in self._teachers:
-            t.to(self.device).eval()
+    @property
+    def _channels_last(self) -> bool:
+        return self.device.type == "cuda"
 
-    @torch.no_grad()
-    def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
-        outs = []
+    def _teachers_to_device(self) -> None:
+        fmt = torch.channels_last if self._channels_last else torch.preserve_format
         for t in self._teachers:
-            o = forward_with_features(t, x, paths)
-            outs.append(Outputs(o.logits.float(), {k: v.float() for k, v in o.features.items()}))
+            t.to(self.device, memory_format=fmt).eval()
+
+    def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
+        """Frozen teachers' logits (and features at ``paths``), float32, no autograd history."""
+        if self._channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        with torch.inference_mode():
+            raw = [forward_with_features(t, x, paths) for t in self._teachers]
+        for o in raw:  # clone out of inference mode: the tensors may be saved for backward
+            outs.append(Outputs(o.logits.float().clone(),
+                                {k: v.float().clone() for k, v in o.features.items()}))
         return outs
 
+    def teacher_outputs_for(self, batch: dict[str, Tensor], train: bool = True) -> list[Outputs]:
+        """Teacher outputs for a batch: from the per-example cache when there is one."""
+        if train and self._cached_teacher_logits is not None:
+            index = batch["index"]
+            return [Outputs(cached[index]) for cached in self._cached_teacher_logits]
+        return self.teacher_outputs(batch["input"], self.method.teacher_features)
+
+    def _build_teacher_cache(self) -> None:
+        dm = self.trainer.datamodule
+        wanted = (self.teacher_cache != "off" and self._teachers and self.method.needs_teacher
+                  and not self.method.teacher_features)
+        if not wanted:
+            return
+        if not dm.deterministic_train:
+            if self.teacher_cache == "memory":
+                raise ConfigError("teacher_cache=memory needs a deterministic train transform "
+                                  "(e.g. dataset.augment=false); use teacher_cache=auto")
+            return
+        cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
+                 for _ in self._teachers]
+        for batch in dm.train_eval_dataloader():
+            batch = dm.model_batch(batch, self.device, train=False)
+            for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
+                store[batch["index"]] = out.logits
+        self._cached_teacher_logits = cache
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
@@ -76,15 +125,17 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._teachers_to_device()
+        self._build_teacher_cache()
         self.method.on_fit_start(self)
 
     def on_train_epoch_start(self) -> None:
+        # Each epoch's randomness depends only on (seed, epoch, rank): exact resume.
+        torch.manual_seed((self.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank)
         self.method.on_train_epoch_start(self)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["input"]
-        teachers = (self.teacher_outputs(x, self.method.teacher_features)
-                    if self.method.needs_teacher else [])
+        teachers = self.teacher_outputs_for(batch) if self.method.needs_teacher else []
         student = forward_with_features(self.student, x, self.method.student_features)
         terms = self.method(student, teachers, batch)
         self._check_finite(terms)

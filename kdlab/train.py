@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import warnings
@@ -181,6 +182,9 @@ def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
         teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
         teacher_cfg.student = {k: v for k, v in spec.items() if k not in ("ckpt", "allow_pickle")}
         teacher_cfg.teachers = None
+        # One process: a nested multi-process launch would re-run this whole script.
+        teacher_cfg.trainer.strategy = "auto"
+        teacher_cfg.trainer.devices = 1
         teacher_cfg.logger = {"csv": cfg.logger.csv} if "csv" in (cfg.logger or {}) else {}
         run_dir = entry / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
         results = run(teacher_cfg, run_dir)
@@ -239,7 +243,13 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     module = DistillModule(student, method, teachers, dm.num_classes,
                            optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
                            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-                           teacher_names=[s.name for s in specs])
+                           teacher_names=[s.name for s in specs], seed=int(cfg.seed),
+                           teacher_cache=str(cfg.get("teacher_cache", "auto")))
+    if cfg.get("compile"):
+        inductor_dir = Path(cfg.paths.cache_dir) / "inductor"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+        for model in (student, *teachers):
+            model.compile()
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-e{epoch:03d}",
                                  monitor="val/acc", mode="max", save_last=True,
                                  auto_insert_metric_name=False)
@@ -268,6 +278,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "teachers": [{"arch": s.name, "test": _metrics(best, f"teacher{i}/test/"),
                       "agreement": best.get(f"teacher{i}/test/agreement")}
                      for i, s in enumerate(specs)],
+        "reliability": {"n_bins": len(bins["count"]),
+                        **{k: [float(x) for x in v] for k, v in bins.items()}},
         "noise": dm.describe()["noise"],
         "split_sizes": dm.describe()["sizes"],
         "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},

@@ -99,3 +99,31 @@ def test_non_finite_loss_names_step_and_term():
     module, _ = _module()
     with pytest.raises(NonFiniteLossError, match=r"'kd' became nan at step 0"):
         module._check_finite({"ce": torch.tensor(1.0), "kd": torch.tensor(float("nan"))})
+
+
+def test_teacher_output_cache_gives_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*TINY, "trainer.max_epochs=2", "seed=2"]
+    cached = train_mod.run(compose([*args, "teacher_cache=memory"]), tmp_path / "cached")
+    plain = train_mod.run(compose([*args, "teacher_cache=off"]), tmp_path / "plain")
+    assert cached["test"] == plain["test"] and cached["val"] == plain["val"]
+
+
+def test_teacher_cache_holds_the_teachers_logits():
+    from kdlab.data.digits import DigitsDataModule
+
+    module, teacher = _module()
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+
+    class FakeTrainer:
+        datamodule = dm
+
+    module._trainer = FakeTrainer()
+    module._build_teacher_cache()
+    (cache,) = module._cached_teacher_logits
+    with torch.no_grad():
+        expected = teacher(dm.splits["train"].inputs)
+    assert torch.allclose(cache, expected, atol=1e-5)
+    batch = {"input": torch.zeros(3, 1, 8, 8), "index": torch.tensor([5, 0, 7])}
+    assert torch.equal(module.teacher_outputs_for(batch)[0].logits, cache[[5, 0, 7]])

@@ -100,6 +100,9 @@ class SplitDataModule(L.LightningDataModule):
 
     name = "dataset"
     asymmetric_class_map: dict[int, int] | None = None  # built-in map for noise=asymmetric
+    # True when a train example always reaches the model as the same tensor (no random
+    # augmentation): per-example teacher outputs can then be computed once and cached.
+    deterministic_train: bool = True
     num_classes: int
     input_shape: tuple[int, ...]
 
@@ -194,8 +197,17 @@ class SplitDataModule(L.LightningDataModule):
 
     # -- device-side preprocessing ---------------------------------------------------------
     def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
-        """Turn stored inputs into model inputs on the device (augmentation goes here)."""
+        """Turn stored inputs into model inputs on the device (augmentation goes here).
+
+        Lightning applies it to the loaders it runs; batches a method draws itself (meta
+        batches, train passes without augmentation) go through ``model_batch``.
+        """
         return batch
+
+    def model_batch(self, batch: dict[str, Tensor], device, train: bool = False):
+        """Move a batch from one of this module's loaders to ``device`` and preprocess it."""
+        moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return self.preprocess(moved, train=train)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training

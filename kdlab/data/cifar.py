@@ -124,6 +124,7 @@ class _CifarDataModule(SplitDataModule):
         self.root = Path(root or self.default_root).expanduser()
         self.download = bool(download)
         self.augment = bool(augment)
+        self.deterministic_train = not self.augment
         if url is not None:
             self.url = str(url)
         if md5 is not None:
