@@ -110,7 +110,7 @@ class DistillModule(L.LightningModule):
             return
         cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
                  for _ in self._teachers]
-        for batch in dm.train_eval_dataloader():
+        for batch in dm.train_eval_dataloader(shard=False):
             batch = dm.model_batch(batch, self.device, train=False)
             for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
                 store[batch["index"]] = out.logits

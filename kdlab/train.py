@@ -57,6 +57,8 @@ _tidy_lightning_logging()
 # Batches are cut from in-memory tensors in the main process: workers would only add overhead.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*treespec.*")
+# Epoch metrics are torchmetrics objects computed (and synced over ranks) before logging.
+warnings.filterwarnings("ignore", message="It is recommended to use `self.log")
 
 RESULT_METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
 
@@ -262,6 +264,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                         verbose=False)[0]
     bins = module.reliability_bins
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights are loaded
+    if trainer.world_size > 1:
+        write_rank_record(output_dir, trainer.global_rank, module, val)
 
     results = {
         "status": "finished",
@@ -294,6 +298,17 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         finalize_loggers(trainer.loggers, cfg, results, output_dir)
         print(summary_table(results, output_dir))
     return results
+
+
+def write_rank_record(output_dir: Path, rank: int, module: DistillModule,
+                      val: dict[str, float]) -> None:
+    """Each DDP rank writes a digest of its weights and method state: they must agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    atomic_write_json(output_dir / "ranks" / f"rank{rank}.json",
+                      {"rank": rank, "state_sha256": digest.hexdigest(), "val": val})
 
 
 def _metrics(logged: dict[str, float], prefix: str) -> dict[str, float]:

@@ -56,13 +56,15 @@ def _distributed_rank_world() -> tuple[int, int]:
 class BatchSampler(Sampler[list[int]]):
     """Yields lists of positions; shuffles from (seed, epoch) and shards over DDP ranks.
 
-    Rank r takes batches r, r + world, r + 2 world, ... of the same global permutation, so
-    ranks never overlap; with ``drop_last`` every rank gets the same number of batches.
+    All ranks draw the same permutation; rank r takes its examples r, r + world, ... of it
+    and cuts them into batches of ``batch_size`` (so the global batch is world x
+    batch_size). With ``drop_last`` every rank gets the same number of full batches.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 shard: bool = True):
         self.n, self.batch_size, self.shuffle = n, int(batch_size), shuffle
-        self.seed, self.drop_last, self.epoch = int(seed), drop_last, 0
+        self.seed, self.drop_last, self.epoch, self.shard = int(seed), drop_last, 0, shard
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -73,13 +75,13 @@ class BatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
+        rank, world = _distributed_rank_world() if self.shard else (0, 1)
+        if world > 1:
+            usable = self.n - self.n % world if self.drop_last else self.n
+            order = order[rank:usable:world]
         batches = list(order.split(self.batch_size))
         if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
             batches.pop()
-        rank, world = _distributed_rank_world()
-        if world > 1:
-            usable = len(batches) - len(batches) % world if self.drop_last else len(batches)
-            batches = batches[rank:usable:world]
         return batches
 
     def __iter__(self):
@@ -169,10 +171,11 @@ class SplitDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool,
-                seed_offset: int = 0) -> DataLoader:
+                seed_offset: int = 0, shard: bool = True) -> DataLoader:
         self.setup()
         ds = self.splits[split]
-        sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed + seed_offset, drop_last)
+        sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed + seed_offset, drop_last,
+                               shard=shard)
         return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -190,10 +193,15 @@ class SplitDataModule(L.LightningDataModule):
         return self._loader("meta", batch_size or self.meta_batch_size, shuffle=shuffle,
                             drop_last=False, seed_offset=7919)
 
-    def train_eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The train split in order, unshuffled (for per-example passes such as caches)."""
+    def train_eval_dataloader(self, batch_size: int | None = None,
+                              shard: bool = True) -> DataLoader:
+        """The train split in order, unshuffled (for per-example passes such as caches).
+
+        ``shard=False``: every DDP rank walks the whole split (e.g. to fill a cache that
+        must cover every example on every rank).
+        """
         return self._loader("train", batch_size or self.eval_batch_size, shuffle=False,
-                            drop_last=False)
+                            drop_last=False, shard=shard)
 
     # -- device-side preprocessing ---------------------------------------------------------
     def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:

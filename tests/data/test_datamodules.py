@@ -74,9 +74,16 @@ def test_sampler_epoch_order_and_rank_sharding(monkeypatch):
         shards.append([i for b in s for i in b])
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(100))
-    monkeypatch.setattr(data_base, "_distributed_rank_world", lambda: (0, 3))
+    monkeypatch.setattr(data_base, "_distributed_rank_world", lambda: (2, 3))
     s3 = BatchSampler(100, 10, shuffle=True, seed=3, drop_last=True)
-    assert len(s3) == 3  # 10 batches over 3 ranks: equal counts, the odd one dropped
+    assert [len(b) for b in s3] == [10, 10, 10]  # 33 examples per rank, the partial batch dropped
+    # evaluation keeps every example: ranks differ by at most one
+    ev = [BatchSampler(101, 64, shuffle=False, seed=0, drop_last=False) for _ in range(2)]
+    sizes = []
+    for rank, sampler in enumerate(ev):
+        monkeypatch.setattr(data_base, "_distributed_rank_world", lambda r=rank: (r, 2))
+        sizes.append(sum(len(b) for b in sampler))
+    assert sizes == [51, 50]
 
 
 def test_synthetic_shapes_and_standardisation():
