@@ -7,8 +7,10 @@ then fit, test (last epoch and best-on-val), and the run directory is completed 
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from .config import model_kwargs
@@ -122,6 +125,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> L.Train
                                             str(kwargs.get("accelerator", "auto")))
     loggers = build_loggers(cfg, output_dir)
     return L.Trainer(**kwargs, logger=loggers or False, callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()],
                      default_root_dir=str(output_dir), use_distributed_sampler=False,
                      enable_model_summary=False)
 
@@ -201,10 +205,79 @@ def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
 # -- one run -----------------------------------------------------------------------------------
 
 
-def check_run_dir(output_dir: Path) -> None:
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def is_launching_process() -> bool:
+    """False in the ranks that a distributed launcher started in addition to rank 0."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to continue from, after checking the directory may be used at all.
+
+    A finished run is never overwritten; an unfinished one is continued only with
+    ``resume=true`` and the same config.
+    """
     if (output_dir / "results.json").exists():
         raise ConfigError(f"{output_dir} already holds a finished run (results.json); "
                           "choose another directory with hydra.run.dir=... or delete it")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not cfg.get("resume"):
+        if last.exists() and is_launching_process():
+            raise ConfigError(f"{output_dir} holds an unfinished run (checkpoints/last.ckpt); "
+                              "continue it with resume=true or choose another hydra.run.dir")
+        return None
+    saved = output_dir / "config.yaml"
+    if saved.exists():
+        before = OmegaConf.to_container(OmegaConf.load(saved))
+        now = OmegaConf.to_container(cfg, resolve=True)
+        changed = [k for k in _differing_keys(before, now) if k != "resume"]
+        if changed:
+            raise ConfigError(f"resume=true with another config than the run in {output_dir} "
+                              f"(differs in: {', '.join(changed[:6])}); use the same overrides")
+    if not last.exists():
+        log.warning("resume=true but %s has no checkpoint yet: starting from scratch", output_dir)
+        return None
+    log.info("resuming from %s", last)
+    return str(last)
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b), key=str)
+                for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _keep_metrics_for_resume(output_dir: Path) -> list[Path]:
+    """Lightning's CSV logger deletes an existing metrics.csv: set the files aside first."""
+    kept = []
+    for path in output_dir.glob("**/metrics.csv"):
+        aside = path.with_name("metrics.before-resume.csv")
+        os.replace(path, aside)
+        kept.append(aside)
+    return kept
+
+
+def _merge_resumed_metrics(kept: list[Path], resumed_from_epoch: int) -> None:
+    """Rows logged before the checkpoint's epoch + rows of the continued run, in one file."""
+    for aside in kept:
+        path = aside.with_name("metrics.csv")
+        old = [r for r in csv.DictReader(aside.open()) if r.get("epoch") not in (None, "")
+               and int(r["epoch"]) <= resumed_from_epoch]
+        new = list(csv.DictReader(path.open())) if path.exists() else []
+        fields = sorted({k for r in old + new for k in r})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(old + new)
+        atomic_write_text(path, buf.getvalue())
+        aside.unlink()
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -214,11 +287,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     sweeps and reports can tell failed runs from finished and unfinished ones.
     """
     output_dir = Path(output_dir)
-    check_run_dir(output_dir)
+    ckpt_path = resume_checkpoint(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "failed.json").unlink(missing_ok=True)
     try:
-        return _run(cfg, output_dir)
+        return _run(cfg, output_dir, ckpt_path)
     except BaseException as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         atomic_write_json(output_dir / "failed.json", {
@@ -227,7 +300,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise
 
 
-def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
     start = time.time()
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.get("num_threads"):
@@ -255,9 +328,14 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-e{epoch:03d}",
                                  monitor="val/acc", mode="max", save_last=True,
                                  auto_insert_metric_name=False)
+    kept_metrics = _keep_metrics_for_resume(output_dir) if ckpt_path else []
     trainer = build_trainer(cfg, output_dir, [checkpoint])
 
-    trainer.fit(module, datamodule=dm)
+    resumed_from = (torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
+                    if ckpt_path else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    if kept_metrics and trainer.is_global_zero:
+        _merge_resumed_metrics(kept_metrics, resumed_from)
     last = trainer.test(module, datamodule=dm, verbose=False)[0]
     best_path = checkpoint.best_model_path
     best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
