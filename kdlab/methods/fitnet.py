@@ -1,0 +1,116 @@
+"""FitNets: hints for thin deep nets (Romero, Ballas, Kahou, Chassang, Gatta, Bengio,
+ICLR 2015, arXiv 1412.6550), in the one-stage form of the common CIFAR-100 recipe (CRD):
+
+    L = w_ce * CE(s, y) + beta * MSE( r(f_s), f_t )
+
+f_s is the student's output at the guided layer (``student_layer``), f_t the teacher's at
+the hint layer (``teacher_layer``), both taken with forward hooks by module path; r is a
+learnable regressor -- a 1x1 convolution + BatchNorm for 4-d features (B, C, H, W), a Linear
+layer for 2-d features (B, C) -- built in ``setup`` by probing both models with one zeros
+batch of the dataset's input shape, and trained with the student (its parameters join the
+optimiser). MSE is the mean over all elements. beta = 100 at the middle stage (layer2 of
+the CIFAR models). When the feature maps differ in size, the larger one is adaptive-average
+pooled to the smaller; a 4-d feature facing a 2-d one is global-average pooled. One teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..models.features import FeatureHooks
+from .base import Method, Outputs, cross_entropy
+
+
+def align_features(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Pool the two features to a common spatial layout (the smaller of the two)."""
+    for f, who in ((student, "student"), (teacher, "teacher")):
+        if f.dim() not in (2, 4):
+            raise ConfigError(f"fitnet supports (B, C) or (B, C, H, W) features; the {who} "
+                              f"layer gives shape {tuple(f.shape)}")
+    if student.dim() == 4 and teacher.dim() == 2:
+        return student.mean((2, 3)), teacher
+    if student.dim() == 2 and teacher.dim() == 4:
+        return student, teacher.mean((2, 3))
+    if student.dim() == 4:
+        size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+        if tuple(student.shape[2:]) != size:
+            student = F.adaptive_avg_pool2d(student, size)
+        if tuple(teacher.shape[2:]) != size:
+            teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
+def make_regressor(student: Tensor, teacher: Tensor) -> nn.Module:
+    """Maps aligned student features to the teacher's channels."""
+    if student.dim() == 4:
+        return nn.Sequential(nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False),
+                             nn.BatchNorm2d(teacher.shape[1]))
+    return nn.Linear(student.shape[1], teacher.shape[1])
+
+
+@torch.no_grad()
+def probe_feature(model: nn.Module, path: str, input_shape: tuple[int, ...],
+                  option: str = "layer") -> Tensor:
+    """The output of ``model``'s module at ``path`` for a zeros batch of two, in eval mode
+    (so BatchNorm running statistics are left untouched)."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureHooks(model, (path,)) as feats:
+            model(torch.zeros((2, *input_shape), device=device))
+    except ValueError as e:  # an unknown path: say which option to fix
+        raise ConfigError(f"{option}={path!r}: {e}") from None
+    finally:
+        model.train(was_training)
+    return feats[path].float()
+
+
+def _single_teacher(n: int) -> None:
+    if n != 1:
+        raise ConfigError(f"fitnet takes hints from exactly one teacher, got {n}")
+
+
+class FitNet(Method):
+    name = "fitnet"
+    description = "FitNet: CE + beta * MSE(regressor(student guided layer), teacher hint layer)"
+
+    def __init__(self, student_layer: str = "layer2", teacher_layer: str = "layer2",
+                 beta: float = 100.0, ce_weight: float = 1.0):
+        super().__init__()
+        self.student_layer, self.teacher_layer = str(student_layer), str(teacher_layer)
+        self.student_features = (self.student_layer,)
+        self.teacher_features = (self.teacher_layer,)
+        self.beta = float(beta)
+        self.ce_weight = float(ce_weight)
+        self.regressor: nn.Module | None = None  # built in setup() from the feature shapes
+
+    def setup(self, ctx) -> None:
+        if self.regressor is not None:  # idempotent: setup runs for every stage
+            return
+        _single_teacher(len(ctx.teachers))
+        shape = tuple(ctx.trainer.datamodule.input_shape)
+        f_s = probe_feature(ctx.student, self.student_layer, shape, "method.student_layer")
+        f_t = probe_feature(ctx.teachers[0], self.teacher_layer, shape, "method.teacher_layer")
+        f_s, f_t = align_features(f_s, f_t)
+        device = next(ctx.student.parameters()).device
+        self.regressor = make_regressor(f_s, f_t).to(device)
+
+    def hint_loss(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        f_s, f_t = align_features(student_feature, teacher_feature)
+        return F.mse_loss(self.regressor(f_s).float(), f_t.float())
+
+    def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
+        _single_teacher(len(teachers))
+        if self.regressor is None:
+            raise RuntimeError("fitnet regressor is not built: setup(ctx) must run first")
+        hint = self.hint_loss(student.features[self.student_layer],
+                              teachers[0].features[self.teacher_layer])
+        return {
+            "ce": self.ce_weight * cross_entropy(student.logits, batch["target"]),
+            "hint": self.beta * hint,
+        }

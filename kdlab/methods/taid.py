@@ -1,0 +1,112 @@
+"""Temporally adaptive interpolated distillation, TAID (Shing, Misaki, Bao, Yokoi, Akiba,
+"TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge Transfer in
+Language Models", ICLR 2025, arXiv 2501.16937).
+
+The student is trained towards an intermediate teacher that moves from the student's own
+distribution to the teacher's as the interpolation coefficient t grows:
+
+    p_t = softmax( (1 - t) * stopgrad(s) + t * teacher_logits )
+    L   = mean_i  - sum_c p_t,ic * log softmax(s_i)_c           (CE of the student to p_t)
+
+The CE has the gradient of the paper's objective J = KL(p_t || softmax(s)) = CE - H(p_t);
+t is driven by J. After optimiser step n = 1 .. N (N = total training steps):
+
+    n = 1:     J_prev = J_1                              (nothing to compare with yet)
+    n > 1:     delta_n = (J_prev - J_n) / J_prev         relative decrease of the objective
+               m_n     = beta * m_{n-1} + (1 - beta) * delta_n          (momentum, m_0 = 0)
+               floor_n = t_start + (t_end - t_start) * n / N            (linear floor)
+               t_n     = min(t_end, max(floor_n, t_{n-1} + alpha * sigmoid(m_n) * (1 - t_{n-1})))
+               J_prev  = J_n
+
+So t never decreases, never falls behind the linear schedule, and moves ahead of it faster
+while the objective is falling quickly. Defaults t_start = 0.4, t_end = 1.0, alpha = 5e-4,
+beta = 0.99. t, m and J_prev are buffers (saved in checkpoints, restored on resume); under
+DDP J is averaged over the ranks so every rank keeps the same t. One teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Method, Outputs, soft_cross_entropy
+
+
+def interpolated_target(student_logits: Tensor, teacher_logits: Tensor, t: Tensor | float
+                        ) -> Tensor:
+    """p_t = softmax((1 - t) * stopgrad(s) + t * teacher_logits)."""
+    mixed = (1 - t) * student_logits.detach().float() + t * teacher_logits.float()
+    return F.softmax(mixed, dim=-1)
+
+
+def _single_teacher(n: int) -> None:
+    if n != 1:
+        raise ConfigError(f"taid distils from exactly one teacher, got {n}; for several "
+                          "teachers use method=multi_teacher_kd")
+
+
+class TAID(Method):
+    name = "taid"
+    description = "TAID: CE to an adaptive interpolation from the student to the teacher"
+
+    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
+                 beta: float = 0.99, total_steps: int | None = None):
+        super().__init__()
+        if not 0.0 <= t_start <= t_end <= 1.0:
+            raise ConfigError(f"taid needs 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
+        self.t_start, self.t_end = float(t_start), float(t_end)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.register_buffer("t", torch.tensor(float(t_start)))
+        self.register_buffer("momentum", torch.tensor(0.0))
+        self.register_buffer("prev_objective", torch.tensor(float("nan")))  # nan: none yet
+        self._objective: Tensor | None = None
+        self._steps = float(self.total_steps) if self.total_steps else math.inf
+
+    def setup(self, ctx) -> None:
+        _single_teacher(len(ctx.teachers))
+
+    def on_fit_start(self, ctx) -> None:
+        self._steps = float(self.total_steps or ctx.trainer.estimated_stepping_batches)
+
+    def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
+        _single_teacher(len(teachers))
+        p_t = interpolated_target(student.logits, teachers[0].logits, self.t)
+        ce = soft_cross_entropy(student.logits, p_t)
+        entropy = -(torch.special.xlogy(p_t, p_t)).sum(-1).mean()
+        self._objective = (ce - entropy).detach()  # J = KL(p_t || softmax(s))
+        return {"taid": ce}
+
+    def floor(self, step: int) -> float:
+        """The linear schedule t_start -> t_end over the training steps."""
+        if not math.isfinite(self._steps) or self._steps <= 0:
+            return self.t_start
+        return self.t_start + (self.t_end - self.t_start) * min(step / self._steps, 1.0)
+
+    def update(self, objective: Tensor, step: int) -> None:
+        """One step of the schedule in the docstring, given J_n and n."""
+        objective = objective.to(self.t.dtype)
+        if torch.isnan(self.prev_objective):
+            self.prev_objective.copy_(objective)
+            return
+        delta = (self.prev_objective - objective) / self.prev_objective.clamp_min(1e-12)
+        self.momentum.mul_(self.beta).add_((1 - self.beta) * delta)
+        ahead = self.t + self.alpha * torch.sigmoid(self.momentum) * (1 - self.t)
+        self.t.copy_(ahead.clamp_min(self.floor(step)).clamp_max(self.t_end))
+        self.prev_objective.copy_(objective)
+
+    def on_train_batch_end(self, ctx, batch) -> None:
+        if self._objective is None:
+            return
+        objective, self._objective = self._objective, None
+        trainer = getattr(ctx, "trainer", None)
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            objective = ctx.all_gather(objective).mean()
+        self.update(objective, int(ctx.global_step))
+
+    def results(self):
+        return {"taid": {"t_final": float(self.t), "momentum_final": float(self.momentum)}}

@@ -1,0 +1,116 @@
+"""State methods resume exactly: PS-KD's memory, TAID's schedule, DKD's warm-up epoch.
+
+For each: an uninterrupted 2-epoch fit; the same configuration interrupted after epoch 1
+(its run dir's ``checkpoints/last.ckpt``), whose method state a fresh module restores; and a
+fit resumed from that checkpoint (Lightning ``ckpt_path``), which must end in the same
+method state (and student weights) as the uninterrupted fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from kdlab.config import compose, model_kwargs
+from kdlab.models import build_model
+from kdlab.module import DistillModule
+from kdlab.train import build_datamodule, build_method, build_teachers, build_trainer
+
+COMMON = ["dataset=digits", "trainer=cpu", "trainer.max_epochs=2",
+          "trainer.enable_progress_bar=false", "student=mlp", "teacher=cnn"]
+
+# Lightning's own deprecation noise (kdlab.train filters it outside pytest), and its notes
+# that the resumed fit writes into the interrupted run's directory, which is the point here.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*treespec"),
+              pytest.mark.filterwarnings("ignore:.*exists and is not empty")]
+
+STATE = {
+    "pskd": ("memory", "has_memory", "alpha"),
+    "taid": ("t", "momentum", "prev_objective"),
+    "dkd": ("epoch",),
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # Shared with test_method_smoke.py in one session: teachers are trained once.
+    path = tmp_path_factory.getbasetemp() / "kdlab_cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDLAB_CACHE_DIR", str(path))
+        yield path
+
+
+class StopAfter(L.Callback):
+    """Interrupt the fit after ``epochs`` epochs, as a killed job would be."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def build_module(cfg, dm) -> DistillModule:
+    """The module ``kdlab.train.run`` builds, from the same building blocks."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    method = build_method(cfg)
+    teachers = build_teachers(cfg, dm) if method.needs_teacher else []
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    student = build_model(cfg.student.name, dm.num_classes, dm.input_shape,
+                          **model_kwargs(cfg.student))
+    return DistillModule(student, method, teachers, dm.num_classes,
+                         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+                         seed=int(cfg.seed), teacher_cache=str(cfg.get("teacher_cache", "auto")))
+
+
+def fit(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> DistillModule:
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
+    if stop_after:
+        callbacks.append(StopAfter(stop_after))
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
+    return module
+
+
+def method_state(module: DistillModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.method.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(STATE))
+def test_resume_restores_method_state_exactly(cache_dir, tmp_path, name):
+    cfg = compose([*COMMON, f"method={name}"])
+    full = fit(cfg, tmp_path / "full")
+    interrupted = fit(cfg, tmp_path / "interrupted", stop_after=1)
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    # the checkpoint holds the method state after epoch 1, and a fresh module restores it
+    fresh = build_module(cfg, build_datamodule(cfg))
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    fresh.load_state_dict(ckpt["state_dict"])
+    saved = method_state(interrupted)
+    assert set(STATE[name]) <= set(saved)
+    for key, value in method_state(fresh).items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+    # resuming the interrupted run (in its own run dir) ends where the uninterrupted one did
+    resumed = fit(cfg, tmp_path / "interrupted", ckpt_path=last)
+    expected = method_state(full)
+    for key, value in method_state(resumed).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    for (k, a), b in zip(resumed.student.state_dict().items(),
+                         full.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+
+    # and the state moved during the resumed epoch (the test is not vacuous)
+    changed = [k for k in STATE[name] if not torch.equal(saved[k], expected[k])]
+    assert changed, f"{name}: method state did not change in the second epoch"
