@@ -42,6 +42,6 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
 def model_kwargs(spec: DictConfig) -> dict:
     """Constructor kwargs of an architecture node (everything but bookkeeping keys)."""
     data = OmegaConf.to_container(spec, resolve=True)
-    for key in ("name", "ckpt", "allow_pickle"):
+    for key in ("name", "ckpt", "allow_pickle", "lr"):
         data.pop(key, None)
     return data

@@ -141,24 +141,48 @@ def _unwrap(e: Exception) -> Exception:
 # -- the teacher cache -------------------------------------------------------------------------
 
 
-def teacher_cache_dir(cfg: DictConfig, spec: DictConfig) -> Path:
+TEACHER_KEYS = ("ckpt", "allow_pickle", "lr")  # how to get a teacher, not its architecture
+
+
+def teacher_training_config(cfg: DictConfig, spec: DictConfig) -> DictConfig:
+    """The CE run that trains teacher ``spec`` when no checkpoint is given.
+
+    Same data, noise, split, seed, epochs and schedule as the run; the learning rate is
+    ``teacher.lr`` if set, else the dataset recipe's (a student-specific lr, e.g. 0.01 for
+    ShuffleNet students, does not leak into the teacher). One process, CSV log only.
+    """
+    teacher_cfg = cfg.copy()
+    OmegaConf.set_struct(teacher_cfg, False)
+    teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
+    teacher_cfg.student = {k: v for k, v in spec.items() if k not in TEACHER_KEYS}
+    teacher_cfg.teachers = None
+    teacher_cfg.resume = False
+    teacher_cfg.optimizer.lr = spec.get("lr") or cfg.dataset.recipe.lr
+    # One process: a nested multi-process launch would re-run this whole script.
+    teacher_cfg.trainer.strategy = "auto"
+    teacher_cfg.trainer.devices = 1
+    teacher_cfg.logger = {"csv": cfg.logger.csv} if "csv" in (cfg.logger or {}) else {}
+    return teacher_cfg
+
+
+def teacher_cache_dir(teacher_cfg: DictConfig) -> Path:
     """Cache entry keyed by everything that determines a CE-trained teacher."""
     key_source = {
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "noise": OmegaConf.to_container(cfg.noise, resolve=True),
-        "arch": model_kwargs(spec) | {"name": spec.name},
-        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
-        "max_epochs": cfg.trainer.max_epochs,
-        "precision": cfg.trainer.precision,
-        "seed": cfg.seed,
+        "dataset": OmegaConf.to_container(teacher_cfg.dataset, resolve=True),
+        "noise": OmegaConf.to_container(teacher_cfg.noise, resolve=True),
+        "arch": OmegaConf.to_container(teacher_cfg.student, resolve=True),
+        "optimizer": OmegaConf.to_container(teacher_cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(teacher_cfg.scheduler, resolve=True),
+        "max_epochs": teacher_cfg.trainer.max_epochs,
+        "precision": teacher_cfg.trainer.precision,
+        "seed": teacher_cfg.seed,
     }
-    key_source["dataset"].pop("num_workers", None)
-    for k in ("root", "download"):  # where the data lives does not change the teacher
+    for k in ("root", "download", "num_workers"):  # where/how data is read changes nothing
         key_source["dataset"].pop(k, None)
     digest = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
-    dataset = cfg.dataset._target_.rsplit(".", 1)[-1].replace("DataModule", "").lower()
-    return Path(cfg.paths.cache_dir) / "teachers" / f"{dataset}-{spec.name}-{digest}"
+    dataset = teacher_cfg.dataset._target_.rsplit(".", 1)[-1].replace("DataModule", "").lower()
+    name = teacher_cfg.student.name
+    return Path(teacher_cfg.paths.cache_dir) / "teachers" / f"{dataset}-{name}-{digest}"
 
 
 @contextmanager
@@ -174,7 +198,8 @@ def _locked(path: Path):
 
 def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
     """Return the cached teacher weights, training the teacher with CE first if needed."""
-    entry = teacher_cache_dir(cfg, spec)
+    teacher_cfg = teacher_training_config(cfg, spec)
+    entry = teacher_cache_dir(teacher_cfg)
     weights = entry / "teacher.pt"
     if weights.is_file():
         log.info("reusing cached teacher %s: %s", spec.name, weights)
@@ -183,15 +208,6 @@ def ensure_teacher(cfg: DictConfig, spec: DictConfig) -> Path:
         if weights.is_file():  # another job trained it while we waited
             return weights
         log.info("no teacher.ckpt given: training teacher %s with CE -> %s", spec.name, entry)
-        teacher_cfg = cfg.copy()
-        OmegaConf.set_struct(teacher_cfg, False)
-        teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
-        teacher_cfg.student = {k: v for k, v in spec.items() if k not in ("ckpt", "allow_pickle")}
-        teacher_cfg.teachers = None
-        # One process: a nested multi-process launch would re-run this whole script.
-        teacher_cfg.trainer.strategy = "auto"
-        teacher_cfg.trainer.devices = 1
-        teacher_cfg.logger = {"csv": cfg.logger.csv} if "csv" in (cfg.logger or {}) else {}
         run_dir = entry / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
         results = run(teacher_cfg, run_dir)
         best = torch.load(results["checkpoints"]["best"], map_location="cpu", weights_only=True)

@@ -44,17 +44,21 @@ def test_auto_teacher_is_trained_once_then_reused(tmp_path, monkeypatch):
     assert json.loads((trained[0] / "results.json").read_text())["method"] == "ce"
 
 
+def _entry(overrides):
+    cfg = compose(overrides)
+    return train_mod.teacher_cache_dir(train_mod.teacher_training_config(cfg, cfg.teacher))
+
+
 def test_cache_key_covers_what_determines_the_teacher():
-    base = compose([])
-    key = train_mod.teacher_cache_dir(base, base.teacher)
-    assert key == train_mod.teacher_cache_dir(compose([]), compose([]).teacher)
-    for override in ["seed=1", "noise=symmetric", "teacher.width=16", "optimizer.lr=0.1",
-                     "trainer.max_epochs=3", "dataset.meta_fraction=0.2"]:
-        cfg = compose([override])
-        assert train_mod.teacher_cache_dir(cfg, cfg.teacher) != key, override
-    # where the data lives, or the teacher checkpoint setting, does not matter
-    cfg = compose(["dataset.num_workers=2", "method=ce"])
-    assert train_mod.teacher_cache_dir(cfg, cfg.teacher) == key
+    key = _entry([])
+    assert key == _entry([])
+    for override in ["seed=1", "noise=symmetric", "teacher.width=16", "teacher.lr=0.1",
+                     "trainer.max_epochs=3", "dataset.meta_fraction=0.2",
+                     "scheduler.name=multistep"]:
+        assert _entry([override]) != key, override
+    # how data is read, the method, or the student's own lr do not change the teacher
+    assert _entry(["dataset.num_workers=2", "method=ce", "optimizer.lr=0.3",
+                   "student=mlp"]) == key
 
 
 def test_precision_auto(monkeypatch):

@@ -17,9 +17,11 @@ which method it runs; it only calls this contract:
 * ``results()`` — extra entries for the run's ``results.json``.
 
 ``ctx`` gives ``ctx.student``, ``ctx.teachers``, ``ctx.teacher_outputs(x)``,
-``ctx.trainer`` (``ctx.trainer.datamodule`` has ``train_size``, ``noise_mask``,
-``meta_dataloader()``, ``preprocess(batch, train)``), ``ctx.current_epoch``,
-``ctx.current_lr`` and ``ctx.log(...)``.
+``ctx.teacher_outputs_for(batch)`` (uses the per-example teacher cache when there is one),
+``ctx.num_classes``, ``ctx.device``, ``ctx.trainer`` (``ctx.trainer.datamodule`` has
+``train_size``, ``noise_mask``, ``meta_dataloader()``, ``train_eval_dataloader()``,
+``model_batch(batch, device)``), ``ctx.current_epoch``, ``ctx.global_step``,
+``ctx.current_lr``, ``ctx.all_gather`` and ``ctx.log(...)``.
 """
 
 from __future__ import annotations
