@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from .callbacks import TrainThroughput
 from .config import model_kwargs
 from .data.base import SplitDataModule
 from .errors import ConfigError, KdlabError
@@ -345,7 +346,8 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
                                  monitor="val/acc", mode="max", save_last=True,
                                  auto_insert_metric_name=False)
     kept_metrics = _keep_metrics_for_resume(output_dir) if ckpt_path else []
-    trainer = build_trainer(cfg, output_dir, [checkpoint])
+    throughput = TrainThroughput()
+    trainer = build_trainer(cfg, output_dir, [checkpoint, throughput])
 
     resumed_from = (torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
                     if ckpt_path else None)
@@ -382,6 +384,7 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
         "split_sizes": dm.describe()["sizes"],
         "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
         "precision": str(trainer.precision),
+        "throughput": throughput.summary(),
         "wall_time_s": round(time.time() - start, 2),
     }
     results.update(method.results())

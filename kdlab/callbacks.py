@@ -1,0 +1,48 @@
+"""Callbacks that kdlab adds to every run."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class TrainThroughput(L.Callback):
+    """Training images per second, validation excluded, first epoch excluded (warm-up).
+
+    The clock starts before the module's epoch-start hooks, so per-epoch work of a method
+    (e.g. ALM-KD's meta pass) is counted.
+    """
+
+    def __init__(self):
+        self.epochs: list[tuple[int, float]] = []  # (images, seconds) per epoch
+        self._start = 0.0
+        self._excluded = 0.0
+        self._images = 0
+        self._in_epoch = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._excluded, self._images = time.perf_counter(), 0.0, 0
+        self._in_epoch = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += int(batch["input"].shape[0])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._in_epoch:  # validation inside a training epoch (not the sanity check)
+            self._excluded += time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._in_epoch = False
+        seconds = time.perf_counter() - self._start - self._excluded
+        self.epochs.append((self._images * trainer.world_size, seconds))
+
+    def summary(self) -> dict[str, float]:
+        timed = self.epochs[1:] or self.epochs
+        images = sum(n for n, _ in timed)
+        seconds = sum(s for _, s in timed)
+        return {"train_images_per_s": round(images / seconds, 2) if seconds else None,
+                "epoch_seconds": [round(s, 3) for _, s in self.epochs]}
