@@ -3,6 +3,8 @@
     kdlab train [OVERRIDES...]      train + evaluate one run (Hydra app; -m for sweeps)
     kdlab train --help              config groups and their options
     kdlab methods                   the distillation methods, one line each
+    kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR]
+                                    mean +/- std tables and plots over run directories
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import conf_dir, register_model_groups
-from .errors import KdlabError
+from .errors import ConfigError, KdlabError
 
 USAGE = __doc__
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdlab.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    check_launcher_strategy(cfg, hc, Path(hc.runtime.output_dir))
     from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
 
-    hc = HydraConfig.get()
     try:
         results = run(cfg, Path(hc.runtime.output_dir))
     except KdlabError as e:
@@ -34,6 +37,49 @@ def train_app(cfg: DictConfig) -> float:
         print(f"kdlab: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     return float(results["val"]["acc"])
+
+
+# Sweep launchers and the multi-process strategies they can host (measured: DESIGN.md).
+LAUNCHERS = {"JoblibLauncher": ("joblib", ()), "LocalLauncher": ("submitit_local", ("ddp_spawn",))}
+
+
+def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str | None:
+    """Why this sweep job's DDP setting cannot run under its launcher (None: it can).
+
+    DDP re-launches the script once per rank, which a joblib worker or a submitit_local job
+    cannot do (joblib fails with ddp_spawn too; submitit_local runs ddp_spawn). On SLURM
+    ddp runs one task per device: hydra.launcher.tasks_per_node must equal trainer.devices.
+    """
+    strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
+    multi_process = strategy.startswith(("ddp", "fsdp", "deepspeed")) or (
+        strategy == "auto" and isinstance(devices, int) and devices > 1)
+    if hydra_cfg.mode != RunMode.MULTIRUN or not multi_process:
+        return None
+    launcher = str(hydra_cfg.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+    if launcher in LAUNCHERS and strategy not in LAUNCHERS[launcher][1]:
+        name, works = LAUNCHERS[launcher]
+        spawn = ", or trainer.strategy=ddp_spawn" if works else ""
+        return (f"trainer.strategy={strategy} (devices={devices}) cannot run in a sweep job "
+                f"under hydra/launcher={name}. Sweep single-device jobs (trainer.devices=1 "
+                f"trainer.strategy=auto){spawn}, or run the DDP job on its own without -m.")
+    tasks = hydra_cfg.launcher.get("tasks_per_node")
+    if launcher == "SlurmLauncher" and strategy != "ddp_spawn" and tasks != devices:
+        return (f"trainer.strategy={strategy} on SLURM runs one task per device: set "
+                f"hydra.launcher.tasks_per_node={devices} and gpus_per_node={devices} "
+                f"(now tasks_per_node={tasks}) to match trainer.devices={devices}.")
+    return None
+
+
+def check_launcher_strategy(cfg: DictConfig, hc: DictConfig, output_dir: Path) -> None:
+    """Stop a sweep job whose DDP setting its launcher cannot run, with a clear error."""
+    error = launcher_strategy_error(cfg.trainer, hc)
+    if error is None:
+        return
+    from .io import atomic_write_json
+
+    atomic_write_json(output_dir / "failed.json", {"status": "failed",
+                                                   "error": f"ConfigError: {error}"})
+    raise ConfigError(error)
 
 
 def list_methods() -> str:
@@ -57,11 +103,16 @@ def main() -> None:
     if command == "methods":
         print(list_methods())
         return
+    if command == "report":
+        from .report import main as report_main
+
+        report_main(rest)
+        return
     if command != "train":
         if "=" in command or command.startswith("-"):
             rest = args  # `kdlab key=value ...` (how DDP re-launches ranks) means train
         else:
-            print(f"kdlab: error: unknown command {command!r}; commands: train, methods",
+            print(f"kdlab: error: unknown command {command!r}; commands: train, methods, report",
                   file=sys.stderr)
             raise SystemExit(2)
     sys.argv = [sys.argv[0], *rest]

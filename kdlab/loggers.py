@@ -1,21 +1,165 @@
-"""Experiment loggers: built from the ``logger`` config group, finalised after the run."""
+"""Experiment loggers: built from the ``logger`` config group, finalised after the run.
+
+Each entry of ``cfg.logger`` is one Lightning logger (``csv``, ``tensorboard``, ``wandb``);
+several at once with ``logger=[csv,tensorboard,wandb]``. Lightning sends every ``self.log``
+call (each loss term, every metric) to all of them. What only exists once the run is over
+goes out in :func:`finalize_loggers`:
+
+- wandb: the PNG plots of the run directory (reliability diagram, method plots such as
+  ALM-KD's mixing weights) as images, ``results.json`` as the run summary; then the run is
+  finished, so the next job of a sweep in the same process starts a fresh one.
+- tensorboard: the same plots as images, the flattened config as hparams with the final
+  test numbers as their metrics.
+- csv: nothing extra.
+
+wandb naming: ``project`` from the config; ``group`` = the config value, else the multirun's
+sweep directory (one group per sweep), else none; ``name`` = the config value, else the
+job's overrides plus the seed (``method=kd,noise.rate=0.4,seed=1``), else the run directory's
+name (outside a Hydra app, e.g. ``compose()`` in tests). The composed config is the wandb run
+config. The API key is never read from or written to a config: wandb takes it from the
+environment (``WANDB_API_KEY``) or ``wandb login``.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+log = logging.getLogger("kdlab")
+
+EXTRAS = {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard"}  # pyproject extras
+# Keys that would put a secret into the config (and from there into config.yaml and wandb).
+SECRET_KEYS = ("api_key", "key", "token", "password", "secret")
+# results.json fields that become the tensorboard hparams metrics (hparams/<split>_<metric>).
+HPARAM_METRICS = (("test", "acc"), ("test", "ece"), ("test_last", "acc"), ("test_last", "ece"),
+                  ("val", "acc"))
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """One Lightning logger per entry of ``cfg.logger`` (csv, tensorboard, wandb, ...)."""
-    return [instantiate(node, save_dir=str(output_dir)) for node in (cfg.logger or {}).values()]
+    loggers = []
+    for node in (cfg.logger or {}).values():
+        kwargs = OmegaConf.to_container(node, resolve=True)
+        target = kwargs.pop("_target_")
+        kwargs["save_dir"] = str(output_dir)
+        if _is_wandb(target):
+            kwargs = _wandb_kwargs(kwargs, cfg, Path(output_dir))
+            _finish_stale_wandb_run()
+        try:
+            loggers.append(get_class(target)(**kwargs))
+        except ModuleNotFoundError as e:
+            extra = EXTRAS.get(target.rsplit(".", 1)[-1])
+            hint = f": pip install 'kdlab[{extra}]'" if extra else ""
+            raise ConfigError(f"{target} needs a package that is not installed ({e})"
+                              f"{hint}") from None
+    return loggers
 
 
 def finalize_loggers(loggers: list, cfg: DictConfig, results: dict[str, Any],
                      output_dir: Path) -> None:
     """Hand the finished run's results and plots to loggers that can show them."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    plots = sorted(Path(output_dir).glob("*.png"))
     for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            _finalize_wandb(logger, results, plots)
+        elif isinstance(logger, TensorBoardLogger):
+            _finalize_tensorboard(logger, cfg, results, plots)
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
+def close_loggers(loggers: list, status: str = "failed") -> None:
+    """For a run that stopped early: close what is open, marking a wandb run as failed."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.finalize(status)
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=1)
+
+
+# -- wandb -------------------------------------------------------------------------------------
+
+
+def _is_wandb(target: str) -> bool:
+    return target.rsplit(".", 1)[-1] == "WandbLogger"
+
+
+def _wandb_kwargs(kwargs: dict[str, Any], cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    secrets = [k for k in kwargs if k.lower() in SECRET_KEYS]
+    if secrets:
+        raise ConfigError(f"logger.wandb.{secrets[0]}: never put a W&B key into a config; "
+                          "set WANDB_API_KEY in the environment or run `wandb login`")
+    group, name = wandb_group_and_name(cfg, output_dir)
+    kwargs["group"] = kwargs.get("group") or group
+    kwargs["name"] = kwargs.get("name") or name
+    kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return kwargs
+
+
+def wandb_group_and_name(cfg: DictConfig, output_dir: Path) -> tuple[str | None, str]:
+    """Defaults for wandb ``group`` and ``name``: the sweep, and the job's own overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    seed = f"seed={cfg.get('seed')}"
+    if not HydraConfig.initialized():
+        return None, f"{output_dir.name},{seed}"
+    hc = HydraConfig.get()
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        group = sweep_name(str(hc.sweep.dir))
+    parts = [hc.job.override_dirname] if hc.job.override_dirname else []
+    method = hc.runtime.choices.get("method")
+    if method and not any(p.startswith("method=") for p in ",".join(parts).split(",")):
+        parts.insert(0, f"method={method}")
+    return group, ",".join([*parts, seed])
+
+
+def sweep_name(sweep_dir: str) -> str:
+    """``multirun/2026-11-24/10-00-00`` -> ``2026-11-24/10-00-00`` (date and time, unique)."""
+    parts = Path(sweep_dir).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else str(sweep_dir)
+
+
+def _finish_stale_wandb_run() -> None:
+    """A job that failed earlier in this process (basic launcher sweeps) may have left its
+    wandb run open; WandbLogger would silently reuse it for this job."""
+    try:
+        import wandb
+    except ModuleNotFoundError:
+        return
+    if wandb.run is not None:
+        log.warning("finishing a wandb run left open by an earlier job (%s)", wandb.run.name)
+        wandb.run.finish(exit_code=1)
+
+
+def _finalize_wandb(logger, results: dict[str, Any], plots: list[Path]) -> None:
+    for png in plots:
+        logger.log_image(key=f"plots/{png.stem}", images=[str(png)])
+    logger.experiment.summary.update(results)
+
+
+# -- tensorboard -------------------------------------------------------------------------------
+
+
+def _finalize_tensorboard(logger, cfg: DictConfig, results: dict[str, Any],
+                          plots: list[Path]) -> None:
+    import matplotlib.image as mpimg
+
+    writer = logger.experiment
+    for png in plots:
+        image = mpimg.imread(png)[..., :3]  # RGBA -> RGB, floats in [0, 1]
+        writer.add_image(f"plots/{png.stem}", image, global_step=0, dataformats="HWC")
+    metrics = {f"hparams/{split}_{name}": results[split][name]
+               for split, name in HPARAM_METRICS if name in results.get(split, {})}
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=metrics, step=0)

@@ -1,0 +1,196 @@
+"""`kdlab report` on a real multirun (basic launcher, with failing jobs), checked against the
+runs' own results.json; grouping, metrics and plots in-process on hand-made run dirs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdlab import report
+
+TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "num_threads=1"]
+METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece")
+
+
+def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0",
+               KDLAB_CACHE_DIR=str(cache))
+    exe = Path(sys.executable).with_name("kdlab")
+    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"kdlab {' '.join(args)} failed:\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """method=ce,kd x seed=0,1 x noise.rate=0,2: the 4 jobs with rate 2 fail, 4 finish;
+    plus an unfinished run (a job killed before training: only Hydra's .hydra/ exists)."""
+    root = tmp_path_factory.mktemp("report")
+    sweep_dir = root / "sweep"
+    train = kdlab("train", "-m", "method=ce,kd", "seed=0,1", "noise.rate=0,2", *TINY,
+                  f"hydra.sweep.dir={sweep_dir}", cwd=root, cache=root / "cache", check=False)
+    (first,) = sweep_dir.glob("0-*")
+    shutil.copytree(first / ".hydra", sweep_dir / "99-unfinished" / ".hydra")
+    printed = kdlab("report", str(sweep_dir), cwd=root, cache=root / "cache")
+    return sweep_dir, train, printed
+
+
+def runs_by_status(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
+    jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir() and d.name[0].isdigit())
+    return ([d for d in jobs if (d / "results.json").exists()],
+            [d for d in jobs if (d / "failed.json").exists()])
+
+
+def test_basic_launcher_multirun_runs_every_job(sweep):
+    sweep_dir, train, _ = sweep
+    finished, failed = runs_by_status(sweep_dir)
+    assert len(finished) == 4 and len(failed) == 4
+    # a failing job stops neither the sweep nor the other jobs; the sweep reports it
+    assert train.returncode != 0 and "noise.rate must be in [0, 1]" in train.stderr
+    for d in failed:
+        assert "noise.rate=2" in d.name
+        error = json.loads((d / "failed.json").read_text())["error"]
+        assert "noise.rate must be in [0, 1]" in error
+    for d in finished:
+        results = json.loads((d / "results.json").read_text())
+        assert "noise.rate=0" in d.name and results["method"] in d.name
+        assert len(results["teachers"]) == (results["method"] == "kd")
+
+
+def test_report_numbers_match_the_runs_results(sweep):
+    sweep_dir, _, printed = sweep
+    finished, _ = runs_by_status(sweep_dir)
+    results = [json.loads((d / "results.json").read_text()) for d in finished]
+    rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
+    # default grouping: method + the overrides that vary (noise.rate), never the seed
+    assert list(rows[0])[:4] == ["method", "noise.rate", "n", "seeds"]
+    assert [(r["method"], r["noise.rate"], r["n"], r["seeds"]) for r in rows] == [
+        ("ce", "0", "2", "0,1"), ("kd", "0", "2", "0,1")]
+    md = (sweep_dir / "report.md").read_text()
+    for row in rows:
+        group = [r for r in results if r["method"] == row["method"]]
+        for metric in METRICS:
+            split, name = metric.split(".")
+            values = [r[split][name] for r in group]
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            assert float(row[f"{metric}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-15)
+            assert float(row[f"{metric}_std"]) == pytest.approx(std, rel=1e-12, abs=1e-15)
+            assert f"{mean:.4f} ± {std:.4f}" in md
+        teacher = [r["teachers"][0]["test"]["acc"] for r in group if r["teachers"]]
+        if row["method"] == "kd":
+            assert float(row["teacher.acc_mean"]) == pytest.approx(statistics.fmean(teacher))
+        else:
+            assert row["teacher.acc_mean"] == "" and row["teacher.acc_n"] == "0"
+    assert "| method | noise.rate | n | seeds | test acc (best)" in printed.stdout
+
+
+def test_failed_and_unfinished_runs_are_listed_not_averaged(sweep):
+    sweep_dir, _, _ = sweep
+    _, failed = runs_by_status(sweep_dir)
+    md = (sweep_dir / "report.md").read_text()
+    table, listed = md.split("## Failed or unfinished runs")
+    assert "4 finished runs in 2 groups; 5 failed or unfinished" in table
+    for d in failed:
+        line = next(line for line in listed.splitlines() if line.startswith(f"| {d.name} |"))
+        assert "| failed |" in line and "noise.rate must be in [0, 1], got 2.0" in line
+    line = next(line for line in listed.splitlines() if line.startswith("| 99-unfinished |"))
+    assert "| unfinished |" in line
+
+
+def test_report_files(sweep):
+    sweep_dir, _, printed = sweep
+    finished, _ = runs_by_status(sweep_dir)
+    for name in ("report.md", "report.csv", "report_acc_vs_ece.png"):
+        assert (sweep_dir / name).stat().st_size > 0
+    has_bins = all("reliability" in json.loads((d / "results.json").read_text())
+                   for d in finished)
+    assert (sweep_dir / "report_reliability.png").exists() == has_bins
+    assert not (sweep_dir / "report_mixing.png").exists()  # no ALM-KD run here
+    assert "wrote" in printed.stdout
+
+
+def test_by_metric_and_out(sweep, tmp_path):
+    sweep_dir, _, _ = sweep
+    finished, _ = runs_by_status(sweep_dir)
+    report.main([str(sweep_dir), "--by", "method", "--metric", "val.acc,nll,teacher.acc",
+                 "--out", str(tmp_path / "out")])
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert list(rows[0])[:3] == ["method", "n", "seeds"]
+    assert [r["method"] for r in rows] == ["ce", "kd"]
+    for row in rows:
+        group = [json.loads((d / "results.json").read_text()) for d in finished]
+        group = [r for r in group if r["method"] == row["method"]]
+        assert float(row["val.acc_mean"]) == pytest.approx(
+            statistics.fmean(r["val"]["acc"] for r in group))
+        assert float(row["nll_mean"]) == pytest.approx(
+            statistics.fmean(r["test"]["nll"] for r in group))
+    with pytest.raises(SystemExit) as e:
+        report.main([str(sweep_dir), "--by", "noise.rat"])
+    assert e.value.code == 2
+
+
+# -- in-process, hand-made run directories ----------------------------------------------------
+
+
+def fake_run(d: Path, method: str, rate: float, seed: int, acc: float, lr: float = 0.05,
+             mixing: tuple[float, float] | None = None) -> None:
+    """A run directory as train.py leaves it (config.yaml + results.json), without Hydra."""
+    d.mkdir(parents=True)
+    config = {"seed": seed, "method": {"_target_": f"kdlab.methods.{method}"},
+              "noise": {"type": "symmetric", "rate": rate}, "optimizer": {"lr": lr},
+              "paths": {"data_dir": str(d)}}
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    results = {"status": "finished", "method": method, "seed": seed,
+               "test": {"acc": acc, "ece": 0.1 * acc}, "test_last": {"acc": acc, "ece": 0.1},
+               "teachers": [{"arch": "cnn", "test": {"acc": 0.9}}],
+               "reliability": {"n_bins": 3, "count": [1, 2, 3], "confidence": [0.1, 1.0, 2.5],
+                               "correct": [0, 1, 3]}}
+    if mixing:
+        results["mixing"] = {"label_weight_clean": mixing[0], "label_weight_noisy": mixing[1]}
+    (d / "results.json").write_text(json.dumps(results))
+
+
+def test_grouping_mixing_plot_and_mixed_config_note(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs / "a0", "alm_kd", 0.4, 0, 0.80, mixing=(0.9, 0.2))
+    fake_run(runs / "a1", "alm_kd", 0.4, 1, 0.84, mixing=(0.8, 0.3))
+    fake_run(runs / "k0", "kd", 0.4, 0, 0.70)
+    fake_run(runs / "k1", "kd", 0.4, 1, 0.72, lr=0.1)  # differs from k0 beyond the seed
+    (runs / "k2").mkdir()
+    (runs / "k2" / "config.yaml").write_text(yaml.safe_dump({"seed": 2}))
+    (runs / "k2" / "failed.json").write_text(json.dumps({"status": "interrupted",
+                                                         "error": "KeyboardInterrupt: "}))
+    report.main([str(runs), "--by", "method,noise.rate"])
+    rows = {r["method"]: r for r in csv.DictReader((runs / "report.csv").open())}
+    assert rows["alm_kd"]["noise.rate"] == "0.4" and rows["alm_kd"]["n"] == "2"
+    assert float(rows["alm_kd"]["test.acc_mean"]) == pytest.approx(0.82)
+    assert float(rows["alm_kd"]["test.acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.84]))
+    assert float(rows["kd"]["teacher.acc_mean"]) == pytest.approx(0.9)
+    md = (runs / "report.md").read_text()
+    assert "mixes runs whose configs differ in optimizer.lr" in md
+    assert "| k2 | interrupted |" in md
+    for plot in ("report_acc_vs_ece.png", "report_reliability.png", "report_mixing.png"):
+        assert (runs / plot).stat().st_size > 1000
+    assert "| alm_kd | 0.4 | 2 | 0,1 |" in capsys.readouterr().out
+    # the pooled reliability bins of a group add up its runs' bins
+    group = report.group_runs(report.find_runs([runs]), ["method"])[0]
+    assert report.pooled_reliability(group)["count"] == [2.0, 4.0, 6.0]
+
+
+def test_no_runs_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path)])
+    assert e.value.code == 2 and "no run directories" in capsys.readouterr().err
