@@ -33,7 +33,7 @@ from .config import model_kwargs
 from .data.base import SplitDataModule
 from .errors import ConfigError, KdlabError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
-from .loggers import build_loggers, finalize_loggers
+from .loggers import build_loggers, close_loggers, finalize_loggers
 from .methods.base import Method
 from .models import build_model
 from .models.loading import freeze, load_weights
@@ -349,52 +349,63 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
     throughput = TrainThroughput()
     trainer = build_trainer(cfg, output_dir, [checkpoint, throughput])
 
-    resumed_from = (torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
-                    if ckpt_path else None)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    if kept_metrics and trainer.is_global_zero:
-        _merge_resumed_metrics(kept_metrics, resumed_from)
-    last = trainer.test(module, datamodule=dm, verbose=False)[0]
-    best_path = checkpoint.best_model_path
-    best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
-                        verbose=False)[0]
-    bins = module.reliability_bins
-    val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights are loaded
-    if trainer.world_size > 1:
-        write_rank_record(output_dir, trainer.global_rank, module, val)
+    with _loggers_closed_on_failure(trainer):
+        resumed_from = (torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
+                        if ckpt_path else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        if kept_metrics and trainer.is_global_zero:
+            _merge_resumed_metrics(kept_metrics, resumed_from)
+        last = trainer.test(module, datamodule=dm, verbose=False)[0]
+        best_path = checkpoint.best_model_path
+        best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
+                            verbose=False)[0]
+        bins = module.reliability_bins
+        val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights loaded
+        if trainer.world_size > 1:
+            write_rank_record(output_dir, trainer.global_rank, module, val)
 
-    results = {
-        "status": "finished",
-        "method": method.name,
-        "dataset": dm.name,
-        "seed": int(cfg.seed),
-        "student": cfg.student.name,
-        "selection": "best epoch by val/acc on the clean validation split; test never used",
-        "best_epoch": _epoch_of(best_path),
-        "epochs": int(trainer.current_epoch),
-        "test": _metrics(best, "test/"),
-        "test_last": _metrics(last, "test/"),
-        "val": _metrics(val, "val/"),
-        "teachers": [{"arch": s.name, "test": _metrics(best, f"teacher{i}/test/"),
-                      "agreement": best.get(f"teacher{i}/test/agreement")}
-                     for i, s in enumerate(specs)],
-        "reliability": {"n_bins": len(bins["count"]),
-                        **{k: [float(x) for x in v] for k, v in bins.items()}},
-        "noise": dm.describe()["noise"],
-        "split_sizes": dm.describe()["sizes"],
-        "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
-        "precision": str(trainer.precision),
-        "throughput": throughput.summary(),
-        "wall_time_s": round(time.time() - start, 2),
-    }
-    results.update(method.results())
-    if trainer.is_global_zero:
-        reliability_diagram(bins, output_dir / "reliability_test.png",
-                            f"{method.name} / {cfg.student.name} on {dm.name} test (best on val)")
-        atomic_write_json(output_dir / "results.json", results)
-        finalize_loggers(trainer.loggers, cfg, results, output_dir)
-        print(summary_table(results, output_dir))
-    return results
+        results = {
+            "status": "finished",
+            "method": method.name,
+            "dataset": dm.name,
+            "seed": int(cfg.seed),
+            "student": cfg.student.name,
+            "selection": "best epoch by val/acc on the clean validation split; test never used",
+            "best_epoch": _epoch_of(best_path),
+            "epochs": int(trainer.current_epoch),
+            "test": _metrics(best, "test/"),
+            "test_last": _metrics(last, "test/"),
+            "val": _metrics(val, "val/"),
+            "teachers": [{"arch": s.name, "test": _metrics(best, f"teacher{i}/test/"),
+                          "agreement": best.get(f"teacher{i}/test/agreement")}
+                         for i, s in enumerate(specs)],
+            "reliability": {"n_bins": len(bins["count"]),
+                            **{k: [float(x) for x in v] for k, v in bins.items()}},
+            "noise": dm.describe()["noise"],
+            "split_sizes": dm.describe()["sizes"],
+            "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
+            "precision": str(trainer.precision),
+            "throughput": throughput.summary(),
+            "wall_time_s": round(time.time() - start, 2),
+        }
+        results.update(method.results())
+        if trainer.is_global_zero:
+            title = f"{method.name} / {cfg.student.name} on {dm.name} test (best on val)"
+            reliability_diagram(bins, output_dir / "reliability_test.png", title)
+            atomic_write_json(output_dir / "results.json", results)
+            finalize_loggers(trainer.loggers, cfg, results, output_dir)
+            print(summary_table(results, output_dir))
+        return results
+
+
+@contextmanager
+def _loggers_closed_on_failure(trainer: L.Trainer):
+    """A failed run closes its loggers at once (a wandb run is marked failed)."""
+    try:
+        yield
+    except BaseException:
+        close_loggers(trainer.loggers)
+        raise
 
 
 def write_rank_record(output_dir: Path, rank: int, module: DistillModule,

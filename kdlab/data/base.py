@@ -234,8 +234,15 @@ class SplitDataModule(L.LightningDataModule):
 
 
 def _stratified_split(positions: np.ndarray, labels: Tensor, fraction: float, seed: int):
-    """Split ``positions`` into (rest, held_out) with ``fraction`` held out, per class."""
+    """Split ``positions`` into (rest, held_out) with ``fraction`` held out, per class.
+
+    Falls back to a plain seeded split when stratifying is impossible (a class with a single
+    example, or fewer held-out examples than classes).
+    """
     y = labels[torch.as_tensor(positions)].numpy()
-    n_held = max(int(math.ceil(fraction * len(positions))), len(np.unique(y)))
-    rest, held = train_test_split(positions, test_size=n_held, stratify=y, random_state=seed)
+    n_held = int(math.ceil(fraction * len(positions)))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and n_held >= (counts > 0).sum() else None
+    rest, held = train_test_split(positions, test_size=n_held, stratify=stratify,
+                                  random_state=seed)
     return np.sort(rest), np.sort(held)

@@ -1,0 +1,258 @@
+"""Throughput of kdlab against the classic CIFAR KD training loop, measured side by side.
+
+    .venv/bin/python scripts/bench.py [--train 640] [--epochs 3] [--out scripts/results/bench.json]
+
+All measurements use resnet32x4 -> resnet8x4 on CIFAR-shaped data this script generates
+(100 classes, 32x32x3 uint8), batch 64, SGD(lr 0.05, momentum 0.9, wd 5e-4), and run one
+after another in fresh processes (so each peak memory is its own):
+
+- reference: the loop of the classic CIFAR KD repositories: a torchvision-style dataset that
+  turns each uint8 array into a PIL image and applies RandomCrop(32, 4) +
+  RandomHorizontalFlip + ToTensor + Normalize per sample in DataLoader workers, fp32, the
+  teacher's forward every step, KD loss, SGD;
+- kdlab kd / ce / alm_kd: `kdlab train` on the same data (the real cifar100 datamodule
+  reading generated files), default settings; alm_kd's time per epoch is averaged over a
+  window of `meta_every` (10) epochs containing one meta pass;
+- kdlab kd / ce with a deterministic transform (dataset.augment=false), where kd reads the
+  per-example teacher logits cache.
+
+It prints a table and writes it as JSON. Ratios are what matter: absolute images/s depend
+on the machine. The model-FLOP utilisation assumes a nominal peak of
+cores x clock x 32 fp32 FLOP/cycle (AVX2/AVX-512 with two FMA units, 8 fp32 lanes
+counted once for AVX2) -- stated in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+BATCH = 64
+
+
+def write_cifar100_folder(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Random images in the CIFAR-100 python format (the files kdlab's datamodule reads)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.permutation(np.arange(n) % 100)
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+# -- the classic loop ------------------------------------------------------------------------
+
+
+class ClassicCIFAR:
+    """torchvision's CIFAR dataset shape: HWC uint8 arrays, a PIL image and transforms per item."""
+
+    def __init__(self, data_root: str):
+        from torchvision import transforms
+
+        with open(Path(data_root) / "cifar-100-python" / "train", "rb") as f:
+            raw = pickle.load(f)
+        self.images = raw["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.labels = raw["fine_labels"]
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def reference_loop(data_root: str, teacher_ckpt: str, epochs: int, workers: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from kdlab.models import build_model
+
+    loader = DataLoader(ClassicCIFAR(data_root), batch_size=BATCH, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    teacher = build_model("resnet32x4", 100)
+    teacher.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
+    teacher.eval()
+    student = build_model("resnet8x4", 100)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    per_epoch = []
+    for _ in range(epochs):
+        start, n = time.perf_counter(), 0
+        for x, y in loader:
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            kl = F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean")
+            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * 16 * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(y)
+        per_epoch.append((n, time.perf_counter() - start))
+    timed = per_epoch[1:]  # the first epoch warms up workers and allocators
+    return {"train_images_per_s": sum(n for n, _ in timed) / sum(s for _, s in timed),
+            "epoch_seconds": [round(s, 3) for _, s in per_epoch]}
+
+
+# -- kdlab runs --------------------------------------------------------------------------------
+
+
+def kdlab_run(overrides: list[str], out_dir: str) -> dict:
+    from kdlab.config import compose
+    from kdlab.train import run
+
+    return run(compose(overrides), out_dir)["throughput"]
+
+
+def _job(fn, args, queue):
+    result = fn(*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(result)
+
+
+def in_fresh_process(fn, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_job, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def model_flops_per_image() -> dict[str, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kdlab.models import build_model
+
+    flops = {}
+    for name in ("resnet8x4", "resnet32x4"):
+        model = build_model(name, 100).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))
+        flops[name] = float(counter.get_total_flops())
+    return flops
+
+
+def nominal_peak_flops() -> tuple[float, str]:
+    mhz = 0.0
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                mhz = max(mhz, float(line.split(":")[1]))
+    cores = os.cpu_count() or 1
+    peak = cores * mhz * 1e6 * 32
+    return peak, f"{cores} cores x {mhz:.0f} MHz x 32 fp32 FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=640, help="generated training images")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement (>= 2)")
+    parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
+    parser.add_argument("--out", default="scripts/results/bench.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    from kdlab.models import build_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdlab-bench-"))
+    write_cifar100_folder(tmp / "data", args.train, 128)
+    torch.manual_seed(0)
+    teacher_ckpt = tmp / "resnet32x4.pt"
+    torch.save(build_model("resnet32x4", 100).state_dict(), teacher_ckpt)
+    os.environ["KDLAB_CACHE_DIR"] = str(tmp / "cache")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    # meta_fraction makes kdlab train on 90% of the images: the reference gets the same count.
+    common = ["dataset=cifar100", f"dataset.root={tmp / 'data'}", "dataset.download=false",
+              "student=resnet8x4", "teacher=resnet32x4", f"teacher.ckpt={teacher_ckpt}",
+              "optimizer.lr=0.05", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4",
+              f"dataset.batch_size={BATCH}", f"trainer.max_epochs={args.epochs}",
+              "trainer.enable_progress_bar=false", "scheduler.name=none"]
+    jobs = {
+        "kdlab kd": ["method=kd"],
+        "kdlab ce": ["method=ce"],
+        "kdlab alm_kd (meta epoch)": ["method=alm_kd", f"method.meta_start={args.epochs - 1}"],
+        "kdlab kd, no augmentation": ["method=kd", "dataset.augment=false"],
+        "kdlab ce, no augmentation": ["method=ce", "dataset.augment=false"],
+    }
+    rows: dict[str, dict] = {}
+    print(f"reference loop ({args.workers} workers) ...", flush=True)
+    rows["reference (classic loop)"] = in_fresh_process(
+        reference_loop, str(tmp / "data"), str(teacher_ckpt), args.epochs, args.workers)
+    for name, extra in jobs.items():
+        print(f"{name} ...", flush=True)
+        run_dir = str(tmp / name.replace(" ", "_").replace(",", ""))
+        rows[name] = in_fresh_process(kdlab_run, [*common, *extra], run_dir)
+
+    # ALM-KD: epochs 1..n-2 are plain, the last one runs the meta pass; a window of
+    # meta_every = 10 epochs holds one meta pass and nine plain epochs.
+    alm = rows["kdlab alm_kd (meta epoch)"]["epoch_seconds"]
+    plain, meta = float(np.mean(alm[1:-1])), alm[-1]
+    alm_window_epoch = (9 * plain + meta) / 10
+    kd_epoch = float(np.mean(rows["kdlab kd"]["epoch_seconds"][1:]))
+
+    flops = model_flops_per_image()
+    peak, peak_note = nominal_peak_flops()
+    kd_flops = 3 * flops["resnet8x4"] + flops["resnet32x4"]  # student fwd+bwd, teacher fwd
+    ce_flops = 3 * flops["resnet8x4"]
+    for name, row in rows.items():
+        per_image = ce_flops if " ce" in name else kd_flops
+        row["mfu"] = row["train_images_per_s"] * per_image / peak
+
+    ref = rows["reference (classic loop)"]["train_images_per_s"]
+    ratios = {
+        "kdlab/reference (kd, default settings)": rows["kdlab kd"]["train_images_per_s"] / ref,
+        "kd/ce time per image (augmented)":
+            rows["kdlab ce"]["train_images_per_s"] / rows["kdlab kd"]["train_images_per_s"],
+        "alm_kd/kd time per epoch (window of 10 with one meta pass)": alm_window_epoch / kd_epoch,
+        "alm_kd meta epoch / plain epoch": meta / plain,
+        "kd/ce time per image (no augmentation, cached teacher)":
+            rows["kdlab ce, no augmentation"]["train_images_per_s"]
+            / rows["kdlab kd, no augmentation"]["train_images_per_s"],
+    }
+    lines = ["| run | images/s | peak RSS MB | MFU |", "|---|---:|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['train_images_per_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+                     f"{100 * row['mfu']:.1f}% |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", f"MFU peak assumption: {peak_note}; FLOPs per image: "
+              f"resnet8x4 {flops['resnet8x4'] / 1e6:.0f} MFLOP, resnet32x4 "
+              f"{flops['resnet32x4'] / 1e6:.0f} MFLOP (forward); training counts 3x the "
+              "student forward + the teacher forward.",
+              f"Data: {args.train} generated images (kdlab trains on 90%: 10% is the meta "
+              f"split), batch {BATCH}, {args.epochs} epochs, first epoch excluded; torch "
+              f"{torch.__version__}, {os.cpu_count()} CPU threads."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "ratios": ratios, "flops_per_image": flops,
+                               "peak_flops": peak, "peak_assumption": peak_note,
+                               "args": vars(args)}, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
