@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import conf_dir, register_model_groups
+from .config import conf_dir, finished_run_error, register_model_groups
 from .errors import ConfigError, KdlabError
 
 USAGE = __doc__
@@ -29,14 +30,64 @@ def train_app(cfg: DictConfig) -> float:
     check_launcher_strategy(cfg, hc, Path(hc.runtime.output_dir))
     from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
 
+    output_dir = Path(hc.runtime.output_dir)
     try:
-        results = run(cfg, Path(hc.runtime.output_dir))
-    except KdlabError as e:
+        results = run(cfg, output_dir)
+    except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job; the sweep goes on
-        print(f"kdlab: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(e, output_dir)
     return float(results["val"]["acc"])
+
+
+def fail(error: BaseException, output_dir: Path | None = None) -> None:
+    """One line on stderr and exit 1; unexpected errors keep their traceback in error.log."""
+    if isinstance(error, KdlabError):
+        message = str(error)
+    else:
+        where = ""
+        if output_dir is not None and output_dir.is_dir():
+            import traceback
+
+            log = output_dir / "error.log"
+            log.write_text("".join(traceback.format_exception(error)))
+            where = f"; traceback in {log}"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = f"unexpected {type(error).__name__}: {first}{where}"
+    print(f"kdlab: error: {message}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def hydra_error_line(error: Exception) -> str:
+    """Hydra's multi-line composition errors as one line naming the problem and the fix."""
+    text = str(error)
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        group, name = missing.groups()
+        section = text.split("Available options", 1)[-1].split("Config search path")[0]
+        options = re.findall(r"^\t(\S+)$", section, flags=re.M)
+        return f"unknown {group} {name!r}; available: {', '.join(options)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(line.rstrip(".") for line in lines[:2])
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose a single run's config up front so a typo fails in a second, in one line."""
+    if any(a.startswith("-") for a in overrides):
+        return  # --help, -m, --cfg ...: Hydra's own modes
+    from .config import compose
+
+    try:
+        compose([a for a in overrides if not a.lstrip("+~").startswith("hydra")])
+    except Exception as e:
+        print(f"kdlab: error: {hydra_error_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    # Hydra writes .hydra/ into the run directory before the run starts: check it first.
+    for arg in overrides:
+        if arg.startswith("hydra.run.dir="):
+            finished = finished_run_error(Path(arg.split("=", 1)[1].strip("'\"")))
+            if finished:
+                fail(finished)
 
 
 # Sweep launchers and the multi-process strategies they can host (measured: DESIGN.md).
@@ -115,8 +166,9 @@ def main() -> None:
             print(f"kdlab: error: unknown command {command!r}; commands: train, methods, report",
                   file=sys.stderr)
             raise SystemExit(2)
-    sys.argv = [sys.argv[0], *rest]
     register_model_groups()
+    check_overrides(rest)
+    sys.argv = [sys.argv[0], *rest]
     train_app()
 
 

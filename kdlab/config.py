@@ -13,6 +13,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError
+
 CONFIG_MODULE = "kdlab.conf"
 
 
@@ -37,6 +39,14 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides or []),
                              return_hydra_config=False)
+
+
+def finished_run_error(output_dir: Path) -> ConfigError | None:
+    """A finished run directory is never written into again."""
+    if (Path(output_dir) / "results.json").exists():
+        return ConfigError(f"{output_dir} already holds a finished run (results.json); choose "
+                           "another directory with hydra.run.dir=... or delete it")
+    return None
 
 
 def model_kwargs(spec: DictConfig) -> dict:

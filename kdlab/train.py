@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import TrainThroughput
-from .config import model_kwargs
+from .config import finished_run_error, model_kwargs
 from .data.base import SplitDataModule
 from .errors import ConfigError, KdlabError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -75,7 +75,7 @@ def build_datamodule(cfg: DictConfig) -> SplitDataModule:
     try:
         dm = instantiate(cfg.dataset, noise=noise, seed=cfg.seed, _convert_="all")
     except Exception as e:  # Hydra wraps constructor errors; surface ours unwrapped
-        raise _unwrap(e) from None
+        raise _unwrap(e, "dataset") from None
     dm.setup()
     return dm
 
@@ -84,7 +84,7 @@ def build_method(cfg: DictConfig) -> Method:
     try:
         method = instantiate(cfg.method, _convert_="all")
     except Exception as e:
-        raise _unwrap(e) from None
+        raise _unwrap(e, "method") from None
     if not isinstance(method, Method):
         raise ConfigError(f"method._target_ {cfg.method._target_} is not a kdlab Method")
     return method
@@ -131,12 +131,17 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> L.Train
                      enable_model_summary=False)
 
 
-def _unwrap(e: Exception) -> Exception:
-    """Hydra's instantiate wraps errors; return the user-facing cause if there is one."""
-    cause = e
-    while cause is not None and not isinstance(cause, KdlabError):
-        cause = cause.__cause__ or cause.__context__
-    return cause if cause is not None else e
+def _unwrap(e: Exception, group: str) -> Exception:
+    """Hydra's instantiate wraps constructor errors: return ours, or name the bad value."""
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for cause in chain:
+        if isinstance(cause, KdlabError):
+            return cause
+    root = chain[-1]
+    return ConfigError(f"invalid {group} settings ({type(root).__name__}: {root}); "
+                       f"check the {group}.* overrides against `kdlab train --help`")
 
 
 # -- the teacher cache -------------------------------------------------------------------------
@@ -240,9 +245,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     A finished run is never overwritten; an unfinished one is continued only with
     ``resume=true`` and the same config.
     """
-    if (output_dir / "results.json").exists():
-        raise ConfigError(f"{output_dir} already holds a finished run (results.json); "
-                          "choose another directory with hydra.run.dir=... or delete it")
+    finished = finished_run_error(output_dir)
+    if finished:
+        raise finished
     last = output_dir / "checkpoints" / "last.ckpt"
     if not cfg.get("resume"):
         if last.exists() and is_launching_process():

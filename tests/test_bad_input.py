@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,9 @@ CASES = {
         ["cifar-10-batches-py", "dataset.download=true"]),
     "finished run directory": (["method=ce", "hydra.run.dir={finished}"],
                                ["already holds a finished run"]),
-    "loss becomes nan": (["method=ce", "method.weight=.nan"], ["'ce'", "nan", "step 0"]),
+    "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0"]),
+    "value of the wrong type": (["method=kd", "method.temperature=hot"],
+                                ["method", "hot"]),
 }
 
 
@@ -93,7 +96,7 @@ def test_bad_input(case, world):
     overrides, words = CASES[case]
     args = [a.format(root=root, ckpt=ckpt, finished=finished) for a in overrides]
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        args.append(f"hydra.run.dir={root / 'runs' / case.replace(' ', '_').replace('/', '_')}")
+        args.append(f"hydra.run.dir={root / 'runs' / re.sub(r'[^a-z0-9]+', '_', case)}")
     before = snapshot(finished, root / "cache")
     out = kdlab([*FAST, *args], root, env)
     assert out.returncode != 0

@@ -47,7 +47,10 @@ def apply_label_noise(labels: Tensor, type: str = "none", rate: float = 0.0, *,
     """Return (noisy labels, mask of changed labels)."""
     if type not in NOISE_TYPES:
         raise ConfigError(f"unknown noise type {type!r}; available: {', '.join(NOISE_TYPES)}")
-    rate = float(rate)
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise ConfigError(f"noise.rate must be a number in [0, 1], got {rate!r}") from None
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"noise.rate must be in [0, 1], got {rate}")
     labels = labels.long()
