@@ -62,8 +62,9 @@ class ClassicCIFAR:
     def __init__(self, data_root: str):
         from torchvision import transforms
 
-        with open(Path(data_root) / "cifar-100-python" / "train", "rb") as f:
-            raw = pickle.load(f)
+        from kdlab.data.cifar import read_cifar_batch
+
+        raw = read_cifar_batch(Path(data_root) / "cifar-100-python" / "train")
         self.images = raw["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         self.labels = raw["fine_labels"]
         self.transform = transforms.Compose([
