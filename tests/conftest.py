@@ -23,3 +23,28 @@ def _private_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def run_kdlab(*args: str, cwd, cache=None, env: dict | None = None, check: bool = True,
+              timeout: int = 900):
+    """Run the installed ``kdlab`` console script; with ``check``, fail showing its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    if cache is not None:
+        full_env["KDLAB_CACHE_DIR"] = str(cache)
+    exe = Path(sys.executable).with_name("kdlab")
+    out = subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True,
+                         text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"kdlab {' '.join(args)} failed:\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def kdlab_cli():
+    """``kdlab_cli("train", "method=ce", cwd=tmp_path, cache=...)`` runs the real CLI."""
+    return run_kdlab

@@ -4,15 +4,13 @@ no traceback, and nothing earlier (a finished run, the teacher cache) modified."
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_kdlab
 
 FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
 
@@ -26,9 +24,7 @@ class Payload:
 
 
 def kdlab(args, cwd, env):
-    exe = Path(sys.executable).with_name("kdlab")
-    return subprocess.run([str(exe), "train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_kdlab("train", *args, cwd=cwd, env=env, check=False)
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -44,8 +40,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 def world(tmp_path_factory):
     """A finished CE run (mlp on digits) and a teacher cache entry, made through the CLI."""
     root = tmp_path_factory.mktemp("bad-input")
-    env = dict(os.environ, WANDB_MODE="disabled", KDLAB_CACHE_DIR=str(root / "cache"),
-               KDLAB_DATA_DIR=str(root / "data"))
+    env = {"KDLAB_CACHE_DIR": str(root / "cache"), "KDLAB_DATA_DIR": str(root / "data")}
     finished = root / "finished"
     out = kdlab(["method=kd", "student=mlp", "teacher=mlp", *FAST, f"hydra.run.dir={finished}"],
                 root, env)

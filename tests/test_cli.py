@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_kdlab
 
 from kdlab.data.digits import DigitsDataModule
 from kdlab.models import build_model
@@ -24,15 +22,8 @@ from kdlab.models.loading import load_weights
 FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1"]
 
 
-def kdlab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kdlab {' '.join(args)} failed:\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
+def kdlab(*args: str, cwd: Path, check: bool = True):
+    return run_kdlab(*args, cwd=cwd, check=check)
 
 
 def hand_ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:

@@ -2,22 +2,14 @@
 state and metrics, and only rank 0 writes results."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 
-def test_two_process_cpu_ddp(tmp_path):
+def test_two_process_cpu_ddp(tmp_path, kdlab_cli):
     run_dir = tmp_path / "ddp"
-    env = dict(os.environ, WANDB_MODE="disabled", KDLAB_CACHE_DIR=str(tmp_path / "cache"))
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run(
-        [str(exe), "train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "method=kd",
-         "dataset.batch_size=32", "seed=5", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    kdlab_cli("train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "method=kd",
+              "dataset.batch_size=32", "seed=5", f"hydra.run.dir={run_dir}",
+              cwd=tmp_path, cache=tmp_path / "cache")
     ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
     assert ranks[0]["val"] == ranks[1]["val"]

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -82,15 +79,11 @@ def summary_of(records: list) -> dict:
 # -- end to end --------------------------------------------------------------------------------
 
 
-def test_wandb_offline_and_tensorboard_csv_end_to_end(tmp_path):
+def test_wandb_offline_and_tensorboard_csv_end_to_end(tmp_path, kdlab_cli):
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", KDLAB_CACHE_DIR=str(tmp_path / "cache"),
-               **wandb_env(tmp_path))
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run([str(exe), "train", "-m", "logger=wandb,[csv,tensorboard]", "seed=2",
-                          *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = kdlab_cli("train", "-m", "logger=wandb,[csv,tensorboard]", "seed=2", *TINY,
+                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=tmp_path / "cache",
+                    env=wandb_env(tmp_path))
     wandb_job, tb_job = sorted(d for d in sweep.iterdir() if d.is_dir())
     results = json.loads((wandb_job / "results.json").read_text())
 

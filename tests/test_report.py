@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_kdlab
 
 from kdlab import report
 
@@ -22,16 +20,8 @@ TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=fals
 METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece")
 
 
-def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0",
-               KDLAB_CACHE_DIR=str(cache))
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=900)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kdlab {' '.join(args)} failed:\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
+def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True):
+    return run_kdlab(*args, cwd=cwd, cache=cache, check=check)
 
 
 @pytest.fixture(scope="module")

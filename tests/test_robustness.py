@@ -1,23 +1,17 @@
 """Under load: a multirun of 8 tiny jobs, 2 at a time, one of them failing."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 
-def test_eight_jobs_two_parallel_one_failing(tmp_path):
+def test_eight_jobs_two_parallel_one_failing(tmp_path, kdlab_cli):
     sweep = tmp_path / "sweep"
     fractions = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.5]  # 1.5 is invalid
-    env = dict(os.environ, WANDB_MODE="disabled", KDLAB_CACHE_DIR=str(tmp_path / "cache"))
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run(
-        [str(exe), "train", "-m", "method=ce", "student=mlp", "trainer=cpu",
-         "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-         "dataset.meta_fraction=" + ",".join(map(str, fractions)),
-         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = kdlab_cli("train", "-m", "method=ce", "student=mlp", "trainer=cpu",
+                    "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                    "dataset.meta_fraction=" + ",".join(map(str, fractions)),
+                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=tmp_path / "cache",
+                    check=False)
     assert out.returncode != 0  # the sweep reports its failed job...
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
     assert len(jobs) == 8

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import submitit
 import yaml
+from conftest import run_kdlab
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
@@ -29,16 +28,8 @@ HPARAMS = ("" if "hparams_search" in (conf_dir() / "train.yaml").read_text() els
     "hparams_search=kd_temperature"
 
 
-def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0",
-               KDLAB_CACHE_DIR=str(cache))
-    exe = Path(sys.executable).with_name("kdlab")
-    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=900)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kdlab {' '.join(args)} failed:\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
+def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True):
+    return run_kdlab(*args, cwd=cwd, cache=cache, check=check)
 
 
 def job_dirs(sweep: Path) -> list[Path]:

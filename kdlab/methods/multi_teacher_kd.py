@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, Outputs, cross_entropy, require_teachers
+from .base import Outputs, cross_entropy, require_teachers
+from .kd import KD
 
 
 def mean_teacher_probs(teacher_logits: list[Tensor], temperature: float) -> Tensor:
@@ -31,15 +32,11 @@ def kl_to_probs(student_logits: Tensor, target_probs: Tensor, temperature: float
     return kl.mean() * temperature**2
 
 
-class MultiTeacherKD(Method):
+class MultiTeacherKD(KD):
+    """KD's weights and temperature; only the teacher target differs."""
+
     name = "multi_teacher_kd"
     description = "multi-teacher KD: CE + T^2 KL to the mean of the teachers' softened outputs"
-
-    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
-        super().__init__()
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(teachers, self.name)
