@@ -4,7 +4,7 @@ import subprocess
 import sys
 import zipfile
 
-from kdlab.config import compose, conf_dir
+from kdlab.config import compose, conf_dir, model_kwargs
 
 
 def test_default_config_is_the_offline_digits_kd_run():
@@ -34,8 +34,9 @@ def test_student_and_teacher_groups_mirror_the_model_group():
     assert {"resnet8x4", "resnet32x4", "wrn_40_2", "mlp", "cnn"} <= set(models)
     for name in models:
         cfg = compose([f"student={name}", f"teacher={name}"])
-        assert cfg.student == {k: v for k, v in cfg.teacher.items()
-                               if k not in ("ckpt", "allow_pickle")}
+        assert cfg.student.name == cfg.teacher.name
+        assert model_kwargs(cfg.student) == model_kwargs(cfg.teacher)
+        assert cfg.teacher.ckpt == "auto" and "ckpt" not in cfg.student
 
 
 def test_conf_ships_in_the_wheel(tmp_path):

@@ -176,7 +176,7 @@ def test_cifar10_download_extract_and_exact_roundtrip(server, tmp_path):
                        torch.from_numpy(arrays["train_x"][0, :1024]))
 
     sizes = {k: len(v) for k, v in dm.splits.items()}
-    assert sizes == {"train": 40, "meta": 10, "val": 10, "test": 20}
+    assert sizes == {"train": 45, "meta": 5, "val": 5, "test": 20}  # meta = 10% of 50
     assert dm.splits["val"] is dm.splits["meta"]
     assert dm.splits["train"].inputs.dtype == torch.uint8
     assert torch.equal(dm.splits["test"].inputs, data["test_inputs"])
@@ -204,7 +204,7 @@ def test_cifar100_download_with_coarse_labels(server, tmp_path):
                        torch.from_numpy(arrays["test_x"].reshape(-1, 3, 32, 32)))
     assert torch.equal(data["test_targets"], torch.from_numpy(arrays["test_y"]))
     assert {k: len(v) for k, v in dm.splits.items()} == {
-        "train": 200, "meta": 100, "val": 100, "test": 100}
+        "train": 270, "meta": 30, "val": 30, "test": 100}
     assert dm.num_classes == 100 and dm.asymmetric_class_map is None
 
 
