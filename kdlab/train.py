@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from .callbacks import TrainThroughput
 from .config import finished_run_error, model_kwargs
@@ -360,14 +361,14 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         if kept_metrics and trainer.is_global_zero:
             _merge_resumed_metrics(kept_metrics, resumed_from)
+        if trainer.world_size > 1:  # before any checkpoint is loaded back: the ranks' own state
+            write_rank_record(output_dir, trainer.global_rank, module, trainer.callback_metrics)
         last = trainer.test(module, datamodule=dm, verbose=False)[0]
         best_path = checkpoint.best_model_path
         best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
                             verbose=False)[0]
         bins = module.reliability_bins
         val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights loaded
-        if trainer.world_size > 1:
-            write_rank_record(output_dir, trainer.global_rank, module, val)
 
         results = {
             "status": "finished",
@@ -414,8 +415,10 @@ def _loggers_closed_on_failure(trainer: L.Trainer):
 
 
 def write_rank_record(output_dir: Path, rank: int, module: DistillModule,
-                      val: dict[str, float]) -> None:
-    """Each DDP rank writes a digest of its weights and method state: they must agree."""
+                      logged: dict[str, Tensor]) -> None:
+    """Each DDP rank writes a digest of its weights and method state after training, and
+    its last validation metrics: they must agree across ranks."""
+    val = {k: float(v) for k, v in logged.items() if k.startswith("val/")}
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())

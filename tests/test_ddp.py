@@ -3,18 +3,30 @@ state and metrics, and only rank 0 writes results."""
 
 import json
 
+import pytest
 
-def test_two_process_cpu_ddp(tmp_path, kdlab_cli):
+METHODS = {
+    "kd": ["method=kd"],
+    # a meta pass at epoch 1: every rank updates the rows it saw, then the table is merged
+    "alm_kd": ["method=alm_kd", "method.meta_start=1", "method.meta_every=1",
+               "noise=symmetric", "noise.rate=0.3"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_process_cpu_ddp(method, tmp_path, kdlab_cli):
     run_dir = tmp_path / "ddp"
     kdlab_cli("train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "method=kd",
+              "trainer.max_epochs=2", "trainer.enable_progress_bar=false", *METHODS[method],
               "dataset.batch_size=32", "seed=5", f"hydra.run.dir={run_dir}",
               cwd=tmp_path, cache=tmp_path / "cache")
     ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # weights, BN statistics and method state (ALM-KD's table) after training, per rank
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
-    assert ranks[0]["val"] == ranks[1]["val"]
+    assert ranks[0]["val"] == ranks[1]["val"] and "val/acc" in ranks[0]["val"]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["val"]["acc"] == ranks[0]["val"]["val/acc"]
+    if method == "alm_kd":
+        assert results["mixing"]["meta_passes"] == 1
     # the val split was sharded over the ranks and the metric synced: 144 examples in all
     assert results["split_sizes"]["val"] == 144
     assert len(list(run_dir.glob("checkpoints/best-*.ckpt"))) == 1
