@@ -64,6 +64,19 @@ def of_kind(records: list, kind: str) -> list:
     return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
 
 
+def settled_records(run_dir: Path, done=lambda records: True, timeout: float = 60.0) -> list:
+    """wandb's service process writes the offline file asynchronously: under load the last
+    records can land a moment after ``finish()`` returns, so poll until ``done``."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        records = wandb_records(run_dir)
+        if done(records) or time.time() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def summary_of(records: list) -> dict:
     summary: dict = {}
     for s in of_kind(records, "summary"):
@@ -213,7 +226,8 @@ def test_wandb_offline_finalize_images_summary_and_failed_runs(tmp_path, monkeyp
     (logger,) = build_loggers(cfg, done)
     logger.log_metrics({"train/loss_kd": 0.3}, step=0)
     finalize_loggers([logger], cfg, RESULTS, done)
-    records = wandb_records(next((done / "wandb").glob("offline-run-*")))
+    records = settled_records(next((done / "wandb").glob("offline-run-*")),
+                              lambda r: bool(of_kind(r, "exit")) and "test" in summary_of(r))
     summary = summary_of(records)
     assert summary["test"] == RESULTS["test"] and summary["train/loss_kd"] == 0.3
     assert {"plots/reliability_test", "plots/alm_mixing_weights"} <= set(summary)
@@ -222,7 +236,8 @@ def test_wandb_offline_finalize_images_summary_and_failed_runs(tmp_path, monkeyp
     (logger,) = build_loggers(cfg, failed)
     logger.log_metrics({"train/loss_kd": 0.3}, step=0)
     close_loggers([logger])
-    records = wandb_records(next((failed / "wandb").glob("offline-run-*")))
+    records = settled_records(next((failed / "wandb").glob("offline-run-*")),
+                              lambda r: bool(of_kind(r, "exit")))
     assert of_kind(records, "exit")[0].exit_code == 1
     # ... and a run left open by a failed job is finished before the next job's logger starts
     (logger,) = build_loggers(cfg, stale)
@@ -231,6 +246,7 @@ def test_wandb_offline_finalize_images_summary_and_failed_runs(tmp_path, monkeyp
     next_logger.log_metrics({"train/loss_kd": 0.2}, step=0)
     assert next_logger.experiment.id != logger.experiment.id
     close_loggers([next_logger])
-    records = wandb_records(next((stale / "wandb").glob("offline-run-*")))
+    records = settled_records(next((stale / "wandb").glob("offline-run-*")),
+                              lambda r: bool(of_kind(r, "exit")))
     assert of_kind(records, "exit")[0].exit_code == 1
     assert isinstance(next_logger, WandbLogger)
