@@ -91,14 +91,14 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 # Sweep launchers and the multi-process strategies they can host (measured: DESIGN.md).
-LAUNCHERS = {"JoblibLauncher": ("joblib", ()), "LocalLauncher": ("submitit_local", ("ddp_spawn",))}
+LAUNCHERS = {"JoblibLauncher": "joblib", "LocalLauncher": "submitit_local"}
 
 
 def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str | None:
     """Why this sweep job's DDP setting cannot run under its launcher (None: it can).
 
     DDP re-launches the script once per rank, which a joblib worker or a submitit_local job
-    cannot do (joblib fails with ddp_spawn too; submitit_local runs ddp_spawn). On SLURM
+    cannot do (kdlab does not support ddp_spawn: see kdlab.train.build_trainer). On SLURM
     ddp runs one task per device: hydra.launcher.tasks_per_node must equal trainer.devices.
     """
     strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
@@ -107,12 +107,11 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
     if hydra_cfg.mode != RunMode.MULTIRUN or not multi_process:
         return None
     launcher = str(hydra_cfg.launcher.get("_target_", "")).rsplit(".", 1)[-1]
-    if launcher in LAUNCHERS and strategy not in LAUNCHERS[launcher][1]:
-        name, works = LAUNCHERS[launcher]
-        spawn = ", or trainer.strategy=ddp_spawn" if works else ""
+    if launcher in LAUNCHERS:
         return (f"trainer.strategy={strategy} (devices={devices}) cannot run in a sweep job "
-                f"under hydra/launcher={name}. Sweep single-device jobs (trainer.devices=1 "
-                f"trainer.strategy=auto){spawn}, or run the DDP job on its own without -m.")
+                f"under hydra/launcher={LAUNCHERS[launcher]}. Sweep single-device jobs "
+                "(trainer.devices=1 trainer.strategy=auto), or run the DDP job on its own "
+                "without -m.")
     tasks = hydra_cfg.launcher.get("tasks_per_node")
     if launcher == "SlurmLauncher" and strategy != "ddp_spawn" and tasks != devices:
         return (f"trainer.strategy={strategy} on SLURM runs one task per device: set "

@@ -123,6 +123,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "spawn" in str(kwargs.get("strategy", "")):
+        # Spawned ranks train copies of the module; the test-time reliability bins and
+        # method results would stay in those processes.
+        raise ConfigError(f"trainer.strategy={kwargs['strategy']} is not supported; use "
+                          "trainer=ddp (trainer.strategy=ddp)")
     kwargs["precision"] = resolve_precision(str(kwargs.get("precision", "auto")),
                                             str(kwargs.get("accelerator", "auto")))
     loggers = build_loggers(cfg, output_dir)
