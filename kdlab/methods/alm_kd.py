@@ -59,7 +59,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..models.features import find_classifier
-from .base import Method, Outputs
+from .base import Method, Outputs, kd_kl
 
 COMBINATIONS = ("free", "convex")
 LOOKAHEADS = ("last_layer", "full")
@@ -318,8 +318,7 @@ class ALMKD(Method):
         terms = {"ce": (lam[:, 0] * ce).mean()}
         names = self.column_names[1:]
         for m, teacher in enumerate(teachers):
-            kd = per_example_terms(logits, batch["target"], teacher.logits.float()[None],
-                                   self.temperature)[:, 1]
+            kd = kd_kl(logits, teacher.logits, self.temperature, reduction="none")
             terms["kd" if len(names) == 1 else f"kd{m}"] = (lam[:, m + 1] * kd).mean()
         return terms
 

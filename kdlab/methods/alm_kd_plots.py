@@ -48,7 +48,7 @@ def plot_mixing_history(history: list[tuple[int, Tensor]], table: Tensor,
         ax.set_ylabel(f"{column_names[j]} weight")
         ax.set_xlabel("meta pass (epoch)")
         if j == 0:
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
         col = table[:, j].double()
         lo, hi = float(col.min()), float(col.max())
         bins = torch.linspace(lo, hi if hi > lo else lo + 1e-6, 41).numpy()
