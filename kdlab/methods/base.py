@@ -14,7 +14,9 @@ which method it runs; it only calls this contract:
   learnable parts whose shapes depend on the data or models here), ``on_fit_start``,
   ``on_train_epoch_start``, ``on_train_batch_end`` (after the optimiser step).
   ``setup`` runs for every stage (fit, validate, test): keep it idempotent.
-* ``results()`` — extra entries for the run's ``results.json``.
+* ``results()`` — extra entries for the run's ``results.json``. It is called after the
+  best-on-val checkpoint has been loaded back for testing, so a method reports state it
+  kept itself (e.g. the final weights), not what the buffers hold at that moment.
 
 ``ctx`` gives ``ctx.student``, ``ctx.teachers``, ``ctx.teacher_outputs(x)``,
 ``ctx.teacher_outputs_for(batch)`` (uses the per-example teacher cache when there is one),
