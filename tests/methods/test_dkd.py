@@ -8,28 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from loss_cases import CASES, make_inputs
 
 from kdlab.methods.base import Outputs, kd_kl
 from kdlab.methods.dkd import DKD
-
-CASES = [
-    ("random", 10, 3.0, 4.0, 0.0),
-    ("temperature 1", 10, 3.0, 1.0, 0.0),
-    ("dominant class", 10, 1.0, 4.0, 40.0),
-    ("dominant class, T=1", 10, 1.0, 1.0, 40.0),
-    ("two classes", 2, 3.0, 4.0, 0.0),
-]
-
-
-def make_inputs(classes, scale, gap, batch=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(batch, classes, generator=g) * scale
-    t = torch.randn(batch, classes, generator=g) * scale
-    y = torch.randint(0, classes, (batch,), generator=g)
-    if gap:
-        s[torch.arange(batch), y] += gap
-        t[torch.arange(batch), y] += gap
-    return s, t, y
 
 
 def probs(z, temperature):

@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from loss_cases import CASES
+from loss_cases import make_inputs as shared_inputs
 
 from kdlab.methods.base import Outputs
 from kdlab.methods.ce import CE
 from kdlab.methods.kd import KD
 
-# (name, classes, logit scale, temperature, dominant-class gap)
-CASES = [
-    ("random", 10, 3.0, 4.0, 0.0),
-    ("temperature 1", 10, 3.0, 1.0, 0.0),
-    ("dominant class", 10, 1.0, 4.0, 40.0),
-    ("dominant class, T=1", 10, 1.0, 1.0, 40.0),
-    ("two classes", 2, 3.0, 4.0, 0.0),
-]
-
 
 def make_inputs(classes, scale, gap, batch=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(batch, classes, generator=g) * scale
-    t = torch.randn(batch, classes, generator=g) * scale
-    y = torch.randint(0, classes, (batch,), generator=g)
-    if gap:
-        s[torch.arange(batch), y] += gap
-        t[torch.arange(batch), (y + 1) % classes] += gap  # the teacher is sure of another class
-    return s, t, y
+    return shared_inputs(classes, scale, gap, batch=batch, seed=seed, teacher_offset=1)
 
 
 def np_softmax(z):

@@ -5,18 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from loss_cases import CASES
 
 from kdlab.methods.base import Outputs
 from kdlab.methods.kd import KD
 from kdlab.methods.multi_teacher_kd import MultiTeacherKD
-
-CASES = [
-    ("random", 10, 3.0, 4.0, 0.0),
-    ("temperature 1", 10, 3.0, 1.0, 0.0),
-    ("dominant class", 10, 1.0, 4.0, 40.0),
-    ("dominant class, T=1", 10, 1.0, 1.0, 40.0),
-    ("two classes", 2, 3.0, 4.0, 0.0),
-]
 
 
 def logits(classes, scale, gap, y, seed, batch=6):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from loss_cases import make_inputs as shared_inputs
 
 from kdlab.methods.base import Outputs
 from kdlab.methods.taid import TAID
@@ -21,13 +22,7 @@ CASES = [
 
 
 def make_inputs(classes, scale, gap, batch=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(batch, classes, generator=g) * scale
-    t = torch.randn(batch, classes, generator=g) * scale
-    y = torch.randint(0, classes, (batch,), generator=g)
-    if gap:
-        t[torch.arange(batch), y] += gap
-    return s, t, y
+    return shared_inputs(classes, scale, gap, batch=batch, seed=seed, student_gap=False)
 
 
 def np_softmax(z):
