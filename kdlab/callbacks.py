@@ -45,4 +45,5 @@ class TrainThroughput(L.Callback):
         images = sum(n for n, _ in timed)
         seconds = sum(s for _, s in timed)
         return {"train_images_per_s": round(images / seconds, 2) if seconds else None,
-                "epoch_seconds": [round(s, 3) for _, s in self.epochs]}
+                "epoch_seconds": [round(s, 3) for _, s in self.epochs],
+                "epoch_images": [n for n, _ in self.epochs]}

@@ -396,7 +396,8 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
             "split_sizes": dm.describe()["sizes"],
             "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
             "precision": str(trainer.precision),
-            "throughput": throughput.summary(),
+            "throughput": {**throughput.summary(),
+                           "teacher_cache_s": round(module.teacher_cache_seconds, 3)},
             "wall_time_s": round(time.time() - start, 2),
         }
         results.update(method.results())

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from kdlab import train as train_mod
 from kdlab.config import compose
@@ -122,12 +123,46 @@ def test_teacher_cache_holds_the_teachers_logits():
 
     class FakeTrainer:
         datamodule = dm
+        precision_plugin = Precision()  # 32-bit: no autocast
 
     module._trainer = FakeTrainer()
     module._build_teacher_cache()
-    (cache,) = module._cached_teacher_logits
+    (cache,) = module._train_teacher_logits
     with torch.no_grad():
         expected = teacher(dm.splits["train"].inputs)
     assert torch.allclose(cache, expected, atol=1e-5)
     batch = {"input": torch.zeros(3, 1, 8, 8), "index": torch.tensor([5, 0, 7])}
     assert torch.equal(module.teacher_outputs_for(batch)[0].logits, cache[[5, 0, 7]])
+
+
+def test_augmented_training_keeps_the_cache_only_for_clean_train_passes():
+    """With random augmentation the cache never stands in for a training batch's teacher
+    forward, but a method that walks the un-augmented train split reads it."""
+    from kdlab.data.digits import DigitsDataModule
+    from kdlab.methods.alm_kd import ALMKD
+
+    class FakeTrainer:
+        datamodule = DigitsDataModule(seed=0)
+        precision_plugin = Precision()
+
+    dm = FakeTrainer.datamodule
+    dm.setup()
+    dm.deterministic_train = False  # as if the train transform were random
+    for method, kept in ((KD(), False), (ALMKD(), True)):
+        module, teacher = _module()
+        module.method = method
+        module._trainer = FakeTrainer()
+        module._build_teacher_cache()
+        assert (module._train_teacher_logits is not None) == kept
+        x = torch.randn(3, 1, 8, 8)  # an augmented view: not the stored example
+        batch = {"input": x, "index": torch.tensor([5, 0, 7])}
+        with torch.no_grad():
+            fresh = teacher(x)
+        assert torch.allclose(module.teacher_outputs_for(batch)[0].logits, fresh, atol=1e-6)
+        clean = module.clean_train_teacher_outputs(batch)[0].logits
+        if kept:
+            with torch.no_grad():
+                expected = teacher(dm.splits["train"].inputs[[5, 0, 7]])
+            assert torch.allclose(clean, expected, atol=1e-5)
+        else:
+            assert torch.allclose(clean, fresh, atol=1e-6)

@@ -232,6 +232,7 @@ class ALMKD(Method):
     name = "alm_kd"
     description = ("ALM-KD: per-example label/teacher loss weights meta-learned on the clean "
                    "meta split (one-step lookahead)")
+    reads_clean_train_teacher = True  # the meta pass reuses the cached teacher logits
 
     def __init__(self, temperature: float = 4.0, combination: str = "free",
                  lookahead: str = "last_layer", meta_every: int = 10, meta_start: int = 10,
@@ -354,16 +355,16 @@ class ALMKD(Method):
         was_training = student.training
         student.eval()
         try:
-            meta = self._meta_split(dm, student, head, device)
+            with ctx.precision_context():
+                meta = self._meta_split(dm, student, head, device)
             gen = torch.Generator().manual_seed(int(dm.seed) * 1_000_003 + int(ctx.current_epoch))
             updated = torch.zeros(len(self.mixing_weights), dtype=torch.bool,
                                   device=self.mixing_weights.device)
             for chunk in self._chunks(dm, device):
                 idx = chunk["index"]
-                with torch.no_grad():
-                    # Cached per-example teacher logits when the module keeps them.
+                with torch.no_grad(), ctx.precision_context():
                     teacher_logits = torch.stack(
-                        [o.logits.float() for o in ctx.teacher_outputs_for(chunk, train=True)])
+                        [o.logits.float() for o in ctx.clean_train_teacher_outputs(chunk)])
                     h = (_penultimate(student, head, chunk["input"])
                          if self.lookahead == "last_layer" else None)
                 pick = self._meta_pick(len(meta["target"]), gen, device)

@@ -5,6 +5,9 @@ lives in its buffers/parameters and is saved in checkpoints). The LightningModul
 which method it runs; it only calls this contract:
 
 * ``needs_teacher`` — whether teacher outputs must be computed for the training batch.
+* ``reads_clean_train_teacher`` — the method walks the un-augmented train split itself
+  (``ctx.clean_train_teacher_outputs``); the module then keeps every teacher's logits on it
+  in memory even when training batches are augmented, so such passes cost no teacher forward.
 * ``student_features`` / ``teacher_features`` — module paths (``"layer2"``, ``"block.1.conv"``)
   whose outputs the method needs; they are taken with forward hooks.
 * ``loss_terms(student, teachers, batch)`` — returns ``{term name: already-weighted scalar}``;
@@ -20,6 +23,8 @@ which method it runs; it only calls this contract:
 
 ``ctx`` gives ``ctx.student``, ``ctx.teachers``, ``ctx.teacher_outputs(x)``,
 ``ctx.teacher_outputs_for(batch)`` (uses the per-example teacher cache when there is one),
+``ctx.clean_train_teacher_outputs(batch)`` (for batches of ``train_eval_dataloader``),
+``ctx.precision_context()`` (the trainer's autocast, for a method's own forward passes),
 ``ctx.num_classes``, ``ctx.device``, ``ctx.trainer`` (``ctx.trainer.datamodule`` has
 ``train_size``, ``noise_mask``, ``meta_dataloader()``, ``train_eval_dataloader()``,
 ``model_batch(batch, device)``), ``ctx.current_epoch``, ``ctx.global_step``,
@@ -50,6 +55,7 @@ class Method(nn.Module):
     name: str = "method"
     description: str = ""
     needs_teacher: bool = True
+    reads_clean_train_teacher: bool = False
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
 

@@ -7,6 +7,7 @@ own cross-entropy and KL), never with the method's closed forms.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -223,11 +224,14 @@ class FakeCtx:
     def teacher_outputs(self, x, paths=()):
         return [Outputs(t.eval()(x)) for t in self.teachers]
 
-    def teacher_outputs_for(self, batch, train=True):
+    def clean_train_teacher_outputs(self, batch):
         return self.teacher_outputs(batch["input"])
 
     def log(self, name, value, **_):
         self.logged[name] = float(value)
+
+    def precision_context(self):
+        return contextlib.nullcontext()
 
 
 def _digits(noise_rate=0.4, seed=0):
