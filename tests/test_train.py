@@ -100,6 +100,20 @@ def test_training_step_trains_the_student_only():
     assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
 
 
+def test_student_is_kept_channels_last_with_the_same_outputs():
+    module, _ = _module()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        before = module.student(x)
+    module._trainer = None
+    module.setup("fit")
+    convs = [m.weight for m in module.student.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with torch.no_grad():
+        after = module(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
 def test_non_finite_loss_names_step_and_term():
     module, _ = _module()
     with pytest.raises(NonFiniteLossError, match=r"'kd' became nan at step 0"):
