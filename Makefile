@@ -29,4 +29,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean-cache:
-	rm -rf $${KDLAB_CACHE_DIR:-$$HOME/.cache/kdlab}/teachers
+	rm -rf $${KDLAB_CACHE_DIR:-$$HOME/.cache/kdlab}/teachers $${KDLAB_CACHE_DIR:-$$HOME/.cache/kdlab}/teacher_logits

@@ -8,7 +8,8 @@ every checkpoint) and moved to the device with the module.
 Teacher cost: teachers run under ``inference_mode`` in the trainer's precision (autocast
 covers the training step), in channels_last memory format. Each teacher's logits on the
 un-augmented train examples are computed once before training and looked up by
-``batch["index"]`` (``teacher_cache``: auto | memory | off) when they can stand in for a
+``batch["index"]`` (``teacher_cache``: auto | memory | disk | off; ``disk`` also keeps them
+in a file named by teachers and data, for later runs) when they can stand in for a
 forward pass: for training batches when every train example reaches the model as the same
 tensor (no random augmentation), and for per-example passes over the un-augmented train
 split that a method declares (``Method.reads_clean_train_teacher``, e.g. ALM-KD's meta
@@ -20,25 +21,57 @@ from an epoch-end checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from . import __version__
 from .errors import ConfigError, NonFiniteLossError
+from .io import atomic_torch_save
 from .methods.base import Method, Outputs
 from .metrics import Agreement, ReliabilityBins, classification_metrics
 from .models.features import FeatureHooks
 
 log = logging.getLogger(__name__)
 
-# teacher_cache=auto keeps the cache only below this size (teacher_cache=memory forces it).
+TEACHER_CACHE_MODES = ("auto", "memory", "disk", "off")
+# teacher_cache=auto keeps the cache only below this size (memory and disk force it).
 TEACHER_CACHE_AUTO_BYTES = 4 * 2**30
+
+
+def check_teacher_cache_mode(mode: str) -> None:
+    if mode not in TEACHER_CACHE_MODES:
+        raise ConfigError(f"teacher_cache must be one of {', '.join(TEACHER_CACHE_MODES)}, "
+                          f"got {mode!r}")
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def load_teacher_logits(path: Path, shape: tuple[int, int], count: int,
+                        device) -> list[Tensor] | None:
+    """A saved teacher-logit cache, or None when it is missing or unusable (recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: recompute and overwrite it
+        log.warning("ignoring teacher logit cache %s (%s); recomputing it", path, err)
+        return None
+    if (not isinstance(cache, list) or len(cache) != count
+            or any(not isinstance(c, Tensor) or tuple(c.shape) != shape for c in cache)):
+        log.warning("ignoring teacher logit cache %s (unexpected contents); recomputing it", path)
+        return None
+    return [c.float() for c in cache]
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -58,10 +91,9 @@ class DistillModule(L.LightningModule):
     def __init__(self, student: nn.Module, method: Method, teachers: list[nn.Module],
                  num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any],
                  teacher_names: list[str] | None = None, seed: int = 0,
-                 teacher_cache: str = "auto"):
+                 teacher_cache: str = "auto", teacher_cache_dir: str | Path | None = None):
         super().__init__()
-        if teacher_cache not in ("auto", "memory", "off"):
-            raise ConfigError(f"teacher_cache must be auto, memory or off, got {teacher_cache!r}")
+        check_teacher_cache_mode(teacher_cache)
         self.student = student
         self.method = method
         self._teachers = tuple(teachers)  # a tuple: not registered as submodules
@@ -69,7 +101,9 @@ class DistillModule(L.LightningModule):
         self.teacher_cache = teacher_cache
         # Teachers' logits on the un-augmented train split, (N_train, C) per teacher.
         self._train_teacher_logits: list[Tensor] | None = None
+        self.teacher_cache_dir = teacher_cache_dir
         self.teacher_cache_seconds = 0.0
+        self.teacher_cache_loaded = False
         self.teacher_names = list(teacher_names or [f"teacher{i}" for i in range(len(teachers))])
         self.num_classes = num_classes
         self.optimizer_cfg = dict(optimizer)
@@ -139,9 +173,10 @@ class DistillModule(L.LightningModule):
                 or method.teacher_features):
             return
         if not (dm.deterministic_train or method.reads_clean_train_teacher):
-            if self.teacher_cache == "memory":
-                raise ConfigError("teacher_cache=memory needs a deterministic train transform "
-                                  "(e.g. dataset.augment=false); use teacher_cache=auto")
+            if self.teacher_cache != "auto":
+                raise ConfigError(f"teacher_cache={self.teacher_cache} needs a deterministic "
+                                  "train transform (e.g. dataset.augment=false); use "
+                                  "teacher_cache=auto")
             return
         size = dm.train_size * self.num_classes * 4 * len(self._teachers)
         if self.teacher_cache == "auto" and size > TEACHER_CACHE_AUTO_BYTES:
@@ -150,14 +185,37 @@ class DistillModule(L.LightningModule):
                      size / 2**30, TEACHER_CACHE_AUTO_BYTES / 2**30)
             return
         start = time.perf_counter()
-        cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
-                 for _ in self._teachers]
-        for batch in dm.train_eval_dataloader(shard=False):
-            batch = dm.model_batch(batch, self.device, train=False)
-            for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
-                store[batch["index"]] = out.logits
+        path = self._teacher_cache_file(dm) if self.teacher_cache == "disk" else None
+        cache = load_teacher_logits(path, (dm.train_size, self.num_classes),
+                                    len(self._teachers), self.device) if path else None
+        self.teacher_cache_loaded = cache is not None
+        if cache is None:
+            cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
+                     for _ in self._teachers]
+            for batch in dm.train_eval_dataloader(shard=False):
+                batch = dm.model_batch(batch, self.device, train=False)
+                for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
+                    store[batch["index"]] = out.logits
+            if path is not None and self.trainer.is_global_zero:
+                atomic_torch_save([c.cpu() for c in cache], path)
         self._train_teacher_logits = cache
         self.teacher_cache_seconds = time.perf_counter() - start
+
+    def _teacher_cache_file(self, dm) -> Path:
+        """``teacher_cache=disk``: a file named by everything the logits depend on: the
+        teachers' classes and weights, the train split's inputs in order, the dataset,
+        the number of classes, the precision and the kdlab version."""
+        if self.teacher_cache_dir is None:
+            raise ConfigError("teacher_cache=disk needs a cache directory (paths.cache_dir)")
+        h = hashlib.sha256()
+        h.update(f"{dm.name}|{self.num_classes}|{self.trainer.precision}|{__version__}".encode())
+        h.update(_tensor_bytes(dm.splits["train"].inputs))
+        for teacher in self._teachers:
+            h.update(type(teacher).__name__.encode())
+            for name, value in sorted(teacher.state_dict().items()):
+                h.update(name.encode())
+                h.update(_tensor_bytes(value))
+        return Path(self.teacher_cache_dir) / f"{dm.name}-{h.hexdigest()[:24]}.pt"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.student(channels_last(x))

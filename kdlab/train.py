@@ -38,7 +38,7 @@ from .loggers import build_loggers, close_loggers, finalize_loggers
 from .methods.base import Method
 from .models import build_model
 from .models.loading import freeze, load_weights
-from .module import DistillModule
+from .module import DistillModule, check_teacher_cache_mode
 from .plots import reliability_diagram
 
 log = logging.getLogger("kdlab")
@@ -315,6 +315,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     sweeps and reports can tell failed runs from finished and unfinished ones.
     """
     output_dir = Path(output_dir)
+    check_teacher_cache_mode(str(cfg.get("teacher_cache", "auto")))
     ckpt_path = resume_checkpoint(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "failed.json").unlink(missing_ok=True)
@@ -347,7 +348,8 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
                            optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
                            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
                            teacher_names=[s.name for s in specs], seed=int(cfg.seed),
-                           teacher_cache=str(cfg.get("teacher_cache", "auto")))
+                           teacher_cache=str(cfg.get("teacher_cache", "auto")),
+                           teacher_cache_dir=Path(cfg.paths.cache_dir) / "teacher_logits")
     if cfg.get("compile"):
         inductor_dir = Path(cfg.paths.cache_dir) / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
@@ -397,7 +399,8 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
             "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
             "precision": str(trainer.precision),
             "throughput": {**throughput.summary(),
-                           "teacher_cache_s": round(module.teacher_cache_seconds, 3)},
+                           "teacher_cache_s": round(module.teacher_cache_seconds, 3),
+                           "teacher_cache_loaded": module.teacher_cache_loaded},
             "wall_time_s": round(time.time() - start, 2),
         }
         results.update(method.results())

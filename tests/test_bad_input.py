@@ -82,6 +82,7 @@ CASES = {
     "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0"]),
     "value of the wrong type": (["method=kd", "method.temperature=hot"],
                                 ["method", "hot"]),
+    "unknown teacher cache mode": (["teacher_cache=bogus"], ["teacher_cache", "bogus", "disk"]),
 }
 
 

@@ -128,6 +128,27 @@ def test_teacher_output_cache_gives_the_same_run(tmp_path, monkeypatch):
     assert cached["test"] == plain["test"] and cached["val"] == plain["val"]
 
 
+def test_teacher_cache_on_disk_is_reused_and_survives_a_bad_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*TINY, "seed=3"]
+    plain = train_mod.run(compose([*args, "teacher_cache=off"]), tmp_path / "off")
+    first = train_mod.run(compose([*args, "teacher_cache=disk"]), tmp_path / "d1")
+    (saved,) = (tmp_path / "cache" / "teacher_logits").glob("digits-*.pt")
+    second = train_mod.run(compose([*args, "method=alm_kd", "teacher_cache=disk"]),
+                           tmp_path / "d2")
+    assert not first["throughput"]["teacher_cache_loaded"]
+    assert second["throughput"]["teacher_cache_loaded"]  # another method, same teacher + data
+    assert first["test"] == plain["test"] and first["val"] == plain["val"]
+    # other data (another seed's split) is another file
+    train_mod.run(compose([*TINY, "seed=4", "teacher_cache=disk"]), tmp_path / "d3")
+    assert len(list(saved.parent.glob("digits-*.pt"))) == 2
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated: ignored, recomputed, rewritten
+    third = train_mod.run(compose([*args, "teacher_cache=disk"]), tmp_path / "d4")
+    assert not third["throughput"]["teacher_cache_loaded"]
+    assert third["test"] == plain["test"]
+    assert len(torch.load(saved, weights_only=True)) == 1
+
+
 def test_teacher_cache_holds_the_teachers_logits():
     from kdlab.data.digits import DigitsDataModule
 
