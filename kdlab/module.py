@@ -47,6 +47,14 @@ TEACHER_CACHE_MODES = ("auto", "memory", "disk", "off")
 TEACHER_CACHE_AUTO_BYTES = 4 * 2**30
 
 
+def _progress(loader, description: str, show: bool):
+    if not show:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=description, unit="batch", leave=False)
+
+
 def check_teacher_cache_mode(mode: str) -> None:
     if mode not in TEACHER_CACHE_MODES:
         raise ConfigError(f"teacher_cache must be one of {', '.join(TEACHER_CACHE_MODES)}, "
@@ -192,7 +200,9 @@ class DistillModule(L.LightningModule):
         if cache is None:
             cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
                      for _ in self._teachers]
-            for batch in dm.train_eval_dataloader(shard=False):
+            loader = dm.train_eval_dataloader(shard=False)
+            show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+            for batch in _progress(loader, "teacher logits (train split, once)", show):
                 batch = dm.model_batch(batch, self.device, train=False)
                 for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
                     store[batch["index"]] = out.logits

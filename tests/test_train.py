@@ -159,6 +159,7 @@ def test_teacher_cache_holds_the_teachers_logits():
     class FakeTrainer:
         datamodule = dm
         precision_plugin = Precision()  # 32-bit: no autocast
+        is_global_zero, progress_bar_callback = True, None
 
     module._trainer = FakeTrainer()
     module._build_teacher_cache()
@@ -179,6 +180,7 @@ def test_augmented_training_keeps_the_cache_only_for_clean_train_passes():
     class FakeTrainer:
         datamodule = DigitsDataModule(seed=0)
         precision_plugin = Precision()
+        is_global_zero, progress_bar_callback = True, None
 
     dm = FakeTrainer.datamodule
     dm.setup()
