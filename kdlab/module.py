@@ -61,8 +61,9 @@ def check_teacher_cache_mode(mode: str) -> None:
                           f"got {mode!r}")
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_buffer(t: Tensor):
+    """The tensor's bytes as a buffer for hashing (no copy when it is already on the CPU)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def load_teacher_logits(path: Path, shape: tuple[int, int], count: int,
@@ -152,13 +153,10 @@ class DistillModule(L.LightningModule):
                                 {k: v.float().clone() for k, v in o.features.items()}))
         return outs
 
-    def teacher_outputs_for(self, batch: dict[str, Tensor], train: bool = True) -> list[Outputs]:
-        """Teacher outputs for a batch: from the per-example cache when it holds them.
-
-        ``train``: a training batch (cached logits stand in only when the train transform
-        is deterministic); otherwise the batch is evaluated as it is.
-        """
-        if (train and self._train_teacher_logits is not None
+    def teacher_outputs_for(self, batch: dict[str, Tensor]) -> list[Outputs]:
+        """Teacher outputs for a training batch: from the per-example cache when the train
+        transform is deterministic (the batch's inputs are then the cached examples)."""
+        if (self._train_teacher_logits is not None
                 and self.trainer.datamodule.deterministic_train):
             return self._cached_teacher_outputs(batch)
         return self.teacher_outputs(batch["input"], self.method.teacher_features)
@@ -198,18 +196,23 @@ class DistillModule(L.LightningModule):
                                     len(self._teachers), self.device) if path else None
         self.teacher_cache_loaded = cache is not None
         if cache is None:
-            cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
-                     for _ in self._teachers]
-            loader = dm.train_eval_dataloader(shard=False)
-            show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-            for batch in _progress(loader, "teacher logits (train split, once)", show):
-                batch = dm.model_batch(batch, self.device, train=False)
-                for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
-                    store[batch["index"]] = out.logits
+            cache = self._compute_train_teacher_logits(dm)
             if path is not None and self.trainer.is_global_zero:
                 atomic_torch_save([c.cpu() for c in cache], path)
         self._train_teacher_logits = cache
         self.teacher_cache_seconds = time.perf_counter() - start
+
+    def _compute_train_teacher_logits(self, dm) -> list[Tensor]:
+        """Every teacher's logits on the whole un-augmented train split (every rank)."""
+        cache = [torch.empty(dm.train_size, self.num_classes, device=self.device)
+                 for _ in self._teachers]
+        loader = dm.train_eval_dataloader(shard=False)
+        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        for batch in _progress(loader, "teacher logits (train split, once)", show):
+            batch = dm.model_batch(batch, self.device, train=False)
+            for store, out in zip(cache, self.teacher_outputs(batch["input"]), strict=True):
+                store[batch["index"]] = out.logits
+        return cache
 
     def _teacher_cache_file(self, dm) -> Path:
         """``teacher_cache=disk``: a file named by everything the logits depend on: the
@@ -219,12 +222,12 @@ class DistillModule(L.LightningModule):
             raise ConfigError("teacher_cache=disk needs a cache directory (paths.cache_dir)")
         h = hashlib.sha256()
         h.update(f"{dm.name}|{self.num_classes}|{self.trainer.precision}|{__version__}".encode())
-        h.update(_tensor_bytes(dm.splits["train"].inputs))
+        h.update(_tensor_buffer(dm.splits["train"].inputs))
         for teacher in self._teachers:
             h.update(type(teacher).__name__.encode())
             for name, value in sorted(teacher.state_dict().items()):
                 h.update(name.encode())
-                h.update(_tensor_bytes(value))
+                h.update(_tensor_buffer(value))
         return Path(self.teacher_cache_dir) / f"{dm.name}-{h.hexdigest()[:24]}.pt"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -249,10 +252,10 @@ class DistillModule(L.LightningModule):
         self.method.on_train_epoch_start(self)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x = batch["input"]
+        x = channels_last(batch["input"])  # once, for student and teachers
+        batch = {**batch, "input": x}
         teachers = self.teacher_outputs_for(batch) if self.method.needs_teacher else []
-        student = forward_with_features(self.student, channels_last(x),
-                                        self.method.student_features)
+        student = forward_with_features(self.student, x, self.method.student_features)
         terms = self.method(student, teachers, batch)
         self._check_finite(terms)
         loss = torch.stack([v.float() for v in terms.values()]).sum()
@@ -289,7 +292,7 @@ class DistillModule(L.LightningModule):
         self._teachers_to_device()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        x, y = batch["input"], batch["target"]
+        x, y = channels_last(batch["input"]), batch["target"]
         logits = self(x).float()
         self.test_metrics.update(logits, y)
         self.test_reliability.update(logits, y)

@@ -149,6 +149,15 @@ def test_teacher_cache_on_disk_is_reused_and_survives_a_bad_file(tmp_path, monke
     assert len(torch.load(saved, weights_only=True)) == 1
 
 
+class _FakeTrainer:
+    """What the module's teacher cache reads from a Trainer (32-bit: no autocast)."""
+
+    is_global_zero, progress_bar_callback = True, None
+
+    def __init__(self, dm):
+        self.datamodule, self.precision_plugin = dm, Precision()
+
+
 def test_teacher_cache_holds_the_teachers_logits():
     from kdlab.data.digits import DigitsDataModule
 
@@ -156,12 +165,7 @@ def test_teacher_cache_holds_the_teachers_logits():
     dm = DigitsDataModule(seed=0)
     dm.setup()
 
-    class FakeTrainer:
-        datamodule = dm
-        precision_plugin = Precision()  # 32-bit: no autocast
-        is_global_zero, progress_bar_callback = True, None
-
-    module._trainer = FakeTrainer()
+    module._trainer = _FakeTrainer(dm)
     module._build_teacher_cache()
     (cache,) = module._train_teacher_logits
     with torch.no_grad():
@@ -177,18 +181,13 @@ def test_augmented_training_keeps_the_cache_only_for_clean_train_passes():
     from kdlab.data.digits import DigitsDataModule
     from kdlab.methods.alm_kd import ALMKD
 
-    class FakeTrainer:
-        datamodule = DigitsDataModule(seed=0)
-        precision_plugin = Precision()
-        is_global_zero, progress_bar_callback = True, None
-
-    dm = FakeTrainer.datamodule
+    dm = DigitsDataModule(seed=0)
     dm.setup()
     dm.deterministic_train = False  # as if the train transform were random
     for method, kept in ((KD(), False), (ALMKD(), True)):
         module, teacher = _module()
         module.method = method
-        module._trainer = FakeTrainer()
+        module._trainer = _FakeTrainer(dm)
         module._build_teacher_cache()
         assert (module._train_teacher_logits is not None) == kept
         x = torch.randn(3, 1, 8, 8)  # an augmented view: not the stored example
