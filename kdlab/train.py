@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import warnings
 from contextlib import contextmanager
@@ -325,8 +326,13 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         atomic_write_json(output_dir / "failed.json", {
             "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-            "error": f"{type(e).__name__}: {message}"})
+            "error": f"{type(e).__name__}: {message}", "host": host()})
         raise
+
+
+def host() -> dict[str, Any]:
+    """Where a run ran (a sweep's jobs on a cluster or in parallel workers)."""
+    return {"hostname": socket.gethostname(), "pid": os.getpid()}
 
 
 def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
@@ -402,6 +408,7 @@ def _run(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> dict[str, 
                            "teacher_cache_s": round(module.teacher_cache_seconds, 3),
                            "teacher_cache_loaded": module.teacher_cache_loaded},
             "wall_time_s": round(time.time() - start, 2),
+            "host": host(),
         }
         results.update(method.results())
         if trainer.is_global_zero:
