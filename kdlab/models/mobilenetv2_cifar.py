@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 # (expansion ratio or None for the model's ratio, output channels at width 1,
 #  number of blocks, stride of the first block) for the seven stages.
@@ -136,8 +136,6 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register("mobilenetv2")
 def mobilenetv2(num_classes, input_shape=(3, 32, 32), width_mult=0.5, expand_ratio=6):
-    if len(input_shape) != 3:
-        raise ValueError(f"MobileNetV2 needs image inputs (C, H, W), got shape {input_shape}")
-    return CifarMobileNetV2(num_classes, input_shape[0], width_mult, expand_ratio)
+    return CifarMobileNetV2(num_classes, image_channels("MobileNetV2", input_shape), width_mult,
+                            expand_ratio)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 # Stem width followed by the widths of the three stages.
 _NARROW = (16, 16, 32, 64)
@@ -94,51 +94,41 @@ def _init_weights(model: nn.Module) -> None:
 
 def _resnet(depth: int, widths: tuple[int, int, int, int], num_classes: int,
             input_shape: tuple[int, ...]) -> CifarResNet:
-    if len(input_shape) != 3:
-        raise ValueError(f"CIFAR ResNets need image inputs (C, H, W), got shape {input_shape}")
-    return CifarResNet(depth, widths, num_classes, in_channels=input_shape[0])
+    return CifarResNet(depth, widths, num_classes,
+                       in_channels=image_channels("CIFAR ResNets", input_shape))
 
 
-@register("resnet8")
 def resnet8(num_classes, input_shape=(3, 32, 32)):
     return _resnet(8, _NARROW, num_classes, input_shape)
 
 
-@register("resnet14")
 def resnet14(num_classes, input_shape=(3, 32, 32)):
     return _resnet(14, _NARROW, num_classes, input_shape)
 
 
-@register("resnet20")
 def resnet20(num_classes, input_shape=(3, 32, 32)):
     return _resnet(20, _NARROW, num_classes, input_shape)
 
 
-@register("resnet32")
 def resnet32(num_classes, input_shape=(3, 32, 32)):
     return _resnet(32, _NARROW, num_classes, input_shape)
 
 
-@register("resnet44")
 def resnet44(num_classes, input_shape=(3, 32, 32)):
     return _resnet(44, _NARROW, num_classes, input_shape)
 
 
-@register("resnet56")
 def resnet56(num_classes, input_shape=(3, 32, 32)):
     return _resnet(56, _NARROW, num_classes, input_shape)
 
 
-@register("resnet110")
 def resnet110(num_classes, input_shape=(3, 32, 32)):
     return _resnet(110, _NARROW, num_classes, input_shape)
 
 
-@register("resnet8x4")
 def resnet8x4(num_classes, input_shape=(3, 32, 32)):
     return _resnet(8, _WIDE, num_classes, input_shape)
 
 
-@register("resnet32x4")
 def resnet32x4(num_classes, input_shape=(3, 32, 32)):
     return _resnet(32, _WIDE, num_classes, input_shape)

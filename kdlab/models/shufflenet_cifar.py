@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 _V1_STAGES = {"channels": (240, 480, 960), "units": (4, 8, 4), "groups": 3}
 _V1_STEM = 24
@@ -200,18 +200,10 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:
-    if len(input_shape) != 3:
-        raise ValueError(f"{name} needs image inputs (C, H, W), got shape {input_shape}")
-    return input_shape[0]
-
-
-@register("shufflenetv1")
 def shufflenetv1(num_classes, input_shape=(3, 32, 32)):
-    return ShuffleNetV1(num_classes, _image_channels("shufflenetv1", input_shape))
+    return ShuffleNetV1(num_classes, image_channels("shufflenetv1", input_shape))
 
 
-@register("shufflenetv2")
 def shufflenetv2(num_classes, input_shape=(3, 32, 32), net_size=1.0):
-    return ShuffleNetV2(num_classes, _image_channels("shufflenetv2", input_shape),
+    return ShuffleNetV2(num_classes, image_channels("shufflenetv2", input_shape),
                         float(net_size))

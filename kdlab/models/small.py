@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 
 class MLP(nn.Module):
@@ -50,14 +50,9 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register("mlp")
 def mlp(num_classes, input_shape, hidden=(128,), dropout=0.0):
     return MLP(math.prod(input_shape), num_classes, tuple(hidden), dropout)
 
 
-@register("cnn")
 def cnn(num_classes, input_shape, width=32):
-    if len(input_shape) != 3:
-        raise ValueError(f"model 'cnn' needs image inputs (C, H, W), got shape {input_shape}; "
-                         "use student=mlp for vector data")
-    return SmallCNN(input_shape[0], num_classes, width)
+    return SmallCNN(image_channels("cnn", input_shape), num_classes, width)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 # Output channels of the convs in each of the five stages.
 _CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -91,31 +91,24 @@ def _init_weights(model: nn.Module) -> None:
 
 
 def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...]) -> CifarVGG:
-    if len(input_shape) != 3:
-        raise ValueError(f"VGGs need image inputs (C, H, W), got shape {input_shape}")
-    return CifarVGG(_CONFIGS[name], num_classes, in_channels=input_shape[0])
+    return CifarVGG(_CONFIGS[name], num_classes, in_channels=image_channels(name, input_shape))
 
 
-@register("vgg8")
 def vgg8(num_classes, input_shape=(3, 32, 32)):
     return _vgg("vgg8", num_classes, input_shape)
 
 
-@register("vgg11")
 def vgg11(num_classes, input_shape=(3, 32, 32)):
     return _vgg("vgg11", num_classes, input_shape)
 
 
-@register("vgg13")
 def vgg13(num_classes, input_shape=(3, 32, 32)):
     return _vgg("vgg13", num_classes, input_shape)
 
 
-@register("vgg16")
 def vgg16(num_classes, input_shape=(3, 32, 32)):
     return _vgg("vgg16", num_classes, input_shape)
 
 
-@register("vgg19")
 def vgg19(num_classes, input_shape=(3, 32, 32)):
     return _vgg("vgg19", num_classes, input_shape)

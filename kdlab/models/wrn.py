@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register
+from .shapes import image_channels
 
 
 class PreActBlock(nn.Module):
@@ -100,26 +100,21 @@ def _init_weights(model: nn.Module) -> None:
 
 def _wrn(depth: int, widen_factor: int, num_classes: int, input_shape: tuple[int, ...],
          dropout: float) -> WideResNet:
-    if len(input_shape) != 3:
-        raise ValueError(f"WRNs need image inputs (C, H, W), got shape {input_shape}")
-    return WideResNet(depth, widen_factor, num_classes, input_shape[0], dropout)
+    return WideResNet(depth, widen_factor, num_classes, image_channels("WRNs", input_shape),
+                      dropout)
 
 
-@register("wrn_16_1")
 def wrn_16_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
     return _wrn(16, 1, num_classes, input_shape, dropout)
 
 
-@register("wrn_16_2")
 def wrn_16_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
     return _wrn(16, 2, num_classes, input_shape, dropout)
 
 
-@register("wrn_40_1")
 def wrn_40_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
     return _wrn(40, 1, num_classes, input_shape, dropout)
 
 
-@register("wrn_40_2")
 def wrn_40_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
     return _wrn(40, 2, num_classes, input_shape, dropout)
