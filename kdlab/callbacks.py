@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
+import pytorch_lightning as pl
 
 
-class TrainThroughput(L.Callback):
+class TrainThroughput(pl.Callback):
     """Training images per second, validation excluded, first epoch excluded (warm-up).
 
     The clock starts before the module's epoch-start hooks, so per-epoch work of a method

@@ -2,9 +2,14 @@
 
     kdlab train [OVERRIDES...]      train + evaluate one run (Hydra app; -m for sweeps)
     kdlab train --help              config groups and their options
-    kdlab methods                   the distillation methods, one line each
+    kdlab methods [--config-dir D]  the distillation methods, one line each
     kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR]
                                     mean +/- std tables and plots over run directories
+
+Your own methods, models and datamodules: YAMLs with `_target_: my_package.Thing` in a
+config directory of yours (method/, student/, teacher/, dataset/ ...), given with
+--config-dir DIR (or hydra.searchpath=[file://DIR]); the current directory is importable.
+See docs/extending.md.
 """
 
 from __future__ import annotations
@@ -18,20 +23,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import conf_dir, finished_run_error, register_model_groups
 from .errors import ConfigError, KdlabError
 
 USAGE = __doc__
+# Hydra's own flags that take a value, and those that make it do something else than run.
+VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+               "--experimental-rerun")
+OTHER_MODES = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve",
+               "--package", "-p", "--shell-completion", "-sc", "--version")
+MULTIRUN = ("-m", "--multirun")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdlab.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float:
-    hc = HydraConfig.get()
-    check_launcher_strategy(cfg, hc, Path(hc.runtime.output_dir))
-    from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
+    from .config import check_added_keys
 
+    hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     try:
+        check_added_keys(cfg, list(hc.overrides.task))
+        check_launcher_strategy(cfg, hc, output_dir)
+        from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
+
         results = run(cfg, output_dir)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
@@ -58,7 +71,36 @@ def fail(error: BaseException, output_dir: Path | None = None) -> None:
     raise SystemExit(1) from None
 
 
-def hydra_error_line(error: Exception) -> str:
+# -- checks before Hydra creates anything --------------------------------------------------
+
+
+def split_arguments(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
+    """(overrides, extra config dirs, multirun, another Hydra mode such as --help)."""
+    overrides, config_dirs = [], []
+    multirun = other = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in VALUE_FLAGS:
+            if not eq:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            if flag in ("--config-dir", "-cd"):
+                config_dirs.append(value)
+            elif flag not in ("--config-dir", "-cd"):
+                other = True  # another primary config: let Hydra handle it
+        elif arg in MULTIRUN:
+            multirun = True
+        elif arg.startswith("-"):
+            other = True
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, config_dirs, multirun, other
+
+
+def hydra_error_line(error: Exception, overrides: list[str], config_dirs: list[str]) -> str:
     """Hydra's multi-line composition errors as one line naming the problem and the fix."""
     text = str(error)
     missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
@@ -67,27 +109,57 @@ def hydra_error_line(error: Exception) -> str:
         section = text.split("Available options", 1)[-1].split("Config search path")[0]
         options = re.findall(r"^\t(\S+)$", section, flags=re.M)
         return f"unknown {group} {name!r}; available: {', '.join(options)}"
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown and "not in struct" in text:
+        return unknown_key_line(unknown.group(1), overrides, config_dirs)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(line.rstrip(".") for line in lines[:2])
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Compose a single run's config up front so a typo fails in a second, in one line."""
-    if any(a.startswith("-") for a in overrides):
-        return  # --help, -m, --cfg ...: Hydra's own modes
-    from .config import compose
+def unknown_key_line(key: str, overrides: list[str], config_dirs: list[str]) -> str:
+    """``unknown key a.b; did you mean a.c?`` from the keys the config does have there."""
+    from .config import accepted_keys, compose, import_target, suggest
 
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    parent_key, _, _ = key.rpartition(".")
+    candidates: list[str] = []
     try:
-        compose([a for a in overrides if not a.lstrip("+~").startswith("hydra")])
-    except Exception as e:
-        print(f"kdlab: error: {hydra_error_line(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    # Hydra writes .hydra/ into the run directory before the run starts: check it first.
-    for arg in overrides:
+        cfg = compose(rest, config_dirs)
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        names = list(parent.keys()) if isinstance(parent, DictConfig) else []
+        if isinstance(parent, DictConfig) and "_target_" in parent:
+            names += accepted_keys(import_target(parent._target_, parent_key)) or []
+        candidates = [f"{parent_key}.{n}" if parent_key else str(n) for n in names
+                      if not str(n).startswith("_")]
+    except Exception:  # the rest of the overrides has a problem of its own
+        pass
+    return f"unknown key {key}{suggest(key, candidates) or ': kdlab does not read it'}"
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose and validate a single run's config up front, so that bad input fails in one
+    line before Hydra writes anything."""
+    overrides, config_dirs, multirun, other = split_arguments(args)
+    if multirun or other:
+        return  # sweeps: each job is validated before it starts; --help etc.: Hydra's
+    from .config import compose, validate
+    from .run_dir import finished_run_error
+
+    for arg in overrides:  # Hydra writes .hydra/ into the run directory: check it first
         if arg.startswith("hydra.run.dir="):
             finished = finished_run_error(Path(arg.split("=", 1)[1].strip("'\"")))
             if finished:
                 fail(finished)
+    try:
+        cfg = compose(overrides, config_dirs)
+    except KdlabError as e:
+        fail(e)
+    except Exception as e:
+        fail(ConfigError(hydra_error_line(e, overrides, config_dirs)))
+    try:
+        validate(cfg)
+    except KdlabError as e:
+        fail(e)
 
 
 # Sweep launchers and the multi-process strategies they can host (measured: DESIGN.md).
@@ -98,8 +170,8 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
     """Why this sweep job's DDP setting cannot run under its launcher (None: it can).
 
     DDP re-launches the script once per rank, which a joblib worker or a submitit_local job
-    cannot do (kdlab does not support ddp_spawn: see kdlab.train.build_trainer). On SLURM
-    ddp runs one task per device: hydra.launcher.tasks_per_node must equal trainer.devices.
+    cannot do (kdlab does not support ddp_spawn). On SLURM ddp runs one task per device:
+    hydra.launcher.tasks_per_node must equal trainer.devices.
     """
     strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
     multi_process = strategy.startswith(("ddp", "fsdp", "deepspeed")) or (
@@ -132,26 +204,40 @@ def check_launcher_strategy(cfg: DictConfig, hc: DictConfig, output_dir: Path) -
     raise ConfigError(error)
 
 
-def list_methods() -> str:
-    import importlib
+# -- kdlab methods -------------------------------------------------------------------------
 
+
+def list_methods(config_dirs: list[str] = ()) -> str:
+    """Every method config (kdlab's and those in ``config_dirs``) with its description."""
+    from .config import conf_dir, import_target
+
+    found: dict[str, Path] = {}
+    for root in [conf_dir(), *map(Path, config_dirs)]:
+        for path in sorted((root / "method").glob("*.yaml")):
+            found[path.stem] = path  # a user's config of the same name wins, as in Hydra
     lines = []
-    for path in sorted((conf_dir() / "method").glob("*.yaml")):
-        target = OmegaConf.load(path)["_target_"]
-        module, cls = target.rsplit(".", 1)
-        method = getattr(importlib.import_module(module), cls)
-        lines.append(f"  {path.stem:<18} {method.description}")
+    for name, path in sorted(found.items()):
+        target = str(OmegaConf.load(path).get("_target_", ""))
+        try:
+            description = import_target(target, f"method {name}").description
+        except KdlabError as e:
+            description = f"(cannot import: {e})"
+        origin = "" if path.parent.parent == conf_dir() else f"  [{path}]"
+        lines.append(f"  {name:<18} {description}{origin}")
     return "methods (kdlab train method=NAME):\n" + "\n".join(lines)
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: your package in . imports
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = args[0], args[1:]
     if command == "methods":
-        print(list_methods())
+        _, config_dirs, _, _ = split_arguments(rest)
+        print(list_methods(config_dirs))
         return
     if command == "report":
         from .report import main as report_main
@@ -165,7 +251,6 @@ def main() -> None:
             print(f"kdlab: error: unknown command {command!r}; commands: train, methods, report",
                   file=sys.stderr)
             raise SystemExit(2)
-    register_model_groups()
     check_overrides(rest)
     sys.argv = [sys.argv[0], *rest]
     train_app()

@@ -1,57 +1,345 @@
-"""Config plumbing: where conf/ lives, the ``student``/``teacher`` groups, composition.
+"""Config plumbing: where conf/ lives, composition outside a Hydra app, and validation.
 
-``conf/model/*.yaml`` are the architectures. The ``student`` and ``teacher`` groups are
-registered from them at start-up, so ``student=resnet8x4 teacher=resnet32x4`` use the same
-names and no architecture is written down twice.
+:func:`validate` decides, before anything is created, whether a composed config can run:
+every ``_target_`` node's keys are checked against its callable's signature (with a
+"did you mean" for typos), values against their ranges, files that must exist, and the
+logger set-up. The CLI runs it before Hydra makes the run directory; :func:`kdlab.train.run`
+runs it again for configs composed in scripts and notebooks.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, KdlabError
 
 CONFIG_MODULE = "kdlab.conf"
+# Keys of a `_target_` node that Hydra reads itself.
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+# Keys of a teacher node (`teacher` and the entries of `teachers`) that say how to get the
+# teacher, not what its architecture is.
+TEACHER_OPTIONS = ("model", "ckpt", "allow_pickle", "label_noise", "max_epochs", "lr",
+                   "weight_decay")
+LABEL_NOISE = ("same", "none")
+TEACHER_CACHE_MODES = ("auto", "memory", "disk", "off")
+CHOICE_GROUPS = ("dataset", "student", "teacher", "method", "noise")
+# Config nodes that take new keys of the user's (`+callbacks.NAME={_target_: ...}`).
+FREE_KEY_NODES = ("callbacks", "logger")
 
 
 def conf_dir() -> Path:
     return Path(str(resources.files(CONFIG_MODULE)))
 
 
-def register_model_groups() -> None:
-    cs = ConfigStore.instance()
-    for path in sorted((conf_dir() / "model").glob("*.yaml")):
-        node = OmegaConf.load(path)
-        cs.store(group="student", name=path.stem, node=node, provider="kdlab")
-        cs.store(group="teacher", name=path.stem, node=node, provider="kdlab")
+def compose(overrides: list[str] | None = None, config_dirs: list[str | Path] = (),
+            config_name: str = "train") -> DictConfig:
+    """The config ``kdlab train OVERRIDES`` would run, composed outside a Hydra app.
 
-
-def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose the config outside a Hydra app (tests, notebooks); with hydra.* resolved."""
+    ``config_dirs`` are extra config directories (like ``--config-dir``), searched before
+    kdlab's own. ``choices`` holds the option names; ``+key`` overrides are checked.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    register_model_groups()
+    overrides = list(overrides or [])
+    if config_dirs:  # like --config-dir: searched before kdlab's own (with any searchpath)
+        given = [o for o in overrides if o.startswith("hydra.searchpath=")]
+        overrides = [o for o in overrides if o not in given]
+        paths = [f"file://{Path(d).resolve()}" for d in config_dirs]
+        for o in given:
+            paths += [p.strip() for p in o.split("=", 1)[1].strip("[]").split(",") if p.strip()]
+        overrides.append(f"hydra.searchpath=[{','.join(paths)}]")
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides or []),
-                             return_hydra_config=False)
+        try:
+            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+        except Exception as e:
+            unknown = re.search(r"Could not override '([^']+)'", str(e))
+            if not (unknown and "To append to your config use" in str(e)):
+                raise
+            key = unknown.group(1)
+            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+            base = hydra_compose(config_name, overrides=rest, return_hydra_config=False)
+            parent_key = key.rpartition(".")[0]
+            raise unknown_key_error(key, OmegaConf.select(base, parent_key) if parent_key
+                                    else base) from None
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        cfg.choices = {g: choices.get(g) for g in CHOICE_GROUPS}
+        del cfg["hydra"]
+    check_added_keys(cfg, overrides)
+    return cfg
 
 
-def finished_run_error(output_dir: Path) -> ConfigError | None:
-    """A finished run directory is never written into again."""
-    if (Path(output_dir) / "results.json").exists():
-        return ConfigError(f"{output_dir} already holds a finished run (results.json); choose "
-                           "another directory with hydra.run.dir=... or delete it")
+def open_dict(cfg: DictConfig):
+    from omegaconf import open_dict as _open_dict
+
+    return _open_dict(cfg)
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def suggest(key: str, candidates: list[str]) -> str:
+    """``"; did you mean X?"`` for the closest candidate key, or ``""``.
+
+    Compares the last dotted part: an abbreviation by initials (``learning_rate`` -> ``lr``),
+    then a prefix (``max_epoch`` -> ``max_epochs``), then string similarity.
+    """
+    parent, _, name = key.lower().rpartition(".")
+    siblings = [c for c in candidates if c.lower().rpartition(".")[0] == parent]
+    last = {c.rsplit(".", 1)[-1].lower(): c for c in siblings or candidates}
+    initials = "".join(w[0] for w in name.split("_") if w)
+    for short, full in last.items():
+        if len(name.split("_")) > 1 and short == initials:
+            return f"; did you mean {full}?"
+    for short, full in last.items():
+        if short.startswith(name) or name.startswith(short) and len(short) > 3:
+            return f"; did you mean {full}?"
+    close = difflib.get_close_matches(name, list(last), n=1, cutoff=0.6)
+    return f"; did you mean {last[close[0]]}?" if close else ""
+
+
+def unknown_key_error(key: str, parent: Any) -> ConfigError:
+    """``unknown key a.b; did you mean a.c?`` from the keys the ``parent`` node of ``key``
+    has, or takes (a ``_target_``'s parameters)."""
+    parent_key = key.rpartition(".")[0]
+    names = [str(n) for n in parent] if isinstance(parent, DictConfig) else []
+    target = ""
+    if isinstance(parent, DictConfig) and "_target_" in parent:
+        target = str(parent._target_)
+        names += accepted_keys(import_target(target, parent_key)) or []
+    candidates = [f"{parent_key}.{n}" if parent_key else n for n in dict.fromkeys(names)
+                  if not n.startswith("_") and n != key.rsplit(".", 1)[-1]]
+    hint = suggest(key, candidates)
+    if not hint:
+        takes = [c.rsplit(".", 1)[-1] for c in candidates]
+        hint = (f" ({target or parent_key or 'the config'} takes: {', '.join(takes[:12])}"
+                f"{', ...' if len(takes) > 12 else ''})" if takes else ": kdlab does not read it")
+    return ConfigError(f"unknown key {key}{hint}")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """``+a.b.key=value`` adds a key: only under a ``_target_`` node (whose signature is
+    checked by :func:`validate`), never a key kdlab would silently ignore."""
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if key.startswith("hydra") or "@" in key:
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if (isinstance(parent, DictConfig) and "_target_" in parent) or \
+                parent_key in FREE_KEY_NODES:
+            continue
+        raise unknown_key_error(key, parent)
+
+
+def _nodes_with_target(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            if path == "" and key == "hydra":
+                continue
+            yield from _nodes_with_target(node._get_node(key), f"{path}.{key}".lstrip("."))
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from _nodes_with_target(item, f"{path}[{i}]")
+
+
+def import_target(target: str, where: str):
+    module, _, name = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        hint = ("; is its package installed or on PYTHONPATH (the current directory is)?"
+                if isinstance(e, ImportError) else "")
+        raise ConfigError(f"{where}._target_: cannot import {target} "
+                          f"({type(e).__name__}: {e}){hint}") from None
+
+
+def accepted_keys(target: Any) -> list[str] | None:
+    """The keyword names ``target`` accepts, or None when it takes any (``**kwargs``).
+
+    For a class whose ``__init__`` passes ``**kwargs`` on, the parents' names count too.
+    """
+    owners = [c for c in inspect.getmro(target) if "__init__" in vars(c)] \
+        if inspect.isclass(target) else [target]
+    names: list[str] = []
+    for owner in owners:
+        try:
+            params = inspect.signature(owner.__init__ if inspect.isclass(owner) else owner
+                                       ).parameters
+        except (TypeError, ValueError):
+            return None  # a builtin without an inspectable signature
+        names += [n for n, p in params.items()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"]
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return names
     return None
 
 
-def model_kwargs(spec: DictConfig) -> dict:
-    """Constructor kwargs of an architecture node (everything but bookkeeping keys)."""
-    data = OmegaConf.to_container(spec, resolve=True)
-    for key in ("name", "ckpt", "allow_pickle", "lr"):
-        data.pop(key, None)
-    return data
+def check_signature(where: str, node: DictConfig, ignore: tuple[str, ...] = ()) -> None:
+    """Every key of a ``_target_`` node must be a parameter of the callable."""
+    known = accepted_keys(import_target(node._target_, where))
+    if known is None:
+        return
+    for key in node:
+        if key not in HYDRA_KEYS and key not in ignore and key not in known:
+            raise unknown_key_error(f"{where}.{key}", node)
+
+
+# -- values --------------------------------------------------------------------------------
+
+
+def check_noise(noise: DictConfig) -> None:
+    from .data.noise import check_noise as check
+
+    check(str(noise.get("type", "none")), noise.get("rate", 0.0))
+    unknown = set(noise) - {"type", "rate", "class_map"}
+    if unknown:
+        raise ConfigError(f"unknown key noise.{sorted(unknown)[0]}; noise takes: type, rate, "
+                          "class_map")
+
+
+def check_teacher(where: str, options: dict[str, Any]) -> None:
+    label_noise = str(options.get("label_noise") or "same")
+    if label_noise not in LABEL_NOISE:
+        raise ConfigError(f"{where}.label_noise must be one of {', '.join(LABEL_NOISE)}, "
+                          f"got {label_noise!r}")
+    if options.get("max_epochs") is not None and int(options["max_epochs"]) < 1:
+        raise ConfigError(f"{where}.max_epochs must be >= 1, got {options['max_epochs']}")
+    ckpt = str(options.get("ckpt") or "auto")
+    if ckpt != "auto" and not ckpt.startswith("tv:") and not Path(ckpt).expanduser().is_file():
+        raise ConfigError(f"teacher checkpoint not found: {ckpt}; give an existing file with "
+                          f"{where}.ckpt=PATH, or {where}.ckpt=auto to train the teacher first")
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    """A wandb logger needs the package and, unless offline or disabled, an API key, which
+    never comes from a config (it would end up in config.yaml and the wandb run)."""
+    nodes = [(k, n) for k, n in (cfg.get("logger") or {}).items()
+             if str(n.get("_target_", "")).endswith("WandbLogger")]
+    if not nodes:
+        return
+    from .loggers import SECRET_KEYS
+
+    for name, node in nodes:
+        secrets = [k for k in node if str(k).lower() in SECRET_KEYS]
+        if secrets:
+            raise ConfigError(f"logger.{name}.{secrets[0]}: never put a W&B key into a config;"
+                              " set WANDB_API_KEY in the environment or run `wandb login`")
+    try:
+        import wandb  # noqa: F401
+    except ModuleNotFoundError:
+        raise ConfigError("logger=wandb needs the wandb package: pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    if _wandb_logged_in():
+        return
+    raise ConfigError("logger=wandb has no W&B API key: run `wandb login`, set WANDB_API_KEY, "
+                      "or log without network with WANDB_MODE=offline (upload later with "
+                      "`wandb sync`)")
+
+
+def _wandb_logged_in() -> bool:
+    import netrc
+
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(
+            os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line :class:`ConfigError` if ``cfg`` cannot run; create nothing."""
+    for where, node in _nodes_with_target(cfg):
+        top = where.split(".")[0].split("[")[0]
+        ignore = TEACHER_OPTIONS if top in ("teacher", "teachers") else ()
+        ignore += ("recipe",) if where == "dataset" else ()
+        check_signature(where or "config", node, ignore)
+    check_noise(cfg.noise)
+    mode = str(cfg.get("teacher_cache", "auto"))
+    if mode not in TEACHER_CACHE_MODES:
+        raise ConfigError(f"teacher_cache must be one of {', '.join(TEACHER_CACHE_MODES)}, "
+                          f"got {mode!r}")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "spawn" in strategy:  # spawned ranks would keep the test-time results to themselves
+        raise ConfigError(f"trainer.strategy={strategy} is not supported; use trainer=ddp "
+                          "(trainer.strategy=ddp)")
+    dm = instantiate_datamodule(cfg)
+    dm.check()
+    method = instantiate_method(cfg.method)
+    check_models(cfg, method, dm.num_classes, tuple(dm.input_shape))
+    check_wandb(cfg)
+
+
+def check_models(cfg: DictConfig, method, num_classes: int, input_shape: tuple[int, ...]
+                 ) -> None:
+    """Student and teacher architectures build for this data, and the method applies."""
+    from .models import build_model
+    from .teachers import teacher_specs
+
+    student = build_model(cfg.student, num_classes, input_shape, where="student")
+    teachers = []
+    if method.needs_teacher:
+        for spec in teacher_specs(cfg):
+            check_teacher(spec.where, spec.options)
+            check_signature(spec.where, spec.arch)
+            teachers.append(build_model(spec.arch, num_classes, input_shape, where=spec.where))
+    method.check(student, teachers)
+
+
+def instantiate_datamodule(cfg: DictConfig):
+    """The run's datamodule (not set up: no data read yet)."""
+    from hydra.utils import instantiate
+
+    noise = OmegaConf.to_container(cfg.noise, resolve=True)
+    try:
+        return instantiate(cfg.dataset, noise=noise, seed=int(cfg.seed), _convert_="all")
+    except Exception as e:
+        raise unwrap_error(e, "dataset") from None
+
+
+def instantiate_method(node: Any):
+    """The method of a ``method`` config node (a DictConfig or a plain dict)."""
+    from hydra.utils import instantiate
+
+    from .methods.base import Method
+
+    try:
+        method = instantiate(node, _convert_="all")
+    except Exception as e:
+        raise unwrap_error(e, "method") from None
+    if not isinstance(method, Method):
+        raise ConfigError(f"method._target_ {node['_target_']} is not a kdlab Method "
+                          "(subclass kdlab.methods.base.Method)")
+    return method
+
+
+def unwrap_error(e: BaseException, group: str) -> KdlabError:
+    """Hydra's instantiate wraps constructor errors: return ours, or name the bad value."""
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for cause in chain:
+        if isinstance(cause, KdlabError):
+            return cause
+    root = chain[-1]
+    first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return ConfigError(f"invalid {group} settings ({type(root).__name__}: {first}); "
+                       f"check the {group.split()[0]}.* overrides against `kdlab train --help`")

@@ -1,4 +1,9 @@
-"""Atomic file writes: a kill at any moment leaves either the old file or the new one."""
+"""Atomic file writes: a kill at any moment leaves either the old file or the new one.
+
+The file gets the permissions any new file would get under the process umask (a temporary
+file is created private, 0600; left like that a shared cache or a colleague's report could
+not read results.json, checkpoints or cached teachers).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,18 @@ from typing import Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -37,3 +49,4 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic(Path(path), lambda f: torch.save(obj, f))
+

@@ -10,7 +10,8 @@ goes out in :func:`finalize_loggers`:
   finished, so the next job of a sweep in the same process starts a fresh one.
 - tensorboard: the same plots as images, the flattened config as hparams with the final
   test numbers as their metrics.
-- csv: nothing extra.
+- csv: nothing extra. The CSV log (``<run dir>/logs/metrics.csv``, read by ``kdlab report``)
+  is always written: other loggers add to it.
 
 wandb naming: ``project`` from the config; ``group`` = the config value, else the multirun's
 sweep directory (one group per sweep), else none; ``name`` = the config value, else the
@@ -23,6 +24,7 @@ environment (``WANDB_API_KEY``) or ``wandb login``.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,42 @@ HPARAM_METRICS = (("test", "acc"), ("test", "ece"), ("test_last", "acc"), ("test
                   ("val", "acc"))
 
 
+CSV_LOGGER = {"_target_": "pytorch_lightning.loggers.CSVLogger", "name": "logs", "version": ""}
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Lightning prints through its own handler: no second copy through Hydra's root
+    logger, no adverts; and no warnings that do not apply to kdlab's data path."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric",
+                 "lightning_fabric"):
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        for handler in logger.handlers:
+            handler.addFilter(_DropAdverts())
+    # Batches are cut from in-memory tensors in the main process: workers would only add cost.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    # Epoch metrics are torchmetrics objects computed (and synced over ranks) before logging.
+    warnings.filterwarnings("ignore", message="It is recommended to use `self.log")
+    # kdlab logs per-epoch metrics; a short epoch is fine.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # kdlab decides which run directories may be written into (kdlab.run_dir).
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
-    """One Lightning logger per entry of ``cfg.logger`` (csv, tensorboard, wandb, ...)."""
+    """One Lightning logger per entry of ``cfg.logger`` (tensorboard, wandb, ...), always
+    with the CSV log."""
+    nodes = list((cfg.logger or {}).values())
+    if not any(str(n.get("_target_", "")).endswith("CSVLogger") for n in nodes):
+        nodes.insert(0, OmegaConf.create(CSV_LOGGER))
     loggers = []
-    for node in (cfg.logger or {}).values():
+    for node in nodes:
         kwargs = OmegaConf.to_container(node, resolve=True)
         target = kwargs.pop("_target_")
         kwargs["save_dir"] = str(output_dir)
@@ -64,7 +98,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
 def finalize_loggers(loggers: list, cfg: DictConfig, results: dict[str, Any],
                      output_dir: Path) -> None:
     """Hand the finished run's results and plots to loggers that can show them."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
     plots = sorted(Path(output_dir).glob("*.png"))
     for logger in loggers:
@@ -79,7 +113,7 @@ def finalize_loggers(loggers: list, cfg: DictConfig, results: dict[str, Any],
 
 def close_loggers(loggers: list, status: str = "failed") -> None:
     """For a run that stopped early: close what is open, marking a wandb run as failed."""
-    from lightning.pytorch.loggers import WandbLogger
+    from pytorch_lightning.loggers import WandbLogger
 
     for logger in loggers:
         logger.finalize(status)
@@ -95,10 +129,6 @@ def _is_wandb(target: str) -> bool:
 
 
 def _wandb_kwargs(kwargs: dict[str, Any], cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    secrets = [k for k in kwargs if k.lower() in SECRET_KEYS]
-    if secrets:
-        raise ConfigError(f"logger.wandb.{secrets[0]}: never put a W&B key into a config; "
-                          "set WANDB_API_KEY in the environment or run `wandb login`")
     group, name = wandb_group_and_name(cfg, output_dir)
     kwargs["group"] = kwargs.get("group") or group
     kwargs["name"] = kwargs.get("name") or name
@@ -112,17 +142,22 @@ def wandb_group_and_name(cfg: DictConfig, output_dir: Path) -> tuple[str | None,
     from hydra.types import RunMode
 
     seed = f"seed={cfg.get('seed')}"
-    if not HydraConfig.initialized():
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    job_dir = OmegaConf.select(hc, "runtime.output_dir", default=None,
+                               throw_on_missing=False) if hc is not None else None
+    if job_dir is None or Path(job_dir).resolve() != Path(output_dir).resolve():
+        # not the Hydra job of this run (compose() in a script, or an earlier app's leftover)
         return None, f"{output_dir.name},{seed}"
-    hc = HydraConfig.get()
     group = None
     if hc.mode == RunMode.MULTIRUN:
         group = sweep_name(str(hc.sweep.dir))
-    parts = [hc.job.override_dirname] if hc.job.override_dirname else []
+    parts = hc.job.override_dirname.split(",") if hc.job.override_dirname else []
     method = hc.runtime.choices.get("method")
-    if method and not any(p.startswith("method=") for p in ",".join(parts).split(",")):
+    if method and not any(p.startswith("method=") for p in parts):
         parts.insert(0, f"method={method}")
-    return group, ",".join([*parts, seed])
+    if not any(p.startswith("seed=") for p in parts):
+        parts.append(seed)
+    return group, ",".join(parts)
 
 
 def sweep_name(sweep_dir: str) -> str:

@@ -57,9 +57,11 @@ class ReliabilityBins(Metric):
         return {"count": self.count, "confidence": self.confidence, "correct": self.correct}
 
 
-def ece_from_bins(bins: dict[str, Tensor]) -> float:
-    n = bins["count"].sum().clamp_min(1)
-    return float((bins["correct"] - bins["confidence"]).abs().sum() / n)
+def ece_from_bins(bins: dict) -> float:
+    """ECE from per-bin sums (tensors or lists): sum_b |correct_b - confidence_b| / N."""
+    count, correct, confidence = (torch.as_tensor(bins[k], dtype=torch.float64)
+                                  for k in ("count", "correct", "confidence"))
+    return float((correct - confidence).abs().sum() / count.sum().clamp_min(1))
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:

@@ -1,45 +1,84 @@
-"""Plots written into run directories (matplotlib, no display needed)."""
+"""Plots written into run directories and reports (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from .metrics import ece_from_bins  # noqa: E402
 
+ACCURACY, OVER, UNDER = "#4C72B0", "#C44E52", "#55A868"
 
-def reliability_diagram(bins: dict[str, torch.Tensor], path: str | Path, title: str) -> Path:
-    """Accuracy per confidence bin against the diagonal, with the bins' share of examples."""
-    count = bins["count"].double()
+
+def draw_reliability(ax, bins: dict, title: str = "") -> None:
+    """Accuracy per confidence bin against the diagonal; the gap to the bin's mean confidence
+    in red (over-confident) or green (under-confident). A bar's opacity grows with the
+    number of examples in its bin, and the count is written above bars: a bin with one
+    example does not look as important as one with hundreds."""
+    count = np.asarray(bins["count"], dtype=float)
     n_bins = len(count)
-    safe = count.clamp_min(1)
-    acc, conf = (bins["correct"] / safe).numpy(), (bins["confidence"] / safe).numpy()
-    centers = (torch.arange(n_bins).double() + 0.5) / n_bins
+    safe = np.maximum(count, 1)
+    acc = np.asarray(bins["correct"], dtype=float) / safe
+    conf = np.asarray(bins["confidence"], dtype=float) / safe
+    centers = (np.arange(n_bins) + 0.5) / n_bins
     width = 1.0 / n_bins
-    has = (count > 0).numpy()
-    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.bar(centers[has], acc[has], width=width, edgecolor="black", color="#4C72B0",
-           label="accuracy")
-    ax.bar(centers[has], (conf - acc)[has], bottom=acc[has], width=width, color="#DD8452",
-           alpha=0.6, edgecolor="#DD8452", label="gap to confidence")
-    ax.set_ylabel("accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    weight = np.clip(0.2 + 0.8 * count / max(count.max(), 1), 0, 1)
+    for i in np.flatnonzero(count > 0):
+        ax.bar(centers[i], acc[i], width=width, color=ACCURACY, alpha=weight[i],
+               edgecolor="black", lw=0.5)
+        gap = conf[i] - acc[i]
+        ax.bar(centers[i], gap, bottom=acc[i], width=width, color=OVER if gap > 0 else UNDER,
+               alpha=min(1.0, 0.35 + 0.4 * weight[i]), lw=0)
+        ax.text(centers[i], max(acc[i], conf[i]) + 0.015, f"{int(count[i])}", ha="center",
+                va="bottom", fontsize=5, rotation=90)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{title}\nECE ({n_bins} bins) = {ece_from_bins(bins):.4f}", fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
-    ax_hist.bar(centers, (count / count.sum().clamp_min(1)).numpy(), width=width,
-                color="grey", edgecolor="black")
-    ax_hist.set_xlabel("confidence (max softmax)")
-    ax_hist.set_ylabel("share")
-    fig.tight_layout()
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("confidence (max softmax)", fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(labelsize=7)
+    heading = f"ECE ({n_bins} bins) = {ece_from_bins(bins):.4f}, n = {int(count.sum())}"
+    ax.set_title("\n".join([*textwrap.wrap(title, 42), heading]) if title else heading,
+                 fontsize=8)
+
+
+def reliability_legend(fig, ncol: int) -> None:
+    handles = [Patch(color=ACCURACY, label="accuracy (opacity and label: examples per bin)"),
+               Patch(color=OVER, alpha=0.6, label="over-confident: confidence > accuracy"),
+               Patch(color=UNDER, alpha=0.6, label="under-confident: confidence < accuracy"),
+               plt.Line2D([], [], ls="--", color="grey", label="perfect calibration")]
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+
+
+def reliability_grid(panels: list[tuple[str, dict]], path: str | Path, suptitle: str,
+                     cols: int = 4) -> Path:
+    """One reliability panel per (title, bins), a shared legend below."""
+    cols = min(cols, len(panels))
+    rows = -(-len(panels) // cols)
+    ncol = 2 if cols > 1 else 1
+    legend_height = 0.2 * (4 // ncol) + 0.15
+    height = 3.6 * rows + legend_height + 0.4
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.4 * cols, 4.2), height), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, bins) in zip(axes.flat, panels, strict=False):
+        draw_reliability(ax, bins, title)
+    fig.suptitle(suptitle, fontsize=10)
+    reliability_legend(fig, ncol)
+    fig.tight_layout(rect=(0, legend_height / height, 1, 0.97))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reliability_diagram(bins: dict, path: str | Path, title: str) -> Path:
+    """A run's reliability diagram (test set, best-on-val checkpoint)."""
+    return reliability_grid([(title, bins)], path, "reliability on the test set", cols=1)

@@ -8,41 +8,45 @@ seeds of each group. Default grouping: ``method`` plus every override (from
 the keys instead (config keys such as ``noise.rate``, or config groups such as ``method``).
 
 Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``, ``val.nll``,
-``mixing.label_weight_noisy``); ``teacher.X`` is ``teachers.0.test.X`` and a bare ``X`` is
-``test.X``. ``test`` is the best-on-validation checkpoint, ``test_last`` the last epoch.
-std is the sample standard deviation over seeds (n - 1); with one seed there is none.
+``mixing.label_weight_noisy``, ``teachers.0.agreement``); ``teacher.X`` is the first
+teacher's ``X`` (``teacher.agreement``) or its test metric ``X`` (``teacher.acc``), and a bare
+``X`` is ``test.X``. ``test`` is the best-on-validation checkpoint, ``test_last`` the last
+epoch. std is the sample standard deviation over seeds (n - 1); with one seed there is none.
 
 Failed runs (``failed.json``) and unfinished ones (neither file) are listed in their own
 section and never averaged in. Written to ``--out`` (default: the first PATH):
 ``report.md``, ``report.csv``, ``report_acc_vs_ece.png``, and when the runs hold the data,
-``report_reliability.png`` (``results.json`` "reliability" per-bin sums) and
-``report_mixing.png`` (ALM-KD's clean vs noisy label weight).
+``report_reliability.png`` (``results.json`` "reliability" per-bin sums, pooled over seeds)
+and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import re
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
 DEFAULT_METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece", "teacher.acc")
 HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
            "test_last.acc": "test acc (last)", "test_last.ece": "test ECE (last)",
            "teacher.acc": "teacher test acc"}
 NEVER_GROUP = ("seed",)
-SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints"}
+SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints", "ranks"}
 # Config parts that differ between machines or runs without changing the experiment.
 NOT_THE_EXPERIMENT = ("seed", "paths.", "num_threads", "trainer.enable_progress_bar",
-                      "dataset.num_workers", "dataset.root")
+                      "dataset.num_workers", "dataset.root", "callbacks", "logger.")
+
+
+class ReportError(Exception):
+    pass
 
 
 @dataclass
@@ -57,40 +61,28 @@ class Run:
 
     def value(self, key: str) -> str:
         """The run's value for a grouping key: a config group's choice or a config value."""
-        if key in self.choices and self.choices[key] is not None:
-            return str(self.choices[key])
-        found, value = _lookup(self.config, key)
-        if found and not isinstance(value, (dict, list)):
-            return _fmt_value(value)
+        choice = self.choices.get(key) or (self.config.get("choices") or {}).get(key)
+        if choice is not None:
+            return str(choice)
+        found = OmegaConf.select(OmegaConf.create(self.config), key, default="-") \
+            if self.config else "-"
+        if found != "-" and not OmegaConf.is_config(found):
+            return _fmt(found)
         if self.results and not isinstance(self.results.get(key, {}), (dict, list)):
-            return _fmt_value(self.results[key])
+            return _fmt(self.results[key])
         if key in self.overrides:
             return self.overrides[key]
-        if found:
-            return json.dumps(value, sort_keys=True)
+        if OmegaConf.is_config(found):
+            return json.dumps(OmegaConf.to_container(found), sort_keys=True)
         return "-"
 
     @property
     def seed(self) -> str:
-        found, seed = _lookup(self.config, "seed")
-        return _fmt_value(seed) if found else "-"
+        return _fmt(self.config["seed"]) if "seed" in self.config else "-"
 
 
-@dataclass
-class Group:
-    key: tuple[str, ...]
-    runs: list[Run]
-
-    def label(self, keys: list[str]) -> str:
-        return ", ".join(f"{k}={v}" for k, v in zip(keys, self.key, strict=True))
-
-    def values(self, metric: str) -> list[float]:
-        out = []
-        for run in self.runs:
-            found, v = metric_value(run.results or {}, metric)
-            if found and isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.append(float(v))
-        return out
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 # -- finding and reading runs ------------------------------------------------------------------
@@ -121,8 +113,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
 def read_run(d: Path) -> Run:
     config_file = d / "config.yaml" if (d / "config.yaml").is_file() else d / ".hydra/config.yaml"
     run = Run(path=d, status="unfinished", config=_load_yaml(config_file) or {})
-    overrides = _load_yaml(d / ".hydra" / "overrides.yaml") or []
-    for item in overrides:
+    for item in _load_yaml(d / ".hydra" / "overrides.yaml") or []:
         key, _, value = str(item).lstrip("+~").partition("=")
         run.overrides[key] = value
     hydra_cfg = _load_yaml(d / ".hydra" / "hydra.yaml") or {}
@@ -138,41 +129,85 @@ def read_run(d: Path) -> Run:
 
 
 def _load_yaml(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text())
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def _natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def _lookup(data: Any, dotted: str) -> tuple[bool, Any]:
-    for part in dotted.split("."):
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-        else:
-            return False, None
-    return True, data
+# -- one table ---------------------------------------------------------------------------------
 
 
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    return str(value)
+def _index_lists(data: Any) -> Any:
+    """Lists of dicts (teachers) become dicts keyed "0", "1", ... so they flatten too."""
+    if isinstance(data, dict):
+        return {k: _index_lists(v) for k, v in data.items()}
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        return {str(i): _index_lists(v) for i, v in enumerate(data)}
+    return data
 
 
-def metric_value(results: dict[str, Any], metric: str) -> tuple[bool, Any]:
+def results_frame(runs: list[Run], keys: list[str]) -> pd.DataFrame:
+    """One row per finished run: every results.json value by dotted path, plus the
+    grouping keys and the seed."""
+    finished = [r for r in runs if r.status == "finished"]
+    if not finished:
+        return pd.DataFrame(columns=[*keys, "seed", "run"])
+    frame = pd.json_normalize([_index_lists(r.results) for r in finished], sep=".")
+    for key in keys:
+        frame[key] = [r.value(key) for r in finished]
+    frame["seed"] = [r.seed for r in finished]
+    frame["run"] = [str(r.path) for r in finished]
+    return frame
+
+
+def metric_column(frame: pd.DataFrame, metric: str) -> str:
+    """The results.json column a metric name refers to (aliases resolved)."""
     if metric.startswith("teacher."):
-        metric = "teachers.0.test." + metric[len("teacher."):]
-    elif "." not in metric:
-        metric = "test." + metric
-    return _lookup(results, metric)
+        rest = metric[len("teacher."):]
+        direct = f"teachers.0.{rest}"
+        return direct if direct in frame.columns else f"teachers.0.test.{rest}"
+    return metric if "." in metric else f"test.{metric}"
 
 
-# -- grouping ----------------------------------------------------------------------------------
+def check_metrics(frame: pd.DataFrame, metrics: list[str]) -> None:
+    """A metric that no finished run has is a typo: say which names exist."""
+    from .config import suggest
+
+    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+    for metric in metrics:
+        if metric_column(frame, metric) not in frame.columns and len(frame):
+            hint = suggest(metric_column(frame, metric), numeric)
+            raise ReportError(f"--metric {metric}: no finished run has it{hint} "
+                              f"(e.g. {', '.join(numeric[:6])})")
+
+
+def summarize(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Per group: n, seeds, and mean / sample std / count of every metric."""
+    columns = {m: metric_column(frame, m) for m in metrics}
+    data = frame.assign(**{m: pd.to_numeric(frame[c], errors="coerce") if c in frame.columns
+                           else float("nan") for m, c in columns.items()})
+    grouped = data.groupby(keys, sort=False, dropna=False)
+    out = grouped.agg(n=("seed", "size"), seeds=("seed", ",".join))
+    for m in metrics:
+        out[f"{m}_mean"] = grouped[m].mean()
+        out[f"{m}_std"] = grouped[m].std(ddof=1)
+        out[f"{m}_n"] = grouped[m].count()
+    return out.reset_index()
+
+
+def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> str:
+    def cell(row, m):
+        mean, std = row[f"{m}_mean"], row[f"{m}_std"]
+        if pd.isna(mean):
+            return "-"
+        return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+    table = summary[[*keys, "n", "seeds"]].copy()
+    for m in metrics:
+        table[HEADERS.get(m, m)] = [cell(row, m) for _, row in summary.iterrows()]
+    return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
 
 
 def default_keys(runs: list[Run]) -> list[str]:
@@ -185,91 +220,11 @@ def default_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if k == "method" or len({r.value(k) for r in runs}) > 1]
 
 
-def group_runs(runs: list[Run], keys: list[str]) -> list[Group]:
-    groups: dict[tuple[str, ...], Group] = {}
-    for run in runs:
-        key = tuple(run.value(k) for k in keys)
-        groups.setdefault(key, Group(key, [])).runs.append(run)
-    return list(groups.values())
-
-
-def config_differences(group: Group) -> list[str]:
-    """Config keys (other than the seed and machine paths) that differ inside a group."""
-    flat = [_flatten(r.config) for r in group.runs]
-    keys = sorted(set().union(*flat)) if flat else []
-    return [k for k in keys if not k.startswith(NOT_THE_EXPERIMENT)
-            and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return statistics.fmean(values), std
-
-
-# -- writing -----------------------------------------------------------------------------------
-
-
-def _cell(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
-def _seeds(group: Group) -> str:
-    return ",".join(r.seed for r in group.runs)
-
-
-def markdown_table(groups: list[Group], keys: list[str], metrics: list[str]) -> str:
-    header = [*keys, "n", "seeds", *(HEADERS.get(m, m) for m in metrics)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in groups:
-        row = [*g.key, str(len(g.runs)), _seeds(g), *(_cell(g.values(m)) for m in metrics)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def not_finished_table(runs: list[Run], keys: list[str], base: Path) -> str:
-    lines = ["| run | status | " + " | ".join(keys) + " | seed | error |",
-             "|" + "---|" * (len(keys) + 4)]
-    for r in runs:
-        error = r.error.replace("|", "\\|") if r.error else "-"
-        lines.append(f"| {_relative(r.path, base)} | {r.status} | "
-                     + " | ".join(r.value(k) for k in keys) + f" | {r.seed} | {error} |")
-    return "\n".join(lines)
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def write_csv(path: Path, groups: list[Group], keys: list[str], metrics: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*keys, "n", "seeds", *(f"{m}_{s}" for m in metrics
-                                                for s in ("mean", "std", "n"))])
-        for g in groups:
-            row: list[Any] = [*g.key, len(g.runs), _seeds(g)]
-            for m in metrics:
-                values = g.values(m)
-                mean, std = mean_std(values)
-                row += ["" if mean is None else repr(mean), "" if std is None else repr(std),
-                        len(values)]
-            writer.writerow(row)
+def config_differences(runs: list[Run]) -> list[str]:
+    """Config keys (other than the seed and machine paths) that differ between ``runs``."""
+    flat = pd.json_normalize([r.config for r in runs], sep=".")
+    return [c for c in flat.columns if not c.startswith(NOT_THE_EXPERIMENT)
+            and flat[c].astype(str).nunique(dropna=False) > 1]
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -284,35 +239,36 @@ def _pyplot():
     return plt
 
 
-def plot_acc_vs_ece(groups: list[Group], keys: list[str], path: Path) -> Path | None:
-    points = []
-    for g in groups:
-        acc, acc_sd = mean_std(g.values("test.acc"))
-        ece, ece_sd = mean_std(g.values("test.ece"))
-        if acc is not None and ece is not None:
-            points.append((g.label(keys), ece, ece_sd or 0.0, acc, acc_sd or 0.0))
-    if not points:
+def _label(row, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys)
+
+
+def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
+    points = summary.dropna(subset=["test.acc_mean", "test.ece_mean"]) \
+        if "test.acc_mean" in summary and "test.ece_mean" in summary else summary.iloc[0:0]
+    if points.empty:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, ece, ece_sd, acc, acc_sd in points:
-        ax.errorbar(ece, acc, xerr=ece_sd, yerr=acc_sd, fmt="o", capsize=3, label=label)
+    for _, row in points.iterrows():
+        ax.errorbar(row["test.ece_mean"], row["test.acc_mean"],
+                    xerr=0 if pd.isna(row["test.ece_std"]) else row["test.ece_std"],
+                    yerr=0 if pd.isna(row["test.acc_std"]) else row["test.acc_std"],
+                    fmt="o", capsize=3, label=_label(row, keys))
     ax.set_xlabel("test ECE (best on val; lower is better)")
     ax.set_ylabel("test accuracy (best on val)")
     ax.set_title("accuracy vs calibration: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the axes, never on it
     plt.close(fig)
     return path
 
 
-def pooled_reliability(group: Group) -> dict[str, list[float]] | None:
-    """Per-bin sums (count, confidence, correct) added over the group's runs; None if any
-    run lacks them."""
+def pooled_reliability(runs: list[Run]) -> dict[str, list[float]] | None:
+    """Per-bin sums (count, confidence, correct) added over runs; None if any lacks them."""
     total: dict[str, list[float]] | None = None
-    for run in group.runs:
+    for run in runs:
         bins = (run.results or {}).get("reliability")
         if not bins or not all(k in bins for k in ("count", "confidence", "correct")):
             return None
@@ -321,65 +277,39 @@ def pooled_reliability(group: Group) -> dict[str, list[float]] | None:
         if len(bins["count"]) != len(total["count"]):
             return None
         for k in total:
-            total[k] = [a + float(b) for a, b in zip(total[k], bins[k], strict=False)]
+            total[k] = [a + float(b) for a, b in zip(total[k], bins[k], strict=True)]
     return total
 
 
-def plot_reliability(groups: list[Group], keys: list[str], path: Path) -> Path | None:
-    pooled = [(g, b) for g in groups if (b := pooled_reliability(g)) is not None]
-    if not pooled:
+def plot_reliability(groups: list[tuple[str, list[Run]]], path: Path) -> Path | None:
+    from .plots import reliability_grid
+
+    panels = [(f"{label} ({len(runs)} runs)", bins) for label, runs in groups
+              if (bins := pooled_reliability(runs)) is not None]
+    if not panels:
         return None
-    plt = _pyplot()
-    cols = min(4, len(pooled))
-    rows = math.ceil(len(pooled) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat[len(pooled):]:
-        ax.axis("off")
-    for ax, (g, bins) in zip(axes.flat, pooled, strict=False):
-        n_bins = len(bins["count"])
-        width = 1.0 / n_bins
-        total = sum(bins["count"]) or 1.0
-        gaps = zip(bins["correct"], bins["confidence"], strict=False)
-        ece = sum(abs(c - k) for c, k in gaps) / total
-        centers = [(i + 0.5) * width for i in range(n_bins)]
-        has = [i for i in range(n_bins) if bins["count"][i] > 0]
-        acc = [bins["correct"][i] / bins["count"][i] for i in has]
-        conf = [bins["confidence"][i] / bins["count"][i] for i in has]
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        ax.bar([centers[i] for i in has], acc, width=width, color="#4C72B0", edgecolor="black")
-        ax.plot(conf, acc, ".", color="#DD8452", label="mean confidence")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{g.label(keys)}\nn={len(g.runs)}, pooled ECE={ece:.4f}", fontsize=8)
-        ax.set_xlabel("confidence", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-    fig.suptitle("reliability on test (best on val), bins pooled over seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return reliability_grid(panels, path, "reliability on test (best on val), bins pooled "
+                                          "over seeds")
 
 
-def plot_mixing(groups: list[Group], keys: list[str], path: Path) -> Path | None:
-    rows = []
-    for g in groups:
-        clean = g.values("mixing.label_weight_clean")
-        noisy = g.values("mixing.label_weight_noisy")
-        if clean or noisy:
-            rows.append((g.label(keys), mean_std(clean), mean_std(noisy)))
-    if not rows:
+def plot_mixing(frame: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
+    cols = ("mixing.label_weight_clean", "mixing.label_weight_noisy")
+    if not all(c in frame for c in cols):
+        return None
+    rows = summarize(frame, keys, list(cols)).dropna(subset=[f"{c}_mean" for c in cols],
+                                                     how="all")
+    if rows.empty:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 2), 4))
     x = range(len(rows))
-    for offset, idx, name, color in ((-0.2, 1, "clean examples", "#55A868"),
-                                     (0.2, 2, "noisy examples", "#C44E52")):
-        means = [r[idx][0] if r[idx][0] is not None else 0.0 for r in rows]
-        sds = [r[idx][1] or 0.0 for r in rows]
-        ax.bar([i + offset for i in x], means, width=0.4, yerr=sds, capsize=3, color=color,
-               label=name)
+    for offset, col, name, color in ((-0.2, cols[0], "clean examples", "#55A868"),
+                                     (0.2, cols[1], "noisy examples", "#C44E52")):
+        ax.bar([i + offset for i in x], rows[f"{col}_mean"].fillna(0), width=0.4,
+               yerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
     ax.set_xticks(list(x))
-    ax.set_xticklabels([r[0] for r in rows], fontsize=7, rotation=15, ha="right")
+    ax.set_xticklabels([_label(r, keys) for _, r in rows.iterrows()], fontsize=7, rotation=15,
+                       ha="right")
     ax.set_ylabel("mean weight on the given label")
     ax.set_title("ALM-KD mixing: label weight, clean vs noisy (mean ± std over seeds)",
                  fontsize=9)
@@ -388,6 +318,77 @@ def plot_mixing(groups: list[Group], keys: list[str], path: Path) -> Path | None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
+                 sources: list[Path]) -> tuple[str, pd.DataFrame]:
+    finished = [r for r in runs if r.status == "finished"]
+    others = [r for r in runs if r.status != "finished"]
+    frame = results_frame(runs, keys)
+    check_metrics(frame, metrics)
+    summary = summarize(frame, keys, metrics) if finished else pd.DataFrame()
+    groups = [(_label(row, keys), [r for r in finished
+                                   if all(r.value(k) == row[k] for k in keys)])
+              for _, row in summary.iterrows()]
+    lines = ["# kdlab report", "",
+             "Runs under: " + ", ".join(f"`{p}`" for p in sources), "",
+             f"{len(finished)} finished runs in {len(groups)} groups; {len(others)} failed or "
+             f"unfinished{' (listed below, not averaged)' if others else ''}.", "",
+             "mean ± sample std over seeds; best = checkpoint with the best val/acc, "
+             "last = last epoch; accuracy and ECE (15 bins) are fractions.", ""]
+    if finished:
+        lines += [markdown_table(summary, keys, metrics), ""]
+    for label, members in groups:
+        diff = config_differences(members)
+        if diff:
+            lines.append(f"- note: group `{label}` mixes runs whose configs differ in "
+                         f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}: "
+                         "add them to --by to separate them")
+        seeds = [r.seed for r in members]
+        if len(set(seeds)) < len(seeds):
+            lines.append(f"- note: group `{label}` repeats a seed ({', '.join(seeds)})")
+    if others:
+        failed = pd.DataFrame({"run": [_relative(r.path, out) for r in others],
+                               "status": [r.status for r in others],
+                               **{k: [r.value(k) for r in others] for k in keys},
+                               "seed": [r.seed for r in others],
+                               "error": [r.error.replace("|", "\\|") or "-" for r in others]})
+        lines += ["", "## Failed or unfinished runs", "",
+                  failed.to_markdown(index=False, tablefmt="pipe", disable_numparse=True), ""]
+    plots = [plot_acc_vs_ece(summary, keys, out / "report_acc_vs_ece.png") if finished else None,
+             plot_reliability(groups, out / "report_reliability.png"),
+             plot_mixing(frame, keys, out / "report_mixing.png")]
+    plots = [p for p in plots if p is not None]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines).rstrip() + "\n", summary
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_summary(results: dict[str, Any], output_dir: Path) -> str:
+    """The table a finished run prints: teachers and student on the test set."""
+    student = results["student"]
+    rows = [(f"teacher {t['name']} ({t['arch']})", t["test"]) for t in results["teachers"]]
+    rows += [(f"student {student['name']} ({student['arch']}), best on val "
+              f"(epoch {results['best_epoch']})", results["test"]),
+             (f"student {student['name']}, last epoch", results["test_last"])]
+    table = pd.DataFrame([{"test set": name, "acc": m["acc"], "ECE": m["ece"], "NLL": m["nll"]}
+                          for name, m in rows])
+    noise = results["noise"]
+    head = (f"\nkdlab: method={results['method']} dataset={results['dataset']} "
+            f"seed={results['seed']} noise={noise['type']}:{noise['rate']} "
+            f"({results['wall_time_s']:.0f} s)")
+    body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left")
+    return f"{head}\n{body}\nrun directory: {output_dir}"
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "and report_*.png.",
         epilog="Metrics are dotted paths into results.json: test.acc (best-on-val checkpoint), "
                "test_last.ece (last epoch), val.nll, mixing.label_weight_noisy, ...; "
-               "teacher.X = teachers.0.test.X; a bare name X = test.X.")
+               "teacher.X = the first teacher's X or its test.X; a bare name X = test.X.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                         help="run directories or trees of them (multirun sweep dirs)")
     parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
@@ -418,40 +419,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where report.md, report.csv and plots go (default: first PATH)")
     return parser.parse_args(argv)
-
-
-def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
-                 sources: list[Path]) -> tuple[str, list[Group]]:
-    finished = [r for r in runs if r.status == "finished"]
-    others = [r for r in runs if r.status != "finished"]
-    groups = group_runs(finished, keys)
-    lines = ["# kdlab report", "",
-             "Runs under: " + ", ".join(f"`{p}`" for p in sources), "",
-             f"{len(finished)} finished runs in {len(groups)} groups; {len(others)} failed or "
-             f"unfinished{' (listed below, not averaged)' if others else ''}.", "",
-             "mean ± sample std over seeds; best = checkpoint with the best val/acc, "
-             "last = last epoch; accuracy and ECE (15 bins) are fractions.", ""]
-    if groups:
-        lines += [markdown_table(groups, keys, metrics), ""]
-    for g in groups:
-        diff = config_differences(g)
-        if diff:
-            lines.append(f"- note: group `{g.label(keys)}` mixes runs whose configs differ in "
-                         f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}: "
-                         "add them to --by to separate them")
-        seeds = [r.seed for r in g.runs]
-        if len(set(seeds)) < len(seeds):
-            lines.append(f"- note: group `{g.label(keys)}` repeats a seed ({', '.join(seeds)})")
-    if others:
-        lines += ["", "## Failed or unfinished runs", "",
-                  not_finished_table(others, keys, out), ""]
-    plots = [plot_acc_vs_ece(groups, keys, out / "report_acc_vs_ece.png"),
-             plot_reliability(groups, keys, out / "report_reliability.png"),
-             plot_mixing(groups, keys, out / "report_mixing.png")]
-    plots = [p for p in plots if p is not None]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    return "\n".join(lines).rstrip() + "\n", groups
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -469,9 +436,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--by {unknown[0]}: no run has this config key or group")
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    text, groups = build_report(runs, keys, args.metric, out, args.paths)
+    try:
+        text, summary = build_report(runs, keys, args.metric, out, args.paths)
+    except ReportError as e:
+        _fail(str(e))
     (out / "report.md").write_text(text)
-    write_csv(out / "report.csv", groups, keys, args.metric)
+    summary.to_csv(out / "report.csv", index=False)
     print(text)
     print(f"wrote {out / 'report.md'} and {out / 'report.csv'}")
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError
-from .noise import apply_label_noise
+from .noise import apply_label_noise, check_noise
 
 
 class ArrayDataset(Dataset):
@@ -92,7 +92,7 @@ class BatchSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule(pl.LightningDataModule):
     """Base for all kdlab datasets. Subclasses implement ``load()``.
 
     ``load`` returns a dict with ``train_inputs``, ``train_targets``, ``test_inputs``,
@@ -102,6 +102,7 @@ class SplitDataModule(L.LightningDataModule):
 
     name = "dataset"
     asymmetric_class_map: dict[int, int] | None = None  # built-in map for noise=asymmetric
+    has_coarse_labels = False  # superclass labels (load() returns train_coarse): CIFAR-100
     # True when a train example always reaches the model as the same tensor (no random
     # augmentation): per-example teacher outputs can then be computed once and cached.
     deterministic_train: bool = True
@@ -109,21 +110,26 @@ class SplitDataModule(L.LightningDataModule):
     input_shape: tuple[int, ...]
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None,
-                 meta_fraction: float = 0.1, val_fraction: float = 0.0,
-                 meta_batch_size: int | None = None, num_workers: int = 0,
-                 noise: dict | None = None, seed: int = 0, **_: Any):
+                 meta_fraction: float = 0.1, val_fraction: float = 0.0, num_workers: int = 0,
+                 noise: dict | None = None, seed: int = 0, recipe: dict | None = None):
         super().__init__()
         if not 0.0 < float(meta_fraction) < 1.0:
             raise ConfigError(f"dataset.meta_fraction must be in (0, 1), got {meta_fraction}")
         if not 0.0 <= float(val_fraction) < 1.0:
             raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        if float(meta_fraction) + float(val_fraction) >= 1.0:
+            raise ConfigError("dataset.meta_fraction + dataset.val_fraction must be < 1 (the "
+                              f"rest is the train split), got {meta_fraction} + {val_fraction}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"dataset.batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or max(256, batch_size))
-        self.meta_batch_size = int(meta_batch_size or self.eval_batch_size)
+        self.recipe = dict(recipe or {})  # read by the config (optimizer, schedule, teachers)
         self.meta_fraction = float(meta_fraction)
         self.val_fraction = float(val_fraction)
         self.num_workers = int(num_workers)
         self.noise = dict(noise or {"type": "none", "rate": 0.0})
+        check_noise(self.noise.get("type", "none"), self.noise.get("rate", 0.0))
         self.seed = int(seed)
         self.splits: dict[str, ArrayDataset] = {}
         self.noise_mask: Tensor | None = None
@@ -132,6 +138,14 @@ class SplitDataModule(L.LightningDataModule):
     # -- to implement ----------------------------------------------------------------------
     def load(self) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Cheap checks before any work (e.g. data present when downloads are off)."""
+        if (self.noise.get("type") == "asymmetric" and not self.noise.get("class_map")
+                and not self.asymmetric_class_map and not self.has_coarse_labels):
+            raise ConfigError(f"noise=asymmetric needs a class map for {self.name}: set "
+                              "noise.class_map={src: dst, ...} (built in for CIFAR-10 and "
+                              "CIFAR-100)")
 
     # -- splits ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -187,11 +201,6 @@ class SplitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
-
-    def meta_dataloader(self, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
-        """Clean held-out batches for methods that learn from a validation signal."""
-        return self._loader("meta", batch_size or self.meta_batch_size, shuffle=shuffle,
-                            drop_last=False, seed_offset=7919)
 
     def train_eval_dataloader(self, batch_size: int | None = None,
                               shard: bool = True) -> DataLoader:

@@ -139,16 +139,20 @@ class _CifarDataModule(SplitDataModule):
         return [f for f in (*self.train_files, *self.test_files)
                 if not (self.data_dir / f).is_file()]
 
-    def prepare_data(self) -> None:
-        """Download and extract if needed (Lightning calls this once per node first)."""
-        if not self._missing():
-            return
-        if not self.download:
+    def check(self) -> None:
+        super().check()
+        if self._missing() and not self.download:
             raise DatasetError(
                 f"{self.title} not found: expected the extracted '{self.folder}' folder at "
                 f"{self.data_dir} (missing {', '.join(self._missing())}); set "
                 f"dataset.download=true, or download {self.url} and extract it into "
                 f"{self.root}")
+
+    def prepare_data(self) -> None:
+        """Download and extract if needed (Lightning calls this once per node first)."""
+        if not self._missing():
+            return
+        self.check()
         download_and_extract(self.url, self.md5, self.root)
         missing = self._missing()
         if missing:
@@ -211,6 +215,7 @@ class Cifar10DataModule(_CifarDataModule):
 
 class Cifar100DataModule(_CifarDataModule):
     name = "cifar100"
+    has_coarse_labels = True
     title = "CIFAR-100"
     num_classes = 100
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"

@@ -41,10 +41,8 @@ def superclass_ring(fine: Tensor, coarse: Tensor) -> dict[int, int]:
     return ring
 
 
-def apply_label_noise(labels: Tensor, type: str = "none", rate: float = 0.0, *,
-                      num_classes: int, seed: int = 0, coarse: Tensor | None = None,
-                      class_map: dict | None = None, **_) -> tuple[Tensor, Tensor]:
-    """Return (noisy labels, mask of changed labels)."""
+def check_noise(type: str = "none", rate: float = 0.0) -> float:
+    """The rate as a float, or a one-line error naming the fix."""
     if type not in NOISE_TYPES:
         raise ConfigError(f"unknown noise type {type!r}; available: {', '.join(NOISE_TYPES)}")
     try:
@@ -53,6 +51,18 @@ def apply_label_noise(labels: Tensor, type: str = "none", rate: float = 0.0, *,
         raise ConfigError(f"noise.rate must be a number in [0, 1], got {rate!r}") from None
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"noise.rate must be in [0, 1], got {rate}")
+    if type == "none" and rate > 0:
+        raise ConfigError(f"noise.rate={rate} with noise=none would train on clean labels; "
+                          f"choose the noise type too, e.g. noise=symmetric noise.rate={rate} "
+                          f"(types: {', '.join(NOISE_TYPES[1:])})")
+    return rate
+
+
+def apply_label_noise(labels: Tensor, type: str = "none", rate: float = 0.0, *,
+                      num_classes: int, seed: int = 0, coarse: Tensor | None = None,
+                      class_map: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Return (noisy labels, mask of changed labels)."""
+    rate = check_noise(type, rate)
     labels = labels.long()
     if type == "none" or rate == 0.0:
         return labels.clone(), torch.zeros(len(labels), dtype=torch.bool)

@@ -1,8 +1,10 @@
-"""Controlled synthetic classification (ALM-KD's synthetic setting).
+"""Controlled synthetic classification (ALM-KD's synthetic setting, the authors' generator).
 
-scikit-learn ``make_classification``: 10,000 samples, 14 features, 20 classes, one cluster
-per class (the defaults below), generated from ``data_seed`` so the data never depends on the
-run seed; a fixed stratified test split; features standardised with train statistics.
+scikit-learn ``make_classification``: 10,000 samples, 14 features, all informative, 20
+classes, one cluster per class, no label flipping (``flip_y=0``: scikit-learn's default
+0.01 would put wrong labels into the clean meta, val and test splits), generated from
+``data_seed`` so the data never depends on the run seed; a fixed stratified test split;
+features standardised with train statistics.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from .base import SplitDataModule
 class SyntheticDataModule(SplitDataModule):
     name = "synthetic"
 
-    def __init__(self, n_samples: int = 10_000, n_features: int = 14, n_informative: int = 10,
-                 n_redundant: int = 2, n_classes: int = 20, n_clusters_per_class: int = 1,
-                 class_sep: float = 1.0, test_fraction: float = 0.2, data_seed: int = 0,
-                 **kwargs):
+    def __init__(self, n_samples: int = 10_000, n_features: int = 14, n_informative: int = 14,
+                 n_redundant: int = 0, n_classes: int = 20, n_clusters_per_class: int = 1,
+                 class_sep: float = 1.0, flip_y: float = 0.0, test_fraction: float = 0.2,
+                 data_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.gen = dict(n_samples=int(n_samples), n_features=int(n_features),
                         n_informative=int(n_informative), n_redundant=int(n_redundant),
                         n_classes=int(n_classes), n_clusters_per_class=int(n_clusters_per_class),
-                        class_sep=float(class_sep), random_state=int(data_seed))
+                        class_sep=float(class_sep), flip_y=float(flip_y),
+                        random_state=int(data_seed))
         self.num_classes = int(n_classes)
         self.input_shape = (int(n_features),)
         self.test_fraction = float(test_fraction)

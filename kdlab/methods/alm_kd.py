@@ -232,7 +232,6 @@ class ALMKD(Method):
     name = "alm_kd"
     description = ("ALM-KD: per-example label/teacher loss weights meta-learned on the clean "
                    "meta split (one-step lookahead)")
-    reads_clean_train_teacher = True  # the meta pass reuses the cached teacher logits
 
     def __init__(self, temperature: float = 4.0, combination: str = "free",
                  lookahead: str = "last_layer", meta_every: int = 10, meta_start: int = 10,
@@ -283,9 +282,8 @@ class ALMKD(Method):
         k = len(ctx.teachers)
         if k == 0:
             raise ConfigError("method alm_kd needs at least one teacher")
-        dm = ctx.trainer.datamodule
-        n = int(dm.train_size)
-        self._noise_mask = dm.noise_mask
+        n = int(ctx.train_size)
+        self._noise_mask = ctx.noise_mask
         if tuple(self.mixing_weights.shape) == (n, k + 1):
             return  # already sized (later stages, or restored)
         self.mixing_weights = initial_weights(n, k, self.init_teacher_weight,
@@ -337,8 +335,8 @@ class ALMKD(Method):
         summary = column_summary(self.mixing_weights, self._noise_mask)
         self.history = [h for h in self.history if h[0] != epoch] + [(epoch, summary)]
         self._log_summary(ctx, summary)
-        if self.plot and ctx.trainer.is_global_zero:
-            self._write_plot(Path(ctx.trainer.default_root_dir) / "alm_mixing_weights.png")
+        if self.plot and ctx.is_global_zero:
+            self._write_plot(Path(ctx.run_dir) / "alm_mixing_weights.png")
 
     def constrain(self, rows: Tensor) -> Tensor:
         if self.combination == "convex":
@@ -347,7 +345,6 @@ class ALMKD(Method):
 
     def meta_pass(self, ctx: Any) -> None:
         """Update the rows of every train example this rank sees, then merge across ranks."""
-        dm = ctx.trainer.datamodule
         student = ctx.student
         device = ctx.device
         lr = float(ctx.current_lr)
@@ -356,11 +353,11 @@ class ALMKD(Method):
         student.eval()
         try:
             with ctx.precision_context():
-                meta = self._meta_split(dm, student, head, device)
-            gen = torch.Generator().manual_seed(int(dm.seed) * 1_000_003 + int(ctx.current_epoch))
+                meta = self._meta_split(ctx, student, head)
+            gen = torch.Generator().manual_seed(int(ctx.seed) * 1_000_003 + int(ctx.current_epoch))
             updated = torch.zeros(len(self.mixing_weights), dtype=torch.bool,
                                   device=self.mixing_weights.device)
-            for chunk in self._chunks(dm, device):
+            for chunk in self._chunks(ctx):
                 idx = chunk["index"]
                 with torch.no_grad(), ctx.precision_context():
                     teacher_logits = torch.stack(
@@ -386,28 +383,18 @@ class ALMKD(Method):
         finally:
             student.train(was_training)
 
-    def _chunks(self, dm: Any, device: torch.device):
+    def _chunks(self, ctx: Any):
         """The train split in order (this rank's shard), ``chunk_batches`` batches at a time."""
-        pending: list[dict[str, Tensor]] = []
-        for batch in dm.train_eval_dataloader(batch_size=dm.batch_size):
-            pending.append(batch)
-            if len(pending) == self.chunk_batches:
-                yield self._prepare(dm, pending, device)
-                pending = []
-        if pending:
-            yield self._prepare(dm, pending, device)
+        shard = torch.arange(int(ctx.train_size))[ctx.global_rank::ctx.world_size]
+        for idx in shard.split(int(ctx.batch_size) * self.chunk_batches):
+            yield ctx.examples("train", idx)
 
-    @staticmethod
-    def _prepare(dm: Any, batches: list[dict[str, Tensor]], device) -> dict[str, Tensor]:
-        batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        return dm.model_batch(batch, device, train=False)
-
-    def _meta_split(self, dm: Any, student: nn.Module, head: nn.Linear, device) -> dict:
+    def _meta_split(self, ctx: Any, student: nn.Module, head: nn.Linear) -> dict:
         """The clean meta split on the device: targets and features (or inputs for full)."""
-        ds = dm.splits["meta"]
+        meta = ctx.examples("meta")
         out: dict[str, list[Tensor]] = {"target": [], "h": [], "input": []}
-        for pos in torch.arange(len(ds)).split(dm.eval_batch_size):
-            batch = dm.model_batch(ds[pos], device, train=False)
+        for pos in torch.arange(len(meta["target"])).split(256):
+            batch = {k: v[pos] for k, v in meta.items()}
             out["target"].append(batch["target"])
             if self.lookahead == "last_layer":
                 with torch.no_grad():

@@ -4,41 +4,44 @@ A distillation method is an ``nn.Module`` (so whatever it learns or remembers ac
 lives in its buffers/parameters and is saved in checkpoints). The LightningModule never asks
 which method it runs; it only calls this contract:
 
-* ``needs_teacher`` — whether teacher outputs must be computed for the training batch.
-* ``reads_clean_train_teacher`` — the method walks the un-augmented train split itself
-  (``ctx.clean_train_teacher_outputs``); the module then keeps every teacher's logits on it
-  in memory even when training batches are augmented, so such passes cost no teacher forward.
-* ``student_features`` / ``teacher_features`` — module paths (``"layer2"``, ``"block.1.conv"``)
-  whose outputs the method needs; they are taken with forward hooks.
-* ``loss_terms(student, teachers, batch)`` — returns ``{term name: already-weighted scalar}``;
-  the training loss is their sum and each term is logged on its own.
-* Optional hooks with the running ``DistillModule`` as ``ctx``: ``setup`` (before
-  optimisers are built and before a checkpoint is restored: create state buffers and
-  learnable parts whose shapes depend on the data or models here), ``on_fit_start``,
-  ``on_train_epoch_start``, ``on_train_batch_end`` (after the optimiser step).
-  ``setup`` runs for every stage (fit, validate, test): keep it idempotent.
-* ``results()`` — extra entries for the run's ``results.json``. It is called after the
+* ``needs_teacher`` -- whether teacher outputs must be computed for the training batch.
+* ``student_features`` / ``teacher_features`` -- module paths (``"layer2"``,
+  ``"block.1.conv"``) whose outputs the method needs; they are taken with forward hooks.
+* ``loss_terms(student, teachers, batch)`` -- returns ``{term name: already-weighted
+  scalar}``; the training loss is their sum and each term is logged as ``train/loss_<name>``.
+  Logits may arrive in bfloat16 under mixed precision: cast to float32 before softmax.
+* ``check(student, teachers)`` -- raise a :class:`ConfigError` if the method cannot apply to
+  these (untrained) models, e.g. a feature path that does not exist; runs before any work.
+* Optional hooks, each given the run's :class:`MethodContext`: ``setup`` (before optimisers
+  are built and before a checkpoint is restored: create state buffers and learnable parts
+  whose shapes depend on the data or models; runs for every stage, keep it idempotent),
+  ``on_fit_start``, ``on_train_epoch_start``, ``on_train_batch_end`` (after the optimiser
+  step).
+* ``results()`` -- extra entries for the run's ``results.json``. It is called after the
   best-on-val checkpoint has been loaded back for testing, so a method reports state it
   kept itself (e.g. the final weights), not what the buffers hold at that moment.
+* ``extra_parameters()`` -- learnable parts of the method (a FitNet regressor) that join the
+  student's optimiser.
 
-``ctx`` gives ``ctx.student``, ``ctx.teachers``, ``ctx.teacher_outputs(x)``,
-``ctx.teacher_outputs_for(batch)`` (uses the per-example teacher cache when there is one),
-``ctx.clean_train_teacher_outputs(batch)`` (for batches of ``train_eval_dataloader``),
-``ctx.precision_context()`` (the trainer's autocast, for a method's own forward passes),
-``ctx.num_classes``, ``ctx.device``, ``ctx.trainer`` (``ctx.trainer.datamodule`` has
-``train_size``, ``noise_mask``, ``meta_dataloader()``, ``train_eval_dataloader()``,
-``model_batch(batch, device)``), ``ctx.current_epoch``, ``ctx.global_step``,
-``ctx.current_lr``, ``ctx.all_gather`` and ``ctx.log(...)``.
+A method sees the run only through :class:`MethodContext`, never the Trainer or the
+DataModule; ``tests/helpers`` has one fake context that serves every method test.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+Batch = dict[str, Tensor]
 
 
 @dataclass
@@ -49,35 +52,89 @@ class Outputs:
     features: dict[str, Tensor] = field(default_factory=dict)
 
 
+class MethodContext(Protocol):
+    """Everything a method may use of the running training (the LightningModule provides it).
+
+    Sizes and progress: ``num_classes``, ``input_shape``, ``train_size`` (examples in the
+    train split), ``batch_size`` (train batch per rank), ``current_epoch``, ``global_step``,
+    ``max_epochs``, ``total_steps`` (optimiser steps of the whole run), ``current_lr``,
+    ``seed``, ``device``, ``global_rank``, ``world_size``, ``is_global_zero``, ``run_dir``.
+    Models: ``student``; ``teachers`` (frozen, eval mode). ``noise_mask`` marks the train
+    examples whose label was corrupted: for analysis and reporting only, training must not
+    read it.
+    """
+
+    student: nn.Module
+    teachers: Sequence[nn.Module]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_size: int
+    batch_size: int
+    current_epoch: int
+    global_step: int
+    max_epochs: int
+    total_steps: int
+    current_lr: float
+    seed: int
+    device: torch.device
+    global_rank: int
+    world_size: int
+    is_global_zero: bool
+    run_dir: Path
+    noise_mask: Tensor | None
+
+    def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
+        """The frozen teachers on inputs ``x`` (float32, no autograd history)."""
+
+    def examples(self, split: str, index: Tensor | None = None) -> Batch:
+        """Un-augmented examples of ``split`` (train | meta | val) on the device, as a batch
+        ``{input, target, index}``; ``index``: positions in the split (default: all of it).
+        The train split's targets are its (possibly noisy) training labels."""
+
+    def clean_train_teacher_outputs(self, batch: Batch) -> list[Outputs]:
+        """Teachers on a batch of ``examples("train", ...)``: looked up in the teacher-logit
+        cache when there is one, so per-example passes cost no teacher forward."""
+
+    def precision_context(self) -> AbstractContextManager:
+        """The trainer's precision (e.g. bf16 autocast) for a method's own forward passes."""
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """(world_size, *shape) stacked over DDP ranks (shape unchanged on one process)."""
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Log a metric (Lightning's ``self.log``)."""
+
+
 class Method(nn.Module):
     """Base class: subclasses set ``name``/``description`` and implement ``loss_terms``."""
 
     name: str = "method"
     description: str = ""
     needs_teacher: bool = True
-    reads_clean_train_teacher: bool = False
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
 
-    def loss_terms(
-        self, student: Outputs, teachers: list[Outputs], batch: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, student: Outputs, teachers: list[Outputs], batch: Batch
+                   ) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def forward(self, student: Outputs, teachers: list[Outputs], batch: dict[str, Tensor]):
+    def forward(self, student: Outputs, teachers: list[Outputs], batch: Batch):
         return self.loss_terms(student, teachers, batch)
 
-    # Hooks: the default is to do nothing. ``ctx`` is the running DistillModule.
-    def setup(self, ctx: Any) -> None:
+    def check(self, student: nn.Module, teachers: Sequence[nn.Module]) -> None:
+        """Raise a ConfigError if the method cannot apply to these models."""
+
+    # Hooks: the default is to do nothing.
+    def setup(self, ctx: MethodContext) -> None:
         pass
 
-    def on_fit_start(self, ctx: Any) -> None:
+    def on_fit_start(self, ctx: MethodContext) -> None:
         pass
 
-    def on_train_epoch_start(self, ctx: Any) -> None:
+    def on_train_epoch_start(self, ctx: MethodContext) -> None:
         pass
 
-    def on_train_batch_end(self, ctx: Any, batch: dict[str, Tensor]) -> None:
+    def on_train_batch_end(self, ctx: MethodContext, batch: Batch) -> None:
         pass
 
     def results(self) -> dict[str, Any]:
@@ -88,7 +145,16 @@ class Method(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-# Shared loss terms, written once and reused by the methods.
+# -- shared pieces, written once and reused by the methods ---------------------------------
+
+
+def require_teachers(method: str, count: int, exactly: int | None = None) -> None:
+    """A one-line ConfigError unless there is a teacher (``exactly`` teachers if given)."""
+    if exactly is not None and count != exactly:
+        raise ConfigError(f"method {method} takes exactly {exactly} teacher(s), got {count}"
+                          + ("; set `teacher` and leave `teachers` null" if exactly == 1 else ""))
+    if count == 0:
+        raise ConfigError(f"method {method} needs a teacher but none was given")
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -101,25 +167,29 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last dim, one value per row."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
           reduction: str = "mean") -> Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes.
 
     ``reduction="mean"`` averages over the batch, ``"none"`` returns one value per example.
+    The dtype of float64 inputs is kept (the tests use it); lower precisions go to float32.
     """
     t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    per_example = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t
-    if reduction == "none":
-        return per_example
-    return per_example.mean()
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
+    per_example = kl_divergence(log_p_t, log_p_s) * t * t
+    return per_example if reduction == "none" else per_example.mean()
 
 
-def require_teachers(teachers: list[Outputs], method: str) -> None:
-    if not teachers:
-        raise ValueError(f"method {method!r} needs a teacher but none was given")
+def gather_from_ranks(ctx: MethodContext, value: Tensor) -> Tensor:
+    """``value`` concatenated over DDP ranks along dim 0 (unchanged on one process)."""
+    if ctx.world_size <= 1:
+        return value
+    return ctx.all_gather(value).flatten(0, 1)
 
-
-def zeros_like_loss(ref: Tensor) -> Tensor:
-    return torch.zeros((), device=ref.device, dtype=torch.float32)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, Outputs, cross_entropy, require_teachers
+from .base import Method, Outputs, cross_entropy, kl_divergence, require_teachers
 
 
 def binary_log_masses(logits: Tensor, target: Tensor, temperature: float) -> Tensor:
@@ -48,24 +48,19 @@ def non_target_log_probs(logits: Tensor, target: Tensor, temperature: float) -> 
     return F.log_softmax(z[keep].view(z.shape[0], -1), dim=-1)
 
 
-def kl_from_log_probs(log_q: Tensor, log_p: Tensor) -> Tensor:
-    """KL(q || p) summed over the last dimension, averaged over the batch."""
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
-
-
 def tckd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
          temperature: float) -> Tensor:
     """Target-class KD: T^2 KL over the binary (target, non-target) masses."""
-    kl = kl_from_log_probs(binary_log_masses(teacher_logits, target, temperature),
-                           binary_log_masses(student_logits, target, temperature))
+    kl = kl_divergence(binary_log_masses(teacher_logits, target, temperature),
+                       binary_log_masses(student_logits, target, temperature)).mean()
     return kl * temperature**2
 
 
 def nckd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
          temperature: float) -> Tensor:
     """Non-target-class KD: T^2 KL between the distributions over the non-target classes."""
-    kl = kl_from_log_probs(non_target_log_probs(teacher_logits, target, temperature),
-                           non_target_log_probs(student_logits, target, temperature))
+    kl = kl_divergence(non_target_log_probs(teacher_logits, target, temperature),
+                       non_target_log_probs(student_logits, target, temperature)).mean()
     return kl * temperature**2
 
 
@@ -93,7 +88,7 @@ class DKD(Method):
         return min(float(self.epoch) / self.warmup_epochs, 1.0)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        require_teachers(teachers, self.name)
+        require_teachers(self.name, len(teachers))
         y = batch["target"]
         s = student.logits
         warm = self.warmup_factor()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import FeatureHooks
-from .base import Method, Outputs, cross_entropy
+from .base import Method, Outputs, cross_entropy, require_teachers
 
 
 def align_features(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,11 +70,6 @@ def probe_feature(model: nn.Module, path: str, input_shape: tuple[int, ...],
     return feats[path].float()
 
 
-def _single_teacher(n: int) -> None:
-    if n != 1:
-        raise ConfigError(f"fitnet takes hints from exactly one teacher, got {n}")
-
-
 class FitNet(Method):
     name = "fitnet"
     description = "FitNet: CE + beta * MSE(regressor(student guided layer), teacher hint layer)"
@@ -89,11 +84,20 @@ class FitNet(Method):
         self.ce_weight = float(ce_weight)
         self.regressor: nn.Module | None = None  # built in setup() from the feature shapes
 
+    def check(self, student, teachers) -> None:
+        require_teachers(self.name, len(teachers), exactly=1)
+        for model, path, option in ((student, self.student_layer, "method.student_layer"),
+                                    (teachers[0], self.teacher_layer, "method.teacher_layer")):
+            if path not in dict(model.named_modules()):
+                top = ", ".join(n for n, _ in model.named_children())
+                raise ConfigError(f"{option}={path!r}: no module at that path in "
+                                  f"{type(model).__name__} (top-level modules: {top})")
+
     def setup(self, ctx) -> None:
         if self.regressor is not None:  # idempotent: setup runs for every stage
             return
-        _single_teacher(len(ctx.teachers))
-        shape = tuple(ctx.trainer.datamodule.input_shape)
+        self.check(ctx.student, ctx.teachers)
+        shape = tuple(ctx.input_shape)
         f_s = probe_feature(ctx.student, self.student_layer, shape, "method.student_layer")
         f_t = probe_feature(ctx.teachers[0], self.teacher_layer, shape, "method.teacher_layer")
         f_s, f_t = align_features(f_s, f_t)
@@ -105,7 +109,7 @@ class FitNet(Method):
         return F.mse_loss(self.regressor(f_s).float(), f_t.float())
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        _single_teacher(len(teachers))
+        require_teachers(self.name, len(teachers), exactly=1)
         if self.regressor is None:
             raise RuntimeError("fitnet regressor is not built: setup(ctx) must run first")
         hint = self.hint_loss(student.features[self.student_layer],

@@ -23,7 +23,7 @@ class KD(Method):
         self.kd_weight = float(kd_weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        require_teachers(teachers, self.name)
+        require_teachers(self.name, len(teachers))
         kl = sum(kd_kl(student.logits, t.logits, self.temperature) for t in teachers)
         return {
             "ce": self.ce_weight * cross_entropy(student.logits, batch["target"]),

@@ -11,25 +11,20 @@ w_kd = 0.9. With one teacher this is exactly KD.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Outputs, cross_entropy, require_teachers
+from .base import Outputs, cross_entropy, kl_divergence, require_teachers
 from .kd import KD
 
 
-def mean_teacher_probs(teacher_logits: list[Tensor], temperature: float) -> Tensor:
-    """q = mean over teachers of softmax(t_m / T)."""
-    return torch.stack([F.softmax(t.float() / temperature, dim=-1)
-                        for t in teacher_logits]).mean(0)
-
-
-def kl_to_probs(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(q || softmax(s / T)), summed over classes, averaged over the batch."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (torch.special.xlogy(target_probs, target_probs) - target_probs * log_p).sum(-1)
-    return kl.mean() * temperature**2
+def mean_teacher_log_probs(teacher_logits: list[Tensor], temperature: float) -> Tensor:
+    """log q, q = mean over teachers of softmax(t_m / T) (a log-sum-exp: finite)."""
+    logs = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in teacher_logits])
+    return torch.logsumexp(logs, dim=0) - math.log(len(teacher_logits))
 
 
 class MultiTeacherKD(KD):
@@ -39,9 +34,11 @@ class MultiTeacherKD(KD):
     description = "multi-teacher KD: CE + T^2 KL to the mean of the teachers' softened outputs"
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        require_teachers(teachers, self.name)
-        q = mean_teacher_probs([t.logits for t in teachers], self.temperature)
+        require_teachers(self.name, len(teachers))
+        t = self.temperature
+        log_q = mean_teacher_log_probs([o.logits for o in teachers], t)
+        log_p = F.log_softmax(student.logits.float() / t, dim=-1)
         return {
             "ce": self.ce_weight * cross_entropy(student.logits, batch["target"]),
-            "kd": self.kd_weight * kl_to_probs(student.logits, q, self.temperature),
+            "kd": self.kd_weight * t * t * kl_divergence(log_q, log_p).mean(),
         }

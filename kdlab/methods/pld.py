@@ -47,7 +47,7 @@ class PLD(Method):
         self.weight = float(weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        require_teachers(teachers, self.name)
+        require_teachers(self.name, len(teachers))
         y = batch["target"]
         loss = sum(pld_loss(student.logits, t.logits, y, self.temperature) for t in teachers)
         return {"pld": self.weight * loss / len(teachers)}

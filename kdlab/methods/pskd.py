@@ -29,15 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Method, Outputs, soft_cross_entropy
-
-
-def gather_from_ranks(ctx, value: Tensor) -> Tensor:
-    """Concatenate ``value`` over DDP ranks along dim 0 (unchanged on a single process)."""
-    trainer = getattr(ctx, "trainer", None)
-    if trainer is None or getattr(trainer, "world_size", 1) <= 1:
-        return value
-    return ctx.all_gather(value).flatten(0, 1)
+from .base import Method, Outputs, gather_from_ranks, soft_cross_entropy
 
 
 class PSKD(Method):
@@ -57,7 +49,7 @@ class PSKD(Method):
 
     # -- state -----------------------------------------------------------------------------
     def setup(self, ctx) -> None:
-        n, c = int(ctx.trainer.datamodule.train_size), int(ctx.num_classes)
+        n, c = int(ctx.train_size), int(ctx.num_classes)
         if tuple(self.memory.shape) != (n, c):  # idempotent: setup runs for every stage
             self.memory = torch.zeros(n, c, device=ctx.device)
             self.has_memory = torch.zeros(n, dtype=torch.bool, device=ctx.device)
@@ -73,7 +65,7 @@ class PSKD(Method):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_train_epoch_start(self, ctx) -> None:
-        epochs = self.max_epochs if self.max_epochs is not None else ctx.trainer.max_epochs
+        epochs = self.max_epochs if self.max_epochs is not None else ctx.max_epochs
         if epochs is None or epochs <= 0:
             raise ConfigError("pskd needs the number of epochs E: set trainer.max_epochs "
                               "or method.max_epochs")

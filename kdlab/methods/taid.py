@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Method, Outputs, soft_cross_entropy
+from .base import Method, Outputs, require_teachers, soft_cross_entropy
 
 
 def interpolated_target(student_logits: Tensor, teacher_logits: Tensor, t: Tensor | float
@@ -41,12 +41,6 @@ def interpolated_target(student_logits: Tensor, teacher_logits: Tensor, t: Tenso
     """p_t = softmax((1 - t) * stopgrad(s) + t * teacher_logits)."""
     mixed = (1 - t) * student_logits.detach().float() + t * teacher_logits.float()
     return F.softmax(mixed, dim=-1)
-
-
-def _single_teacher(n: int) -> None:
-    if n != 1:
-        raise ConfigError(f"taid distils from exactly one teacher, got {n}; for several "
-                          "teachers use method=multi_teacher_kd")
 
 
 class TAID(Method):
@@ -67,14 +61,14 @@ class TAID(Method):
         self._objective: Tensor | None = None
         self._steps = float(self.total_steps) if self.total_steps else math.inf
 
-    def setup(self, ctx) -> None:
-        _single_teacher(len(ctx.teachers))
+    def check(self, student, teachers) -> None:
+        require_teachers(self.name, len(teachers), exactly=1)
 
     def on_fit_start(self, ctx) -> None:
-        self._steps = float(self.total_steps or ctx.trainer.estimated_stepping_batches)
+        self._steps = float(self.total_steps or ctx.total_steps)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
-        _single_teacher(len(teachers))
+        require_teachers(self.name, len(teachers), exactly=1)
         p_t = interpolated_target(student.logits, teachers[0].logits, self.t)
         ce = soft_cross_entropy(student.logits, p_t)
         entropy = -(torch.special.xlogy(p_t, p_t)).sum(-1).mean()
@@ -103,8 +97,7 @@ class TAID(Method):
         if self._objective is None:
             return
         objective, self._objective = self._objective, None
-        trainer = getattr(ctx, "trainer", None)
-        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+        if ctx.world_size > 1:
             objective = ctx.all_gather(objective).mean()
         self.update(objective, int(ctx.global_step))
 
