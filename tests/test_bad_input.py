@@ -1,5 +1,6 @@
-"""Bad input through the real CLI: a non-zero exit, ONE line naming the problem and the fix,
-no traceback, and nothing earlier (a finished run, the teacher cache) modified."""
+"""Bad input through the `kdlab` command (in-process): a non-zero exit, ONE line naming the
+problem and the fix, no traceback, nothing earlier modified (a finished run, the teacher
+cache), and -- for everything a config check can see -- no run directory created at all."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_kdlab
+from helpers.cli import cli
 
 FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
 
@@ -21,10 +22,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def kdlab(args, cwd, env):
-    return run_kdlab("train", *args, cwd=cwd, env=env, check=False)
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -38,12 +35,12 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A finished CE run (mlp on digits) and a teacher cache entry, made through the CLI."""
+    """A finished KD run (mlp on digits) and a teacher cache entry."""
     root = tmp_path_factory.mktemp("bad-input")
     env = {"KDLAB_CACHE_DIR": str(root / "cache"), "KDLAB_DATA_DIR": str(root / "data")}
     finished = root / "finished"
-    out = kdlab(["method=kd", "student=mlp", "teacher=mlp", *FAST, f"hydra.run.dir={finished}"],
-                root, env)
+    out = cli("train", "method=kd", "student=mlp", "teacher=mlp", "teacher.max_epochs=1", *FAST,
+              f"hydra.run.dir={finished}", cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     ckpt = finished / "checkpoints" / "last.ckpt"
     data = ckpt.read_bytes()
@@ -54,52 +51,63 @@ def world(tmp_path_factory):
     return root, env, finished, ckpt, marker
 
 
+# name: (overrides, words the single error line must contain, caught before anything exists)
 CASES = {
-    # name: (overrides, words the single error line must contain)
-    "unknown method": (["method=nope"], ["nope", "kd", "ce"]),
-    "unknown model": (["student=nope"], ["nope", "resnet8x4"]),
-    "unknown dataset": (["dataset=nope"], ["nope", "digits", "cifar100"]),
-    "unknown noise group": (["noise=nope"], ["nope", "symmetric"]),
-    "unknown noise type": (["noise.type=nope"], ["nope", "pairflip"]),
-    "noise rate > 1": (["noise=symmetric", "noise.rate=1.5"], ["noise.rate", "[0, 1]"]),
-    "noise rate < 0": (["noise=symmetric", "noise.rate=-0.1"], ["noise.rate", "[0, 1]"]),
-    "meta fraction 0": (["dataset.meta_fraction=0"], ["meta_fraction", "(0, 1)"]),
-    "meta fraction 1": (["dataset.meta_fraction=1.0"], ["meta_fraction", "(0, 1)"]),
-    "no such key": (["trainer.nope=3"], ["nope", "+trainer.nope"]),
-    "teacher ckpt missing": (["teacher.ckpt={root}/missing.ckpt"], ["not found", "teacher.ckpt"]),
+    "unknown method": (["method=nope"], ["nope", "kd", "ce"], True),
+    "unknown model": (["student=nope"], ["nope", "resnet8x4"], True),
+    "unknown dataset": (["dataset=nope"], ["nope", "digits", "cifar100"], True),
+    "unknown noise group": (["noise=nope"], ["nope", "symmetric"], True),
+    "unknown noise type": (["noise.type=nope"], ["nope", "pairflip"], True),
+    "noise rate > 1": (["noise=symmetric", "noise.rate=1.5"], ["noise.rate", "[0, 1]"], True),
+    "noise rate < 0": (["noise=symmetric", "noise.rate=-0.1"], ["noise.rate", "[0, 1]"], True),
+    "noise rate without a type": (["noise.rate=0.4"], ["noise=none", "noise=symmetric"], True),
+    "meta fraction 0": (["dataset.meta_fraction=0"], ["meta_fraction", "(0, 1)"], True),
+    "meta fraction 1": (["dataset.meta_fraction=1.0"], ["meta_fraction", "(0, 1)"], True),
+    "no such key": (["trainer.nope=3"], ["unknown key trainer.nope", "max_epochs"], True),
+    "misspelled key": (["optimizer.learning_rate=0.1"], ["did you mean optimizer.lr?"], True),
+    "misspelled added key": (["+optimizer.learning_rate=0.1"], ["did you mean optimizer.lr?"],
+                             True),
+    "trainer extra that is no Trainer argument": (
+        ["+trainer.max_epoch=3"], ["did you mean trainer.max_epochs?"], True),
+    "teacher ckpt missing": (["teacher.ckpt={root}/missing.ckpt"], ["not found", "teacher.ckpt"],
+                             True),
+    "wandb without a key": (["logger=wandb"], ["WANDB_MODE=offline", "wandb login"], True),
     "teacher for other classes/arch": (
         ["dataset=synthetic", "student=mlp", "teacher=mlp", "teacher.ckpt={ckpt}"],
-        ["classifier.weight", "(10, 128)", "(20, 128)"]),
-    "truncated ckpt": (["teacher=mlp", "teacher.ckpt={root}/truncated.ckpt"], ["truncated"]),
+        ["classifier.weight", "(10, 128)", "(20, 128)"], False),
+    "truncated ckpt": (["teacher=mlp", "teacher.ckpt={root}/truncated.ckpt"], ["truncated"],
+                       False),
     "code-executing pickle (torch)": (["teacher.ckpt={root}/evil.ckpt"],
-                                      ["refusing", "allow_pickle"]),
-    "code-executing pickle (plain)": (["teacher.ckpt={root}/evil.pkl"], ["refusing"]),
+                                      ["refusing", "allow_pickle"], False),
+    "code-executing pickle (plain)": (["teacher.ckpt={root}/evil.pkl"], ["refusing"], False),
     "dataset missing, download off": (
-        ["dataset=cifar10", "dataset.download=false", "student=resnet8", "method=ce"],
-        ["cifar-10-batches-py", "dataset.download=true"]),
+        ["dataset=cifar10", "dataset.download=false", "method=ce"],
+        ["cifar-10-batches-py", "dataset.download=true"], True),
     "finished run directory": (["method=ce", "hydra.run.dir={finished}"],
-                               ["already holds a finished run"]),
-    "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0"]),
-    "value of the wrong type": (["method=kd", "method.temperature=hot"],
-                                ["method", "hot"]),
-    "unknown teacher cache mode": (["teacher_cache=bogus"], ["teacher_cache", "bogus", "disk"]),
+                               ["already holds a finished run"], None),
+    "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0"], False),
+    "value of the wrong type": (["method=kd", "method.temperature=hot"], ["method", "hot"], True),
+    "unknown teacher cache mode": (["teacher_cache=bogus"], ["teacher_cache", "bogus", "disk"],
+                                   True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, world):
     root, env, finished, ckpt, marker = world
-    overrides, words = CASES[case]
+    overrides, words, early = CASES[case]
     args = [a.format(root=root, ckpt=ckpt, finished=finished) for a in overrides]
+    run_dir = root / "runs" / re.sub(r"[^a-z0-9]+", "_", case)
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        args.append(f"hydra.run.dir={root / 'runs' / re.sub(r'[^a-z0-9]+', '_', case)}")
+        args.append(f"hydra.run.dir={run_dir}")
     before = snapshot(finished, root / "cache")
-    out = kdlab([*FAST, *args], root, env)
-    assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if line.startswith("kdlab: error:")]
-    assert len(errors) == 1, out.stderr[-2000:]
+    out = cli("train", *FAST, *args, cwd=root, env={**env, "WANDB_MODE": "", "NETRC": "/none"})
+    assert out.returncode == 1
+    assert len(out.error_lines) == 1, out.stderr[-2000:]
     for word in words:
-        assert word in errors[0], (word, errors[0])
+        assert word in out.error_lines[0], (word, out.error_lines[0])
     assert "Traceback" not in out.stderr + out.stdout
     assert snapshot(finished, root / "cache") == before
     assert not marker.exists()
+    if early:
+        assert not run_dir.exists()

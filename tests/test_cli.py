@@ -1,4 +1,5 @@
-"""End to end through the real `kdlab` console script (few, fat tests: each pays ~7 s start-up).
+"""End to end through the `kdlab` command (in-process through kdlab.cli.main; the console
+script itself in a subprocess once).
 
 The numbers in results.json are checked against an independent evaluation of the saved
 best checkpoint, and a CE run's checkpoint is used as a teacher.
@@ -8,22 +9,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_kdlab
+from helpers.cli import cli, kdlab_process
+from helpers.runs import FAST
 
 from kdlab.data.digits import DigitsDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import load_weights
-
-FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1"]
-
-
-def kdlab(*args: str, cwd: Path, check: bool = True):
-    return run_kdlab(*args, cwd=cwd, check=check)
 
 
 def hand_ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
@@ -40,21 +38,24 @@ def hand_ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
 def ce_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     run_dir = root / "ce"
-    kdlab("train", "method=ce", "student=cnn", "trainer.max_epochs=4", "seed=3",
-          f"hydra.run.dir={run_dir}", *FAST, cwd=root)
-    return root, run_dir
+    old = os.umask(0o022)
+    try:
+        out = cli("train", "method=ce", "student=cnn", "trainer.max_epochs=4", "seed=3",
+                  f"hydra.run.dir={run_dir}", *FAST, cwd=root)
+    finally:
+        os.umask(old)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, run_dir, out
 
 
 def test_ce_run_directory_and_results(ce_run):
-    _, run_dir = ce_run
+    _, run_dir, out = ce_run
     results = json.loads((run_dir / "results.json").read_text())
-    for key in ("method", "dataset", "seed", "best_epoch", "test", "test_last", "val",
-                "teachers", "wall_time_s", "noise"):
-        assert key in results
     assert results["method"] == "ce" and results["dataset"] == "digits" and results["seed"] == 3
+    # SmallCNN(width=32) on 1x8x8: conv 1*32*9, BN 2*32, conv 32*64*9, BN 2*64, linear 64*10+10
+    params = 288 + 64 + 18432 + 128 + 650
+    assert results["student"] == {"name": "cnn", "arch": "SmallCNN", "params": params}
     assert results["teachers"] == []
-    for split in ("test", "test_last", "val"):
-        assert 0.0 <= results[split]["acc"] <= 1.0 and 0.0 <= results[split]["ece"] <= 1.0
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert Path(results["checkpoints"]["best"]).is_file()
@@ -68,12 +69,21 @@ def test_ce_run_directory_and_results(ce_run):
     assert results["best_epoch"] == int(np.argmax(val_acc[:4]))
     assert results["val"]["acc"] == pytest.approx(max(val_acc[:4]), abs=1e-6)
     assert val_acc[4] == pytest.approx(max(val_acc[:4]), abs=1e-6)
+    assert "student cnn (SmallCNN), best on val" in out.stdout
+
+
+def test_result_files_respect_the_umask(ce_run):
+    """Written atomically (via a private temporary file), yet readable like any other file."""
+    _, run_dir, _ = ce_run
+    for path in [run_dir / "results.json", run_dir / "config.yaml",
+                 run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "best.ckpt"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_results_match_an_independent_evaluation_of_the_best_checkpoint(ce_run):
-    _, run_dir = ce_run
+    _, run_dir, _ = ce_run
     results = json.loads((run_dir / "results.json").read_text())
-    model = build_model("cnn", 10, (1, 8, 8), width=32)
+    model = build_model("cnn", 10, (1, 8, 8))
     load_weights(model, results["checkpoints"]["best"])
     dm = DigitsDataModule(seed=3)
     dm.setup()
@@ -88,43 +98,60 @@ def test_results_match_an_independent_evaluation_of_the_best_checkpoint(ce_run):
 
 
 def test_ce_checkpoint_is_a_teacher_and_kd_logs_terms(ce_run):
-    root, ce_dir = ce_run
+    root, ce_dir, _ = ce_run
     ce = json.loads((ce_dir / "results.json").read_text())
     run_dir = root / "kd"
-    out = kdlab("train", "method=kd", "teacher=cnn", f"teacher.ckpt={ce_dir}/checkpoints/last.ckpt",
-                "trainer.max_epochs=2", "seed=3", f"hydra.run.dir={run_dir}", *FAST, cwd=root)
+    out = cli("train", "method=kd", "teacher=cnn", f"teacher.ckpt={ce_dir}/checkpoints/last.ckpt",
+              "trainer.max_epochs=2", "seed=3", f"hydra.run.dir={run_dir}", *FAST, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "kd"
     # the teacher row is the CE run's last-epoch weights evaluated on the same test set
-    assert results["teachers"][0]["arch"] == "cnn"
-    assert results["teachers"][0]["test"]["acc"] == pytest.approx(ce["test_last"]["acc"], abs=1e-6)
-    assert 0.0 <= results["teachers"][0]["agreement"] <= 1.0
+    teacher = results["teachers"][0]
+    assert (teacher["name"], teacher["arch"]) == ("cnn", "SmallCNN")
+    assert teacher["test"]["acc"] == pytest.approx(ce["test_last"]["acc"], abs=1e-6)
     rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
     assert {"train/loss_ce", "train/loss_kd"} <= set(rows[0])
-    assert "teacher cnn" in out.stdout and "student cnn_small" not in out.stdout
+    # the summary names the config options: a cnn_small student under a cnn teacher
+    assert "teacher cnn (SmallCNN)" in out.stdout
+    assert "student cnn_small (SmallCNN)" in out.stdout
+    assert results["student"]["name"] == "cnn_small"
     # a finished run directory is never overwritten
-    again = kdlab("train", "method=ce", f"hydra.run.dir={run_dir}", *FAST, cwd=root, check=False)
-    assert again.returncode != 0 and "already holds a finished run" in again.stderr
+    again = cli("train", "method=ce", f"hydra.run.dir={run_dir}", *FAST, cwd=root)
+    assert again.returncode == 1 and "already holds a finished run" in again.stderr
     assert json.loads((run_dir / "results.json").read_text()) == results
 
 
-def test_clear_errors(tmp_path):
-    empty = tmp_path / "nodata"
-    out = kdlab("train", "dataset=cifar100", "dataset.download=false", f"paths.data_dir={empty}",
-                "method=ce", "student=resnet8", *FAST, f"hydra.run.dir={tmp_path / 'r'}",
-                cwd=tmp_path, check=False)
-    assert out.returncode == 1
-    err = [line for line in out.stderr.splitlines() if line.startswith("kdlab: error:")]
-    assert len(err) == 1 and str(empty / "cifar100") in err[0] and "download" in err[0]
-    assert "Traceback" not in out.stderr
-    out = kdlab("train", "method=nope", cwd=tmp_path, check=False)
-    assert out.returncode == 1 and "nope" in out.stderr and "kd" in out.stderr
+def test_auto_teacher_ignores_the_students_epochs_and_says_how_it_trains(tmp_path):
+    """A 1-epoch student gets the dataset recipe's teacher (30 epochs), and the log says so."""
+    out = cli("train", "trainer.max_epochs=1", "optimizer.weight_decay=0.01",
+              f"hydra.run.dir={tmp_path / 'r'}", *FAST, cwd=tmp_path,
+              env={"KDLAB_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (meta,) = (tmp_path / "cache" / "teachers").glob("*/meta.json")
+    teacher_run = json.loads((Path(json.loads(meta.read_text())["run_dir"]) / "results.json")
+                             .read_text())
+    assert teacher_run["epochs"] == 30
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "training it with CE first: 30 epochs, SGD lr 0.05 (momentum 0.9, wd 0.0005), " \
+           "cosine schedule, clean labels ->" in log
+    assert str(tmp_path / "cache" / "teachers") in log
 
 
 def test_help_lists_groups_and_methods(tmp_path):
-    out = kdlab("train", "--help", cwd=tmp_path)
-    for group in ("dataset:", "method:", "student:", "teacher:", "noise:", "trainer:", "logger:"):
+    out = cli("train", "--help", cwd=tmp_path)
+    for group in ("dataset:", "method:", "student:", "teacher:", "noise:", "trainer:", "logger:",
+                  "optimizer:", "scheduler:"):
         assert group in out.stdout
     assert "resnet32x4" in out.stdout and "kdlab train" in out.stdout
-    out = kdlab("methods", cwd=tmp_path)
-    assert "kd " in out.stdout and "ce " in out.stdout
+    out = cli("methods", cwd=tmp_path)
+    assert "  kd " in out.stdout and "  alm_kd " in out.stdout
+
+
+def test_the_console_script_runs_and_fails_in_one_line(tmp_path):
+    """The installed `kdlab` script in a fresh process: a bad value is one line, exit 1."""
+    out = kdlab_process("train", "noise=symmetric", "noise.rate=2",
+                        f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert out.returncode == 1 and out.error_lines == [
+        "kdlab: error: noise.rate must be in [0, 1], got 2.0"]
+    assert "Traceback" not in out.stderr and not (tmp_path / "r").exists()

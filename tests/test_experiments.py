@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdlab.config import compose
-from kdlab.train import build_method
+from kdlab.config import compose, instantiate_method
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 ALL = sorted(p.stem for p in EXPERIMENTS.glob("cifar100_*.yaml"))
@@ -53,11 +52,15 @@ def test_experiment_is_the_standard_recipe(name):
     assert cfg["dataset"]["augment"] is True
     assert cfg["trainer"]["max_epochs"] == 240
     opt, sched = cfg["optimizer"], cfg["scheduler"]
-    assert (opt["name"], opt["momentum"], opt["weight_decay"]) == ("sgd", 0.9, 5e-4)
+    assert (opt["_target_"], opt["momentum"], opt["weight_decay"]) == ("torch.optim.SGD", 0.9,
+                                                                       5e-4)
     assert opt["nesterov"] is False
-    assert sched == {"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1}
-    student = cfg["student"]["name"]
+    assert (sched["schedule"], sched["milestones"], sched["gamma"]) == (
+        "multistep", [150, 180, 210], 0.1)
+    student = cfg["choices"]["student"]
     assert opt["lr"] == (0.01 if student in SMALL_LR_STUDENTS else 0.05)
+    # auto-trained teachers follow the recipe, never the student's lr
+    assert cfg["dataset"]["recipe"]["lr"] == 0.05
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS), ids="->".join)
@@ -65,12 +68,12 @@ def test_pair_experiment(pair):
     teacher, student = pair
     name = f"cifar100_{teacher}_{student}"
     cfg = resolved([f"experiment={name}"])
-    assert (cfg["teacher"]["name"], cfg["student"]["name"]) == (teacher, student)
+    assert (cfg["choices"]["teacher"], cfg["choices"]["student"]) == (teacher, student)
     assert cfg["method"]["_target_"] == "kdlab.methods.kd.KD"  # the default; overridable
     assert set(cfg["published"]) == {"teacher", "student_ce", "kd", "fitnet", "crd", "dkd"}
     for method in ("ce", "fitnet"):  # methods without per-pair options compose unchanged
-        build_method(compose([f"experiment={name}", f"method={method}"]))
-    dkd = build_method(compose([f"experiment={name}", "method=dkd"]))
+        instantiate_method(compose([f"experiment={name}", f"method={method}"]).method)
+    dkd = instantiate_method(compose([f"experiment={name}", "method=dkd"]).method)
     assert dkd.beta == PAIRS[pair]
     assert (dkd.alpha, dkd.temperature, dkd.warmup_epochs) == (1.0, 4.0, 20)
 
@@ -78,14 +81,14 @@ def test_pair_experiment(pair):
 @pytest.mark.parametrize("teacher", TEACHERS)
 def test_teacher_experiment(teacher):
     cfg = resolved([f"experiment=cifar100_teacher_{teacher}"])
-    assert cfg["student"]["name"] == teacher
+    assert cfg["choices"]["student"] == teacher
     assert cfg["method"]["_target_"] == "kdlab.methods.ce.CE"
 
 
 def test_command_line_wins_over_the_experiment():
     cfg = compose(["experiment=cifar100_resnet56_resnet20", "method=dkd", "method.beta=3",
                    "student=resnet8", "trainer.max_epochs=5", "optimizer.lr=0.1"])
-    assert (cfg.method.beta, cfg.student.name, cfg.trainer.max_epochs) == (3, "resnet8", 5)
+    assert (cfg.method.beta, cfg.choices.student, cfg.trainer.max_epochs) == (3, "resnet8", 5)
     assert cfg.optimizer.lr == 0.1
 
 

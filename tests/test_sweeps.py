@@ -1,35 +1,20 @@
-"""Sweeps: joblib and submitit_local launchers, the SLURM config, Optuna, the DDP guard.
-
-Few, fat CLI tests (each pays ~7 s start-up, and each joblib worker / submitit job again);
-the config-level checks run in-process through Hydra's compose API. The basic launcher's
-multirun is exercised end to end in tests/test_report.py.
-"""
+"""Sweeps: 8 jobs on joblib (2 at a time, one failing, one shared teacher), Optuna, the
+submitit_local launcher, the SLURM config, and the DDP guard under sweep launchers."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import submitit
 import yaml
-from conftest import run_kdlab
-from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
+from helpers.cli import cli, kdlab_process
 
 from kdlab.cli import launcher_strategy_error
-from kdlab.config import conf_dir, register_model_groups
+from kdlab.config import compose as kdlab_compose
 
 TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "num_threads=1"]
-# `hparams_search` is appended with `+` unless conf/train.yaml lists the group in its defaults.
-HPARAMS = ("" if "hparams_search" in (conf_dir() / "train.yaml").read_text() else "+") + \
-    "hparams_search=kd_temperature"
-
-
-def kdlab(*args: str, cwd: Path, cache: Path, check: bool = True):
-    return run_kdlab(*args, cwd=cwd, cache=cache, check=check)
+        "num_threads=1", "teacher.max_epochs=1"]
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -41,148 +26,113 @@ def overrides(run_dir: Path) -> list[str]:
     return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
 
 
-def hydra_cfg(overrides: list[str]):
-    register_model_groups()
+def hydra_cfg(args: list[str]):
+    from hydra import compose, initialize_config_module
+
     with initialize_config_module("kdlab.conf", version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+        return compose("train", overrides=args, return_hydra_config=True)
 
 
-# -- end to end --------------------------------------------------------------------------------
-
-
-def test_joblib_runs_jobs_in_parallel_trains_a_shared_teacher_once_and_survives_a_failure(
-        tmp_path):
+def test_eight_jobs_two_at_a_time_one_failing_one_teacher(tmp_path):
+    """joblib with n_jobs=2: every job runs in one of two worker processes, the auto-trained
+    teacher they share is trained once (under the cache lock), the failing job records its
+    error and the seven others finish; job directories name their seed."""
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
-    # jobs 0, 1: KD with two temperatures, same teacher (seed 5), started together by
-    # n_jobs=2; jobs 2, 3: an invalid noise rate, each fails on its own
-    out = kdlab("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                "noise.rate=0,2", "method.temperature=2,4", "seed=5", *TINY,
-                f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=cache, check=False)
-    assert out.returncode != 0 and "noise.rate must be in [0, 1]" in out.stderr
+    fractions = [0.1, 0.2, 0.3, 1.5]  # 1.5 is invalid
+    out = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=kd",
+              "dataset.meta_fraction=" + ",".join(map(str, fractions)), "seed=0,1", *TINY,
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"KDLAB_CACHE_DIR": str(cache)})
+    assert out.returncode != 0  # the sweep reports its failed jobs ...
     jobs = job_dirs(sweep)
-    assert len(jobs) == 4
-    finished, failed = jobs[:2], jobs[2:]
+    assert len(jobs) == 8
+    finished = [j for j in jobs if (j / "results.json").exists()]
+    failed = [j for j in jobs if (j / "failed.json").exists()]
+    assert len(finished) == 6 and len(failed) == 2  # ... and the others all finished
     for job in failed:
-        assert "noise.rate=2" in overrides(job) and not (job / "results.json").exists()
         record = json.loads((job / "failed.json").read_text())
-        assert record["status"] == "failed" and "noise.rate must be in [0, 1]" in record["error"]
-    results = [json.loads((job / "results.json").read_text()) for job in finished]
-    # the jobs ran in joblib's two worker processes, not one after another in the launcher's
-    records = results + [json.loads((job / "failed.json").read_text()) for job in failed]
+        assert "dataset.meta_fraction=1.5" in overrides(job) and "meta_fraction" in record["error"]
+    records = [json.loads((j / "results.json").read_text()) for j in finished]
+    # job directories tell the seeds apart: "<n>-dataset.meta_fraction=0.1,seed=1"
+    for job, r in zip(finished, records, strict=True):
+        assert f"seed={r['seed']}" in job.name.split(",") and "meta_fraction=" in job.name
+        fraction = float(job.name.split("meta_fraction=")[1].split(",")[0])
+        assert abs(r["split_sizes"]["meta"] - fraction * 1437) <= 1
+    # the jobs ran in joblib's two worker processes, not one after another
     assert len({r["host"]["pid"] for r in records}) == 2
-    # one cache entry, one teacher training run in it, used by both jobs
+    # one teacher per (split, seed): trained once each, shared by the jobs that need it
     entries = [e for e in (cache / "teachers").iterdir() if not e.name.startswith(".")]
-    assert len(entries) == 1
-    assert len(list(entries[0].glob("run-*"))) == 1
-    meta = json.loads((entries[0] / "meta.json").read_text())
-    for r in results:
-        assert r["teachers"][0]["test"]["acc"] == pytest.approx(meta["test"]["acc"], abs=1e-6)
-    assert {r["method"] for r in results} == {"kd"}
-
-
-def test_submitit_local_runs_the_sweep_and_refuses_ddp(tmp_path):
-    sweep = tmp_path / "sweep"
-    out = kdlab("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                "hydra.launcher.cpus_per_task=1", "hydra.launcher.gpus_per_node=0",
-                "hydra.launcher.mem_gb=2", "method=ce", "trainer.strategy=auto,ddp", *TINY,
-                f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=tmp_path / "cache",
-                check=False)
-    assert out.returncode != 0
-    assert "trainer.strategy=ddp" in out.stderr and "submitit_local" in out.stderr
-    assert "single-device jobs" in out.stderr
-    ok, refused = job_dirs(sweep)
-    results = json.loads((ok / "results.json").read_text())
-    assert results["method"] == "ce" and 0.0 <= results["test"]["acc"] <= 1.0
-    assert "ConfigError" in json.loads((refused / "failed.json").read_text())["error"]
-    assert not (refused / "config.yaml").exists()  # stopped before training started
-    # submitit_local sends each job's output to <sweep>/.submitit/<id>/ files
-    logs = list((sweep / ".submitit").glob("*/*_log.out"))
-    assert len(logs) == 2
-    assert any(f"run directory: {ok}" in log.read_text() for log in logs)
+    assert len(entries) == 6 and all(len(list(e.glob("run-*"))) == 1 for e in entries)
 
 
 def test_optuna_study_maximises_the_returned_val_acc(tmp_path):
     sweep = tmp_path / "sweep"
-    kdlab("train", "-m", HPARAMS, "hydra.sweeper.n_trials=2", "seed=5", *TINY,
-          f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=tmp_path / "cache")
+    out = cli("train", "-m", "hparams_search=kd_temperature", "hydra.sweeper.n_trials=2",
+              "seed=5", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+              env={"KDLAB_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-2000:]
     trials = job_dirs(sweep)
     assert len(trials) == 2
     val_acc, params = [], []
     for trial in trials:
         results = json.loads((trial / "results.json").read_text())
-        assert results["method"] == "kd"
         val_acc.append(results["val"]["acc"])
         params.append(dict(o.split("=", 1) for o in overrides(trial) if o.startswith("method.")))
         assert 1.0 <= float(params[-1]["method.temperature"]) <= 10.0
-        assert 0.1 <= float(params[-1]["method.kd_weight"]) <= 1.0
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(val_acc), abs=1e-7)
     winner = params[val_acc.index(max(val_acc))]
     assert {k: float(v) for k, v in winner.items()} == pytest.approx(best["best_params"])
 
 
-# -- in-process: configs -----------------------------------------------------------------------
+def test_submitit_local_runs_the_sweep_and_refuses_ddp(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = kdlab_process("train", "-m", "hydra/launcher=submitit_local",
+                        "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                        "hydra.launcher.gpus_per_node=0", "hydra.launcher.mem_gb=2",
+                        "method=ce", "trainer.strategy=auto,ddp", *TINY,
+                        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                        env={"KDLAB_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode != 0
+    assert "trainer.strategy=ddp" in out.stderr and "single-device jobs" in out.stderr
+    ok, refused = job_dirs(sweep)
+    assert json.loads((ok / "results.json").read_text())["method"] == "ce"
+    assert "ConfigError" in json.loads((refused / "failed.json").read_text())["error"]
+    assert not (refused / "config.yaml").exists()  # stopped before training started
+    logs = list((sweep / ".submitit").glob("*/*_log.out"))  # job output goes to files
+    assert any(f"run directory: {ok}" in log.read_text() for log in logs)
 
 
-@pytest.mark.parametrize("overrides, refused", [
+@pytest.mark.parametrize("args, refused", [
     (["hydra/launcher=joblib", "trainer.strategy=ddp"], "joblib"),
-    (["hydra/launcher=joblib", "trainer.strategy=ddp_spawn"], "joblib"),
     (["hydra/launcher=joblib", "trainer.devices=2"], "joblib"),
     (["hydra/launcher=joblib"], None),
     (["hydra/launcher=submitit_local", "trainer.strategy=ddp"], "submitit_local"),
-    (["hydra/launcher=submitit_local", "trainer.strategy=ddp_spawn", "trainer.devices=2"],
-     "submitit_local"),
     (["trainer.strategy=ddp"], None),  # basic launcher: works (see the docs for its caveat)
     (["hydra/launcher=slurm", "trainer.strategy=ddp", "trainer.devices=2"], "tasks_per_node=2"),
     (["hydra/launcher=slurm", "trainer.strategy=ddp", "trainer.devices=2",
       "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=2"], None),
 ])
-def test_ddp_guard_under_sweep_launchers(overrides, refused):
-    cfg = hydra_cfg(["hydra.mode=MULTIRUN", *overrides])
+def test_ddp_guard_under_sweep_launchers(args, refused):
+    cfg = hydra_cfg(["hydra.mode=MULTIRUN", *args])
     error = launcher_strategy_error(cfg.trainer, cfg.hydra)
-    if refused is None:
-        assert error is None
-    else:
-        assert error is not None and refused in error
+    assert error is None if refused is None else refused in error
     # a single run (no -m) is never refused: Lightning launches DDP itself
-    single = hydra_cfg(overrides)
+    single = hydra_cfg(args)
     assert launcher_strategy_error(single.trainer, single.hydra) is None
 
 
-def test_slurm_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks it exists
-    (bin_dir / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def test_slurm_launcher_config():
     cfg = hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                     "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=90",
-                     "hydra.launcher.cpus_per_task=6", "hydra.launcher.mem_gb=40",
-                     "hydra.launcher.setup=[module load cuda]", f"hydra.sweep.dir={tmp_path}"])
-    launcher = instantiate(cfg.hydra.launcher)
-    assert type(launcher).__name__ == "SlurmLauncher"
-    launcher.setup(hydra_context=None, task_function=None, config=cfg)
-
-    class Submitted(Exception):
-        pass
-
-    def capture(executor, *args):
-        raise Submitted(executor)
-
-    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
-    with pytest.raises(Submitted) as submitted:
-        launcher.launch([["method=ce"]], initial_job_idx=0)
-    sbatch = submitted.value.args[0]._executor._make_submission_file_text("python job.py", "u")
-    for line in ("--partition=gpu", "--gpus-per-node=2", "--time=90", "--cpus-per-task=6",
-                 "--mem=40GB", "--job-name=kdlab", "--ntasks-per-node=1"):
-        assert f"#SBATCH {line}\n" in sbatch
-    assert "module load cuda" in sbatch and f"{tmp_path}/.submitit/" in sbatch
+                     "hydra.launcher.timeout_min=90"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node,
+            launcher.tasks_per_node) == ("gpu", 90, 1, 1)
 
 
 def test_hparams_search_config():
-    cfg = hydra_cfg([HPARAMS])
-    sweeper = cfg.hydra.sweeper
+    cfg = kdlab_compose(["hparams_search=kd_temperature"])
+    assert cfg.method._target_ == "kdlab.methods.kd.KD"
+    sweeper = hydra_cfg(["hparams_search=kd_temperature"]).hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"method.temperature", "method.kd_weight", "method.ce_weight"}
-    assert cfg.method._target_ == "kdlab.methods.kd.KD"
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"

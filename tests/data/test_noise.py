@@ -56,9 +56,14 @@ def test_pairflip_and_exclusive_never_keep_a_corrupted_label():
 
 def test_zero_rate_and_none_leave_labels_alone():
     clean = _labels(1000)
-    for kind, rate in (("none", 0.7), ("symmetric", 0.0)):
+    for kind, rate in (("none", 0.0), ("symmetric", 0.0)):
         noisy, mask = apply_label_noise(clean, kind, rate, num_classes=C, seed=0)
         assert torch.equal(noisy, clean) and not mask.any()
+
+
+def test_a_rate_without_a_noise_type_is_an_error_not_clean_labels():
+    with pytest.raises(ConfigError, match="noise.rate=0.4 with noise=none.*noise=symmetric"):
+        apply_label_noise(_labels(10), "none", 0.4, num_classes=C, seed=0)
 
 
 # -- determinism ---------------------------------------------------------------------------
@@ -222,9 +227,8 @@ def test_datamodule_uses_coarse_labels_for_asymmetric_noise():
 def test_bad_noise_settings_raise_config_error(noise, match):
     with pytest.raises(ConfigError, match=match):
         apply_label_noise(_labels(100), num_classes=C, **noise)
-    dm = DigitsDataModule(noise=noise, seed=0)
-    with pytest.raises(ConfigError, match=match):
-        dm.setup()
+    with pytest.raises(ConfigError, match=match):  # at construction when it can tell
+        DigitsDataModule(noise=noise, seed=0).setup()
 
 
 def test_asymmetric_with_a_given_class_map_works_anywhere():

@@ -500,7 +500,7 @@ def test_single_teacher_noisy_digits_end_to_end(single_teacher_run):
 
 
 def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
-    import lightning as L
+    import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
     from kdlab.config import model_kwargs
@@ -541,7 +541,7 @@ def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
     # Lightning's own resume path: setup runs before the restore, nothing left to train
     module = fresh_module()
     trainer = build_trainer(cfg, tmp_path / "resumed", [])
-    L.seed_everything(0, verbose=False)
+    pl.seed_everything(0, verbose=False)
     trainer.fit(module, datamodule=dm, ckpt_path=str(out / "checkpoints" / "last.ckpt"),
                 weights_only=True)
     assert torch.equal(module.method.mixing_weights, table)

@@ -3,11 +3,10 @@ and the decomposition KL = TCKD + (1 - q_y) * NCKD from the paper."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from helpers.context import FakeContext
 from loss_cases import CASES, make_inputs
 
 from kdlab.methods.base import Outputs, kd_kl
@@ -73,7 +72,7 @@ def test_decomposition_of_kd():
 def test_warmup_is_epoch_state():
     method = DKD(warmup_epochs=20)
     for current_epoch, factor in [(0, 1 / 20), (4, 5 / 20), (19, 1.0), (50, 1.0)]:
-        method.on_train_epoch_start(SimpleNamespace(current_epoch=current_epoch))
+        method.on_train_epoch_start(FakeContext(torch.nn.Identity(), current_epoch=current_epoch))
         assert int(method.epoch) == current_epoch + 1
         assert method.warmup_factor() == pytest.approx(factor)
     assert "epoch" in method.state_dict()

@@ -3,24 +3,21 @@ mismatch, gradients into the student and the regressor only."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from helpers.context import FakeContext
 from torch import nn
 
 from kdlab.errors import ConfigError
 from kdlab.methods.base import Outputs
 from kdlab.methods.fitnet import FitNet, align_features, make_regressor, probe_feature
 from kdlab.models import build_model
-from kdlab.module import DistillModule, forward_with_features
+from kdlab.teachers import forward_with_features
 
 
 def make_ctx(student, teacher, input_shape=(1, 8, 8)):
-    dm = SimpleNamespace(input_shape=input_shape)
-    return SimpleNamespace(student=student, teachers=(teacher,),
-                           trainer=SimpleNamespace(datamodule=dm))
+    return FakeContext(student, (teacher,), input_shape=input_shape)
 
 
 def models(student="cnn_small"):
@@ -100,10 +97,10 @@ def test_gradients_reach_student_and_regressor_not_teacher(student_kind, layers)
     for p in teacher.parameters():
         p.requires_grad_(True)  # even a trainable teacher must get no gradient
     method = FitNet(*layers)
-    method.setup(make_ctx(student, teacher))
-    module = DistillModule(student, method, [teacher], 10, optimizer={"lr": 0.1}, scheduler={})
+    ctx = make_ctx(student, teacher)
+    method.setup(ctx)
     x = torch.randn(5, 1, 8, 8)
-    teachers = module.teacher_outputs(x, method.teacher_features)
+    teachers = ctx.teacher_outputs(x, method.teacher_features)
     outs = forward_with_features(student, x, method.student_features)
     terms = method(outs, teachers, {"target": torch.tensor([0, 1, 2, 3, 4])})
     sum(terms.values()).backward()
@@ -123,10 +120,10 @@ def test_bad_layer_path_is_a_config_error_naming_the_option():
 
 def test_single_teacher_only():
     student, teacher = models()
-    ctx = make_ctx(student, teacher)
-    ctx.teachers = (teacher, teacher)
-    with pytest.raises(ValueError, match="exactly one teacher"):
-        FitNet("features.5", "features.5").setup(ctx)
+    with pytest.raises(ConfigError, match="exactly 1 teacher"):
+        FitNet("features.5", "features.5").check(student, (teacher, teacher))
+    with pytest.raises(ConfigError, match="exactly 1 teacher"):
+        FitNet("features.5", "features.5").setup(FakeContext(student, (teacher, teacher)))
 
 
 @pytest.mark.parametrize("teacher_name,student_name", [

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.context import FakeContext
 
-from kdlab.config import compose
-from kdlab.train import build_method, run
+from kdlab.config import compose, instantiate_method
+from kdlab.models import build_model
+from kdlab.train import run
 
 # Lightning's own deprecation noise (kdlab.train filters it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:.*treespec")
@@ -38,7 +39,7 @@ RUNS = [
     ("fitnet-mlp", ["method=fitnet", *MLP_PAIR, "method.student_layer=body.2",
                     "method.teacher_layer=features.5"], ["ce", "hint"]),
     ("multi_teacher_kd", ["method=multi_teacher_kd", "student=mlp",
-                          "teachers=[{name: cnn, width: 32}, {name: mlp, hidden: [64]}]"],
+                          "teachers=[{model: cnn}, {model: mlp, hidden: [64]}]"],
      ["ce", "kd"]),
 ]
 
@@ -60,7 +61,8 @@ def test_method_runs_end_to_end(cache_dir, tmp_path, overrides, terms):
     assert results["epochs"] == 2
     for split in ("test", "test_last", "val"):
         assert all(math.isfinite(v) for v in results[split].values()), split
-    assert 0.0 <= results["test"]["acc"] <= 1.0
+    # two epochs of any method on digits beat chance (10 classes) on the test set
+    assert results["test"]["acc"] > 0.2
     n_teachers = 0 if results["method"] in ("ce", "pskd") else (
         2 if results["method"] == "multi_teacher_kd" else 1)
     assert len(results["teachers"]) == n_teachers
@@ -76,27 +78,21 @@ def test_method_runs_end_to_end(cache_dir, tmp_path, overrides, terms):
 def test_training_step_gradient_reaches_only_the_student(name):
     """Through DistillModule's own forward passes: the teacher (left trainable on purpose)
     gets no gradient, the student and the method's learnable parts do."""
-    from kdlab.models import build_model
-    from kdlab.module import DistillModule, forward_with_features
+    from kdlab.teachers import forward_with_features
 
     overrides = [f"method={name}"]
     if name == "fitnet":
         overrides += ["method.student_layer=features.5", "method.teacher_layer=features.5"]
-    method = build_method(compose(overrides))
+    method = instantiate_method(compose(overrides).method)
     torch.manual_seed(0)
     student = build_model("cnn", 10, (1, 8, 8), width=8)
     teacher = build_model("cnn", 10, (1, 8, 8), width=16).eval()
-    module = DistillModule(student, method, [teacher], 10, optimizer={"lr": 0.1}, scheduler={})
-    ctx = SimpleNamespace(student=student, teachers=(teacher,), num_classes=10,
-                          device=torch.device("cpu"), current_epoch=1,
-                          trainer=SimpleNamespace(datamodule=SimpleNamespace(
-                              train_size=16, input_shape=(1, 8, 8)), max_epochs=4, world_size=1))
+    ctx = FakeContext(student, (teacher,), current_epoch=1)
     method.setup(ctx)
     method.on_train_epoch_start(ctx)
     x = torch.randn(8, 1, 8, 8)
     batch = {"input": x, "target": torch.arange(8) % 10, "index": torch.arange(8)}
-    teachers = (module.teacher_outputs(x, method.teacher_features)
-                if method.needs_teacher else [])
+    teachers = ctx.teacher_outputs(x, method.teacher_features) if method.needs_teacher else []
     terms = method(forward_with_features(student, x, method.student_features), teachers, batch)
     loss = torch.stack(list(terms.values())).sum()
     assert torch.isfinite(loss)

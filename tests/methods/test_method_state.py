@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
+import pytorch_lightning as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
+from helpers.runs import fit as real_fit
+from helpers.runs import module_for
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from kdlab.config import compose, model_kwargs
-from kdlab.models import build_model
+from kdlab.config import compose
 from kdlab.module import DistillModule
-from kdlab.train import build_datamodule, build_method, build_teachers, build_trainer
 
 COMMON = ["dataset=digits", "trainer=cpu", "trainer.max_epochs=2",
           "trainer.enable_progress_bar=false", "student=mlp", "teacher=cnn"]
@@ -45,7 +44,7 @@ def cache_dir(tmp_path_factory):
         yield path
 
 
-class StopAfter(L.Callback):
+class StopAfter(pl.Callback):
     """Interrupt the fit after ``epochs`` epochs, as a killed job would be."""
 
     def __init__(self, epochs: int):
@@ -56,29 +55,11 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
-def build_module(cfg, dm) -> DistillModule:
-    """The module ``kdlab.train.run`` builds, from the same building blocks."""
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    method = build_method(cfg)
-    teachers = build_teachers(cfg, dm) if method.needs_teacher else []
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    student = build_model(cfg.student.name, dm.num_classes, dm.input_shape,
-                          **model_kwargs(cfg.student))
-    return DistillModule(student, method, teachers, dm.num_classes,
-                         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-                         seed=int(cfg.seed), teacher_cache=str(cfg.get("teacher_cache", "auto")))
-
-
 def fit(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> DistillModule:
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm)
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
     if stop_after:
         callbacks.append(StopAfter(stop_after))
-    trainer = build_trainer(cfg, run_dir, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
-    return module
+    return real_fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)
 
 
 def method_state(module: DistillModule) -> dict[str, torch.Tensor]:
@@ -94,7 +75,7 @@ def test_resume_restores_method_state_exactly(cache_dir, tmp_path, name):
     assert last.is_file()
 
     # the checkpoint holds the method state after epoch 1, and a fresh module restores it
-    fresh = build_module(cfg, build_datamodule(cfg))
+    fresh, _ = module_for(cfg)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     fresh.load_state_dict(ckpt["state_dict"])
     saved = method_state(interrupted)

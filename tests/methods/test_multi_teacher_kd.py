@@ -7,6 +7,7 @@ import pytest
 import torch
 from loss_cases import CASES
 
+from kdlab.errors import ConfigError
 from kdlab.methods.base import Outputs
 from kdlab.methods.kd import KD
 from kdlab.methods.multi_teacher_kd import MultiTeacherKD
@@ -72,6 +73,6 @@ def test_mean_of_distributions_not_of_logits():
 
 
 def test_requires_a_teacher():
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ConfigError, match="needs a teacher"):
         MultiTeacherKD().loss_terms(Outputs(torch.zeros(2, 3)), [],
                                     {"target": torch.zeros(2).long()})

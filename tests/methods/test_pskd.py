@@ -3,11 +3,10 @@ as module state."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from helpers.context import FakeContext
 
 from kdlab.methods.base import Outputs
 from kdlab.methods.pskd import PSKD
@@ -16,10 +15,9 @@ N, C, EPOCHS = 8, 3, 4
 
 
 def make_ctx(epoch=0, train_size=N, classes=C, max_epochs=EPOCHS):
-    dm = SimpleNamespace(train_size=train_size)
-    trainer = SimpleNamespace(datamodule=dm, max_epochs=max_epochs, world_size=1)
-    return SimpleNamespace(trainer=trainer, num_classes=classes, device=torch.device("cpu"),
-                           current_epoch=epoch)
+    data = {"train": (torch.zeros(train_size, 1), torch.zeros(train_size, dtype=torch.long))}
+    return FakeContext(student=torch.nn.Identity(), num_classes=classes, data=data,
+                       max_epochs=max_epochs, current_epoch=epoch)
 
 
 def np_softmax(z):

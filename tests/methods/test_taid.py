@@ -4,13 +4,14 @@ re-statement of the update rule, the schedule as module state."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers.context import FakeContext
 from loss_cases import make_inputs as shared_inputs
 
+from kdlab.errors import ConfigError
 from kdlab.methods.base import Outputs
 from kdlab.methods.taid import TAID
 
@@ -89,7 +90,7 @@ def test_schedule_follows_the_update_rule(alpha):
     ts = []
     for n, j in enumerate(objectives, start=1):
         method._objective = torch.tensor(j, dtype=torch.float32)
-        method.on_train_batch_end(SimpleNamespace(global_step=n), {})
+        method.on_train_batch_end(FakeContext(torch.nn.Identity(), global_step=n), {})
         ts.append(float(method.t))
     expected, m = ref_schedule([float(np.float32(j)) for j in objectives], total, alpha=alpha)
     np.testing.assert_allclose(ts, expected, rtol=1e-5, atol=1e-6)
@@ -100,9 +101,9 @@ def test_schedule_follows_the_update_rule(alpha):
     assert all(t >= f - 1e-6 for t, f in zip(ts[1:], floors, strict=True))
 
 
-def test_fit_start_reads_total_steps_from_trainer():
+def test_fit_start_reads_total_steps_from_the_context():
     method = TAID()
-    method.on_fit_start(SimpleNamespace(trainer=SimpleNamespace(estimated_stepping_batches=200)))
+    method.on_fit_start(FakeContext(torch.nn.Identity(), total_steps=200))
     assert method.floor(100) == pytest.approx(0.7)
     assert method.floor(400) == pytest.approx(1.0)
 
@@ -111,7 +112,7 @@ def test_schedule_is_module_state():
     method = TAID(total_steps=10)
     for n, j in enumerate([2.0, 1.5, 1.2], start=1):
         method._objective = torch.tensor(j)
-        method.on_train_batch_end(SimpleNamespace(global_step=n), {})
+        method.on_train_batch_end(FakeContext(torch.nn.Identity(), global_step=n), {})
     state = method.state_dict()
     assert {"t", "momentum", "prev_objective"} <= set(state)
     fresh = TAID(total_steps=10)
@@ -123,5 +124,5 @@ def test_schedule_is_module_state():
 
 def test_single_teacher_only():
     s, t, y = make_inputs(4, 1.0, 0.0)
-    with pytest.raises(ValueError, match="exactly one teacher"):
+    with pytest.raises(ConfigError, match="exactly 1 teacher"):
         TAID().loss_terms(Outputs(s), [Outputs(t), Outputs(t)], {"target": y})

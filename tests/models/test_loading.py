@@ -101,7 +101,7 @@ def test_code_executing_pickle_is_refused(tmp_path):
 def test_torchvision_weights_by_name(monkeypatch):
     import torchvision
 
-    src = build_model("tv:resnet18", 10, (3, 32, 32))
+    src = build_model("tv_resnet18", 10, (3, 32, 32))
 
     class FakeWeights:
         def get_state_dict(self, progress=True, check_hash=True):
@@ -110,7 +110,7 @@ def test_torchvision_weights_by_name(monkeypatch):
     seen = []
     monkeypatch.setattr(torchvision.models, "get_weight",
                         lambda name: seen.append(name) or FakeWeights())
-    dst = build_model("tv:resnet18", 10, (3, 32, 32))
+    dst = build_model("tv_resnet18", 10, (3, 32, 32))
     load_weights(dst, "tv:ResNet18_Weights.IMAGENET1K_V1")
     assert seen == ["ResNet18_Weights.IMAGENET1K_V1"]
     assert _same(src, dst)

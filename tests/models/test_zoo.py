@@ -1,18 +1,16 @@
-"""The CIFAR model zoo: parameter counts, shapes, the classifier contract, configs, errors."""
+"""The model zoo: parameter counts, shapes, the classifier contract, configs, errors."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from kdlab.models import UnknownModelError, available_models, build_model
+from kdlab.errors import ConfigError
+from kdlab.models import UnknownModelError, build_model, model_config, model_names
+from kdlab.models.features import find_classifier
 
-CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
-SMALL_MODELS = {"mlp", "cnn"}
+SMALL_MODELS = {"mlp", "mlp_small", "mlp_large", "cnn", "cnn_small"}
 
 # Parameter counts (millions) for 100 classes as reported in the CIFAR-100 KD literature
 # (CRD, Tian et al. 2020, and follow-ups).
@@ -28,7 +26,8 @@ PAPER_PARAMS_M = {
 
 
 def _input_shape(name: str) -> tuple[int, ...]:
-    return (1, 8, 8) if name in SMALL_MODELS else (3, 32, 32)
+    return (1, 8, 8) if name in SMALL_MODELS else (3, 64, 64) if name.startswith("tv_") \
+        else (3, 32, 32)
 
 
 def _num_params(model: nn.Module) -> int:
@@ -42,13 +41,13 @@ def test_parameter_count_matches_paper(name):
     assert abs(count - expected) / expected < 0.02, f"{name}: {count} parameters"
 
 
-@pytest.mark.parametrize("name", available_models())
-def test_builds_and_maps_batch_to_logits(name):
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_config_builds_and_maps_a_batch_to_logits(name):
     torch.manual_seed(0)
     shape = _input_shape(name)
     model = build_model(name, 10, shape)
-    assert isinstance(model.classifier, nn.Linear)
-    assert model.classifier.out_features == 10
+    _, head = find_classifier(model)  # `classifier`, or the last Linear (torchvision's fc)
+    assert isinstance(head, nn.Linear) and head.out_features == 10
     with torch.no_grad():
         logits = model.eval()(torch.randn(2, *shape))
     assert logits.shape == (2, 10)
@@ -65,7 +64,8 @@ def test_classifier_is_applied_last_to_pooled_features():
     assert torch.equal(seen["y"], logits)
 
 
-@pytest.mark.parametrize("name", [n for n in available_models() if n not in SMALL_MODELS])
+@pytest.mark.parametrize("name", [n for n in model_names()
+                                  if n not in SMALL_MODELS and not n.startswith("tv_")])
 def test_hint_layers_are_named_layer1_to_layer3(name):
     model = build_model(name, 10).eval()
     features = {}
@@ -82,7 +82,7 @@ def test_cifar_models_accept_other_channel_counts_and_sizes():
     model = build_model("resnet20", 10, (1, 28, 28)).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    with pytest.raises(ValueError, match="image inputs"):
+    with pytest.raises(ConfigError, match="image inputs.*MLP"):
         build_model("wrn_16_1", 10, (64,))
 
 
@@ -103,23 +103,19 @@ def test_unknown_model_lists_available_names():
 
 
 def test_torchvision_models_by_name():
-    model = build_model("tv:resnet18", 10, (3, 64, 64)).eval()
+    model = build_model("tv_resnet18", 10, (3, 64, 64)).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
-    with pytest.raises(UnknownModelError):
-        build_model("tv:xyz", 10)
+    with pytest.raises(ConfigError, match="unknown torchvision model 'xyz'"):
+        build_model({"_target_": "kdlab.models.torchvision_models.torchvision_model",
+                     "name": "xyz"}, 10)
 
 
-def test_model_configs_build_their_model():
-    configs = sorted(CONF_MODEL.glob("*.yaml"))
-    names = set()
-    for path in configs:
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
-        name = cfg.pop("name")
-        names.add(name)
-        if name.startswith("tv:"):
-            continue
-        model = build_model(name, 10, _input_shape(name), **cfg)
-        assert model.classifier.out_features == 10, path.name
-    assert "tv:resnet18" in names
-    assert set(available_models()) - SMALL_MODELS <= names
+def test_a_model_is_its_config_and_options_override_it():
+    """Every model is a `_target_` config; the file name is its one name."""
+    assert model_config("cnn_small")._target_ == model_config("cnn")._target_
+    assert build_model("cnn_small", 10, (1, 8, 8)).classifier.in_features == 16  # width 8
+    assert build_model("cnn", 10, (1, 8, 8), width=8).classifier.in_features == 16
+    assert build_model("cnn", 10, (1, 8, 8)).classifier.in_features == 64  # width 32
+    assert build_model("mlp_small", 20, (14,)).classifier.in_features == 60
+    assert build_model("mlp_large", 20, (14,)).classifier.in_features == 80

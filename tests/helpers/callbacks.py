@@ -1,0 +1,49 @@
+"""Lightning callbacks that tests add to real runs (``+callbacks.NAME={_target_: ...}``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from kdlab.io import atomic_write_json
+
+
+class RankDigest(pl.Callback):
+    """After fit, each DDP rank writes a digest of its weights and method state and its last
+    validation metrics into <run dir>/ranks/rankR.json: they must agree across ranks."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        path = Path(trainer.default_root_dir) / "ranks" / f"rank{trainer.global_rank}.json"
+        atomic_write_json(path, {"rank": trainer.global_rank, "state_sha256": digest.hexdigest(),
+                                 "val": val})
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(pl.Callback):
+    """Stop training at training step ``step`` (after its optimiser step), as a failure
+    would: SIGKILL this process when ``kill``, else raise :class:`Interrupted`. The step may
+    also come from the environment (KDLAB_TEST_STOP_AT_STEP), so that the stopped run and
+    its resumption share one config; without either the callback does nothing."""
+
+    def __init__(self, step: int | None = None, kill: bool = False):
+        env = os.environ.get("KDLAB_TEST_STOP_AT_STEP")
+        self.step = int(step) if step is not None else (int(env) if env else None)
+        self.kill = kill
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step >= self.step:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise Interrupted(f"stopped at step {trainer.global_step}")

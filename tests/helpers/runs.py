@@ -1,0 +1,26 @@
+"""Tiny real runs: overrides that make a run take a second, and fits of the real module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdlab.config import instantiate_datamodule
+from kdlab.module import DistillModule
+from kdlab.train import build_module, build_trainer
+
+FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1"]
+
+
+def module_for(cfg) -> tuple[DistillModule, object]:
+    """(module, datamodule) exactly as kdlab.train.run builds them."""
+    dm = instantiate_datamodule(cfg)
+    dm.setup()
+    return build_module(cfg, dm), dm
+
+
+def fit(cfg, run_dir: Path, callbacks=(), ckpt_path=None) -> DistillModule:
+    """A real fit of ``cfg`` in ``run_dir`` (no testing, no results.json)."""
+    module, dm = module_for(cfg)
+    trainer = build_trainer(cfg, Path(run_dir), list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
+    return module

@@ -1,0 +1,186 @@
+"""Teachers: auto-training on the dataset's recipe (once, cached, keyed), clean-label
+teachers, and the teacher-logit cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdlab import teachers as teachers_mod
+from kdlab.config import compose
+from kdlab.data.digits import DigitsDataModule
+from kdlab.models import build_model
+from kdlab.models.loading import freeze
+from kdlab.teachers import Teachers, teacher_specs, training_config, weights_cache_dir
+from kdlab.train import run
+
+TINY = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
+        "num_threads=1"]
+
+
+def entry(overrides):
+    cfg = compose(overrides)
+    return weights_cache_dir(training_config(cfg, teacher_specs(cfg)[0]))
+
+
+def test_auto_teacher_is_trained_on_the_recipe_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    trained = []
+    real_run = run
+
+    def counting_run(cfg, output_dir):
+        trained.append((cfg, output_dir))
+        return real_run(cfg, output_dir)
+
+    monkeypatch.setattr("kdlab.train.run", counting_run)
+    # the student trains 1 epoch; the teacher gets its own 3-epoch recipe
+    args = [*TINY, "seed=1", "teacher.max_epochs=3", "optimizer.lr=0.3",
+            "optimizer.weight_decay=0.01", "scheduler=constant"]
+    first = real_run(compose(args), tmp_path / "a")
+    (entry_dir,) = (tmp_path / "cache" / "teachers").glob("digits-cnn-*")
+    assert len(trained) == 1
+    teacher_cfg, teacher_dir = trained[0]
+    assert teacher_cfg.trainer.max_epochs == 3 and teacher_cfg.optimizer.lr == 0.05
+    assert teacher_cfg.optimizer.weight_decay == 5e-4 and teacher_cfg.scheduler.schedule == "cosine"
+    teacher_results = json.loads((teacher_dir / "results.json").read_text())
+    assert teacher_results["method"] == "ce" and teacher_results["epochs"] == 3
+    assert teacher_results["student"]["name"] == "cnn"
+    weights = entry_dir / "teacher.pt"
+    stamp = weights.stat().st_mtime_ns
+    second = real_run(compose(args), tmp_path / "b")
+    assert len(trained) == 1 and weights.stat().st_mtime_ns == stamp
+    assert second["teachers"][0]["test"] == first["teachers"][0]["test"]
+    meta = json.loads((entry_dir / "meta.json").read_text())
+    assert meta["test"]["acc"] == pytest.approx(first["teachers"][0]["test"]["acc"], abs=1e-6)
+    assert meta["recipe"].startswith("3 epochs, SGD lr 0.05")
+
+
+def test_cache_key_follows_the_teacher_not_the_student():
+    key = entry([])
+    assert key == entry([])
+    for override in ["seed=1", "noise=symmetric", "teacher=cnn_small", "teacher.lr=0.1",
+                     "teacher.max_epochs=3", "teacher.weight_decay=0",
+                     "dataset.meta_fraction=0.2",
+                     "dataset.recipe.lr=0.1"]:
+        assert entry([override]) != key, override
+    noisy = ["noise=symmetric", "noise.rate=0.4"]
+    assert entry([*noisy, "teacher.label_noise=none"]) != entry(noisy)
+    # on clean data both are the same teacher
+    assert entry(["teacher.label_noise=none"]) == key
+    # the student's epochs, optimiser, schedule, the method and how data is read do not
+    assert entry(["dataset.num_workers=2", "method=ce", "optimizer.lr=0.3", "student=mlp",
+                  "trainer.max_epochs=3", "optimizer.weight_decay=0.1",
+                  "scheduler=multistep"]) == key
+
+
+def test_clean_label_teacher_trains_on_the_clean_labels_of_the_same_split():
+    noisy = ["noise=symmetric", "noise.rate=0.4"]
+    cfg = compose([*noisy, "teacher.label_noise=none"])
+    teacher_cfg = training_config(cfg, teacher_specs(cfg)[0])
+    assert teacher_cfg.noise.type == "none"
+    assert teacher_cfg.dataset == cfg.dataset and teacher_cfg.seed == cfg.seed
+    student_dm = DigitsDataModule(noise=dict(cfg.noise), seed=0)
+    teacher_dm = DigitsDataModule(noise=dict(teacher_cfg.noise), seed=0)
+    student_dm.setup()
+    teacher_dm.setup()
+    s, t = student_dm.splits["train"], teacher_dm.splits["train"]
+    assert torch.equal(s.inputs, t.inputs)  # the same examples ...
+    assert torch.equal(t.targets, s.clean_targets)  # ... with their clean labels
+    assert (s.targets != t.targets).float().mean() > 0.3
+    same = training_config(compose(noisy), teacher_specs(compose(noisy))[0])
+    assert same.noise.type == "symmetric"
+
+
+def test_a_teachers_list_takes_model_names_and_options():
+    cfg = compose(["method=multi_teacher_kd",
+                   "teachers=[{model: cnn, ckpt: auto}, {model: mlp, hidden: [16], lr: 0.1}]"])
+    a, b = teacher_specs(cfg)
+    assert (a.name, b.name) == ("cnn", "mlp")
+    assert a.arch._target_.endswith("small.cnn") and a.arch.width == 32
+    assert list(b.arch.hidden) == [16] and b.options["lr"] == 0.1
+    assert training_config(cfg, b).dataset.recipe.lr == 0.1
+
+
+def frozen_teacher(width=8):
+    torch.manual_seed(0)
+    return freeze(build_model("cnn", 10, (1, 8, 8), width=width))
+
+
+def train_batches(dm, size=100):
+    x = dm.splits["train"].inputs
+    return [{"input": x[pos], "index": pos} for pos in torch.arange(len(x)).split(size)]
+
+
+def test_logit_cache_holds_every_teachers_logits_and_stands_in_only_when_it_may():
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    teacher = frozen_teacher()
+    teachers = Teachers([teacher])
+    assert teachers.plan_cache(dm.train_size, 10, deterministic=True, needs_features=False)
+    teachers.build_cache(train_batches(dm), dm.train_size, 10, "cpu", key=lambda: b"",
+                         save=False, show_progress=False)
+    with torch.no_grad():
+        expected = teacher(dm.splits["train"].inputs)
+    idx = torch.tensor([5, 0, 7])
+    x = torch.randn(3, 1, 8, 8)  # not the stored examples: shows which path answered
+    looked_up = teachers.for_training_batch({"input": x, "index": idx}, (), deterministic=True)
+    torch.testing.assert_close(looked_up[0].logits, expected[idx], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        fresh = teacher(x)
+    # an augmented batch, or a method that needs features, runs the teacher
+    computed = teachers.for_training_batch({"input": x, "index": idx}, (), deterministic=False)
+    torch.testing.assert_close(computed[0].logits, fresh)
+    with_features = teachers.for_training_batch({"input": x, "index": idx}, ("features.2",),
+                                                deterministic=True)
+    torch.testing.assert_close(with_features[0].logits, fresh)
+    assert with_features[0].features["features.2"].shape[0] == 3
+
+
+def test_augmented_training_builds_the_cache_on_first_clean_pass_only():
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    teachers = Teachers([frozen_teacher()])
+    assert not teachers.plan_cache(dm.train_size, 10, deterministic=False, needs_features=False)
+    built = []
+
+    def build():
+        built.append(1)
+        teachers.build_cache(train_batches(dm), dm.train_size, 10, "cpu", key=lambda: b"",
+                             save=False, show_progress=False)
+
+    idx = torch.tensor([3, 1])
+    batch = {"input": dm.splits["train"].inputs[idx], "index": idx}
+    first = teachers.for_train_examples(batch, build)
+    second = teachers.for_train_examples(batch, build)
+    assert built == [1]
+    torch.testing.assert_close(first[0].logits, second[0].logits)
+    off = Teachers([frozen_teacher()], cache_mode="off")
+    assert not off.plan_cache(dm.train_size, 10, deterministic=True, needs_features=False)
+    torch.testing.assert_close(off.for_train_examples(batch, build)[0].logits, first[0].logits,
+                               atol=1e-5, rtol=0)
+    assert built == [1]
+
+
+def test_the_cache_is_too_big_for_auto_but_memory_forces_it(monkeypatch):
+    monkeypatch.setattr(teachers_mod, "LOGIT_CACHE_AUTO_BYTES", 1000)
+    assert not Teachers([frozen_teacher()]).plan_cache(1000, 10, True, False)
+    assert Teachers([frozen_teacher()], cache_mode="memory").plan_cache(1000, 10, True, False)
+
+
+def test_teacher_cache_gives_the_same_run_and_disk_survives_a_bad_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    args = [*TINY, "trainer.max_epochs=2", "seed=3"]
+    plain = run(compose([*args, "teacher_cache=off"]), tmp_path / "off")
+    first = run(compose([*args, "teacher_cache=disk"]), tmp_path / "d1")
+    assert first["test"] == plain["test"] and first["val"] == plain["val"]
+    (saved,) = (tmp_path / "cache" / "teacher_logits").glob("*.pt")
+    second = run(compose([*args, "method=alm_kd", "teacher_cache=disk"]), tmp_path / "d2")
+    assert not first["throughput"]["teacher_cache_loaded"]
+    assert second["throughput"]["teacher_cache_loaded"]  # another method, same teacher + data
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated: ignored, recomputed, rewritten
+    third = run(compose([*args, "teacher_cache=disk"]), tmp_path / "d3")
+    assert not third["throughput"]["teacher_cache_loaded"]
+    assert third["test"] == plain["test"]
+    assert len(torch.load(saved, weights_only=True)) == 1
