@@ -11,15 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdlab.config import compose, validate
+from kdlab.config import compose, conf_dir, validate
 from kdlab.errors import KdlabError
 from kdlab.train import run
 
 counter = itertools.count()
 
 draws = st.fixed_dictionaries({
-    "method": st.sampled_from(["ce", "kd", "dkd", "pld", "taid", "pskd", "multi_teacher_kd",
-                               "alm_kd", "fitnet"]),
+    "method": st.sampled_from(sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))),
     "student": st.sampled_from(["mlp", "cnn_small", "cnn"]),
     "teacher": st.sampled_from(["mlp", "cnn_small"]),
     "noise": st.sampled_from(["none", "symmetric", "symmetric_exclusive", "asymmetric",

@@ -4,13 +4,15 @@ ICLR 2015, arXiv 1412.6550), in the one-stage form of the common CIFAR-100 recip
     L = w_ce * CE(s, y) + beta * MSE( r(f_s), f_t )
 
 f_s is the student's output at the guided layer (``student_layer``), f_t the teacher's at
-the hint layer (``teacher_layer``), both taken with forward hooks by module path; r is a
+the hint layer (``teacher_layer``), both taken with forward hooks by module path (``auto``:
+each model's middle stage -- ``layer2`` of the 3-stage CIFAR families as in the common
+recipe, ``layer3`` of the 5-stage VGGs, the first block of the small CNN); r is a
 learnable regressor -- a 1x1 convolution + BatchNorm for 4-d features (B, C, H, W), a Linear
 layer for 2-d features (B, C) -- built in ``setup`` by probing both models with one zeros
 batch of the dataset's input shape, and trained with the student (its parameters join the
-optimiser). MSE is the mean over all elements. beta = 100 at the middle stage (layer2 of
-the CIFAR models). When the feature maps differ in size, the larger one is adaptive-average
-pooled to the smaller; a 4-d feature facing a 2-d one is global-average pooled. One teacher.
+optimiser). MSE is the mean over all elements. beta = 100 at the middle stage. When the
+feature maps differ in size, the larger one is adaptive-average pooled to the smaller; a 4-d
+feature facing a 2-d one is global-average pooled. One teacher.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.features import FeatureHooks
+from ..models.features import FeatureHooks, middle_stage
 from .base import Method, Outputs, cross_entropy, require_teachers
 
 
@@ -74,20 +76,38 @@ class FitNet(Method):
     name = "fitnet"
     description = "FitNet: CE + beta * MSE(regressor(student guided layer), teacher hint layer)"
 
-    def __init__(self, student_layer: str = "layer2", teacher_layer: str = "layer2",
+    def __init__(self, student_layer: str = "auto", teacher_layer: str = "auto",
                  beta: float = 100.0, ce_weight: float = 1.0):
         super().__init__()
-        self.student_layer, self.teacher_layer = str(student_layer), str(teacher_layer)
-        self.student_features = (self.student_layer,)
-        self.teacher_features = (self.teacher_layer,)
+        self.layers = {"student": str(student_layer), "teacher": str(teacher_layer)}
         self.beta = float(beta)
         self.ce_weight = float(ce_weight)
         self.regressor: nn.Module | None = None  # built in setup() from the feature shapes
 
+    @property
+    def student_layer(self) -> str:
+        return self.layers["student"]
+
+    @property
+    def teacher_layer(self) -> str:
+        return self.layers["teacher"]
+
+    @property
+    def student_features(self) -> tuple[str, ...]:
+        return (self.student_layer,)
+
+    @property
+    def teacher_features(self) -> tuple[str, ...]:
+        return (self.teacher_layer,)
+
     def check(self, student, teachers) -> None:
+        """Resolves ``auto`` to each model's middle stage; every path must exist."""
         require_teachers(self.name, len(teachers), exactly=1)
-        for model, path, option in ((student, self.student_layer, "method.student_layer"),
-                                    (teachers[0], self.teacher_layer, "method.teacher_layer")):
+        for who, model in (("student", student), ("teacher", teachers[0])):
+            option = f"method.{who}_layer"
+            if self.layers[who] == "auto":
+                self.layers[who] = middle_stage(model, option)
+            path = self.layers[who]
             if path not in dict(model.named_modules()):
                 top = ", ".join(n for n, _ in model.named_children())
                 raise ConfigError(f"{option}={path!r}: no module at that path in "

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 class FeatureHooks:
@@ -47,3 +50,25 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Linear]:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
     return linears[-1]
+
+
+def feature_stages(model: nn.Module) -> list[str]:
+    """Module paths of the model's stages, shallow to deep: ``model.feature_stages`` when the
+    model declares them (the small models), else its ``layer1``, ``layer2``, ... children
+    (every CIFAR family, torchvision ResNets)."""
+    declared = getattr(model, "feature_stages", None)
+    if declared:
+        return list(declared)
+    names = [n for n, _ in model.named_children() if re.fullmatch(r"layer\d+", n)]
+    return sorted(names, key=lambda n: int(n[len("layer"):]))
+
+
+def middle_stage(model: nn.Module, option: str = "layer") -> str:
+    """The middle stage (``layer2`` of a 3-stage CIFAR net, ``layer3`` of a 5-stage VGG:
+    the hint layer of the common CIFAR-100 FitNet recipe)."""
+    stages = feature_stages(model)
+    if not stages:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(f"{option}=auto: {type(model).__name__} declares no stages; give a "
+                          f"module path (top-level modules: {top})")
+    return stages[(len(stages) - 1) // 2]

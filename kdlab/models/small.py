@@ -25,12 +25,19 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)
 
+    @property
+    def feature_stages(self) -> list[str]:
+        """The hidden layers' outputs (after each ReLU)."""
+        return [f"body.{i}" for i, m in enumerate(self.body) if isinstance(m, nn.ReLU)]
+
     def forward(self, x):
         return self.classifier(self.body(x))
 
 
 class SmallCNN(nn.Module):
     """Two 3x3 conv blocks (BN, ReLU, the second one strided), global pooling, classifier."""
+
+    feature_stages = ("features.2", "features.5")  # each block's output (after its ReLU)
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32):
         super().__init__()

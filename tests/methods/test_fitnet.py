@@ -129,15 +129,31 @@ def test_single_teacher_only():
 @pytest.mark.parametrize("teacher_name,student_name", [
     ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
     ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"),
-    ("resnet32x4", "shufflenetv2")])
-def test_default_layers_fit_every_cifar100_pair(teacher_name, student_name):
-    """The yaml default (layer2 -> layer2) works for every pair of the CIFAR-100 experiments:
-    the probed features align and the regressor maps the student's onto the teacher's."""
-    method = FitNet()  # layer2 -> layer2, as setup() probes them
-    f_s = probe_feature(build_model(student_name, 100, (3, 32, 32)), method.student_layer,
-                        (3, 32, 32))
-    f_t = probe_feature(build_model(teacher_name, 100, (3, 32, 32)), method.teacher_layer,
-                        (3, 32, 32))
+    ("resnet32x4", "shufflenetv2"), ("resnet32x4", "mobilenetv2")])
+def test_auto_layers_fit_every_cifar100_pair(teacher_name, student_name):
+    """The yaml default (auto) picks each model's middle stage: layer2 of the 3-stage
+    families, layer3 of the 5-stage VGGs, layer4 of the 7-stage MobileNetV2; the probed
+    features align and the regressor maps the student's onto the teacher's."""
+    method = FitNet()
+    student = build_model(student_name, 100, (3, 32, 32))
+    teacher = build_model(teacher_name, 100, (3, 32, 32))
+    method.check(student, [teacher])
+    expected = {"vgg8": "layer3", "vgg13": "layer3", "mobilenetv2": "layer4"}  # 5, 7 stages
+    assert method.student_layer == expected.get(student_name, "layer2")
+    assert method.teacher_layer == expected.get(teacher_name, "layer2")
+    f_s = probe_feature(student, method.student_layer, (3, 32, 32))
+    f_t = probe_feature(teacher, method.teacher_layer, (3, 32, 32))
     f_s, f_t = align_features(f_s, f_t)
     regressor = make_regressor(f_s, f_t).train()
     assert regressor(f_s).shape == f_t.shape
+
+
+@pytest.mark.parametrize("student,teacher,layers", [
+    ("cnn_small", "cnn", ("features.2", "features.2")),
+    ("mlp_small", "mlp_large", ("body.2", "body.2")),
+    ("mlp", "cnn", ("body.2", "features.2"))])
+def test_auto_layers_of_the_small_models(student, teacher, layers):
+    shape = (14,) if student.startswith("mlp_") else (1, 8, 8)
+    method = FitNet()
+    method.check(build_model(student, 10, shape), [build_model(teacher, 10, shape)])
+    assert (method.student_layer, method.teacher_layer) == layers
