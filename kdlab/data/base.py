@@ -3,8 +3,9 @@
 Every dataset is held as tensors (inputs, targets). ``setup`` splits the training set into
 ``train`` (labels possibly noisy), ``meta`` (a clean, stratified held-out fraction of the
 training set) and optionally a separate ``val``; ``val`` is ``meta`` unless
-``val_fraction > 0``. ``test`` is the dataset's own test set. Model selection uses ``val``,
-never ``test``.
+``val_fraction > 0``. ``train_on_meta`` appends the clean meta examples to ``train`` (so a
+baseline trains on the same clean data a meta-learning method sees; needs a separate val).
+``test`` is the dataset's own test set. Model selection uses ``val``, never ``test``.
 
 Batches are dicts ``{input, target, index}``: ``index`` is the example's position in its
 split (for ``train``: the row of per-example method state such as ALM-KD's weight table).
@@ -110,8 +111,9 @@ class SplitDataModule(pl.LightningDataModule):
     input_shape: tuple[int, ...]
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None,
-                 meta_fraction: float = 0.1, val_fraction: float = 0.0, num_workers: int = 0,
-                 noise: dict | None = None, seed: int = 0, recipe: dict | None = None):
+                 meta_fraction: float = 0.1, val_fraction: float = 0.0,
+                 train_on_meta: bool = False, num_workers: int = 0, noise: dict | None = None,
+                 seed: int = 0, recipe: dict | None = None):
         super().__init__()
         if not 0.0 < float(meta_fraction) < 1.0:
             raise ConfigError(f"dataset.meta_fraction must be in (0, 1), got {meta_fraction}")
@@ -127,6 +129,11 @@ class SplitDataModule(pl.LightningDataModule):
         self.recipe = dict(recipe or {})  # read by the config (optimizer, schedule, teachers)
         self.meta_fraction = float(meta_fraction)
         self.val_fraction = float(val_fraction)
+        if train_on_meta and self.val_fraction == 0:
+            raise ConfigError("dataset.train_on_meta=true needs a separate validation split "
+                              "(dataset.val_fraction > 0): model selection must not use "
+                              "examples the model was trained on")
+        self.train_on_meta = bool(train_on_meta)
         self.num_workers = int(num_workers)
         self.noise = dict(noise or {"type": "none", "rate": 0.0})
         check_noise(self.noise.get("type", "none"), self.noise.get("rate", 0.0))
@@ -166,6 +173,10 @@ class SplitDataModule(pl.LightningDataModule):
         noisy, mask = apply_label_noise(
             clean, num_classes=self.num_classes, seed=self.seed,
             coarse=None if coarse is None else coarse[train_pos], **noise)
+        if self.train_on_meta:  # the clean meta examples join training, labels untouched
+            noisy, clean = torch.cat([noisy, y[meta_pos]]), torch.cat([clean, y[meta_pos]])
+            mask = torch.cat([mask, torch.zeros(len(meta_pos), dtype=torch.bool)])
+            train_pos = np.concatenate([train_pos, meta_pos])
         self.noise_mask = mask
         self.splits["train"] = ArrayDataset(x[train_pos], noisy, clean_targets=clean)
         self.splits["meta"] = ArrayDataset(x[meta_pos], y[meta_pos])

@@ -9,9 +9,15 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
+PENULTIMATE = "penultimate"  # a feature path: the input of the final linear layer
+
 
 class FeatureHooks:
-    """``with FeatureHooks(model, ["layer2"]) as feats: model(x)`` fills ``feats`` by path."""
+    """``with FeatureHooks(model, ["layer2"]) as feats: model(x)`` fills ``feats`` by path.
+
+    A path is a module path (``model.named_modules()``: the module's output), or
+    ``"penultimate"``: the input of the model's final linear layer (the pooled embedding).
+    """
 
     def __init__(self, model: nn.Module, paths: Iterable[str]):
         self.model = model
@@ -22,6 +28,10 @@ class FeatureHooks:
     def __enter__(self) -> dict[str, Tensor]:
         modules = dict(self.model.named_modules())
         for path in self.paths:
+            if path == PENULTIMATE:
+                _, head = find_classifier(self.model)
+                self._handles.append(head.register_forward_pre_hook(self._store_input(path)))
+                continue
             if path not in modules:
                 top = ", ".join(n for n, _ in self.model.named_children())
                 raise ValueError(f"no module at path {path!r} in {type(self.model).__name__}; "
@@ -32,6 +42,12 @@ class FeatureHooks:
     def _store(self, path: str):
         def hook(module, inputs, output):
             self.features[path] = output
+
+        return hook
+
+    def _store_input(self, path: str):
+        def hook(module, inputs):
+            self.features[path] = inputs[0]
 
         return hook
 

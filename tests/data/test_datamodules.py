@@ -99,3 +99,37 @@ def test_synthetic_shapes_and_standardisation():
 def test_bad_fractions(kw):
     with pytest.raises(ConfigError):
         DigitsDataModule(**kw)
+
+
+def test_train_on_meta_adds_the_clean_meta_examples_to_training():
+    noise = {"type": "symmetric", "rate": 0.4}
+    base = DigitsDataModule(noise=noise, seed=1, val_fraction=0.1)
+    both = DigitsDataModule(noise=noise, seed=1, val_fraction=0.1, train_on_meta=True)
+    base.setup()
+    both.setup()
+    train, meta = base.splits["train"], base.splits["meta"]
+    n = len(train)
+    assert len(both.splits["train"]) == n + len(meta)
+    assert torch.equal(both.splits["train"].inputs, torch.cat([train.inputs, meta.inputs]))
+    # the noisy labels of the original part are the same draw; the meta part keeps its labels
+    assert torch.equal(both.splits["train"].targets, torch.cat([train.targets, meta.targets]))
+    assert torch.equal(both.noise_mask, torch.cat([base.noise_mask,
+                                                   torch.zeros(len(meta), dtype=torch.bool)]))
+    assert torch.equal(both.splits["val"].inputs, base.splits["val"].inputs)
+    with pytest.raises(ConfigError, match="needs a separate validation split"):
+        DigitsDataModule(train_on_meta=True)
+
+
+def test_synthetic_is_the_authors_generator():
+    from sklearn.datasets import make_classification
+
+    dm = SyntheticDataModule(seed=0)
+    x, y = make_classification(n_samples=10_000, n_features=14, n_informative=14,
+                               n_redundant=0, n_classes=20, n_clusters_per_class=1,
+                               flip_y=0.0, random_state=0)
+    dm.setup()
+    assert dm.gen["n_informative"] == 14 and dm.gen["flip_y"] == 0.0
+    sizes = dm.describe()["sizes"]
+    assert sizes["train"] + sizes["meta"] + sizes["test"] == len(y)
+    assert sorted(torch.cat([dm.splits[s].targets for s in ("train", "meta", "test")]).tolist()) \
+        == sorted(y.tolist())

@@ -119,3 +119,18 @@ def test_a_model_is_its_config_and_options_override_it():
     assert build_model("cnn", 10, (1, 8, 8)).classifier.in_features == 64  # width 32
     assert build_model("mlp_small", 20, (14,)).classifier.in_features == 60
     assert build_model("mlp_large", 20, (14,)).classifier.in_features == 80
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2", "shufflenetv2",
+                                  "cnn_small", "mlp"])
+def test_penultimate_feature_is_the_classifier_input(name):
+    from kdlab.models.features import FeatureHooks
+
+    shape = _input_shape(name)
+    model = build_model(name, 10, shape).eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad(), FeatureHooks(model, ["penultimate"]) as feats:
+        logits = model(x)
+    _, head = find_classifier(model)
+    torch.testing.assert_close(head(feats["penultimate"]), logits)
+    assert feats["penultimate"].shape == (3, head.in_features)
