@@ -284,6 +284,12 @@ def validate(cfg: DictConfig) -> None:
     dm = instantiate_datamodule(cfg)
     dm.check()
     method = instantiate_method(cfg.method)
+    dm.check_views(tuple(method.input_views))
+    if int(cfg.get("generations") or 1) < 1:
+        raise ConfigError(f"generations must be >= 1, got {cfg.generations}")
+    if int(cfg.get("generations") or 1) > 1 and not method.needs_teacher:
+        raise ConfigError(f"generations={cfg.generations} distils each generation from the "
+                          f"previous one, but method {method.name} takes no teacher")
     check_models(cfg, method, dm.num_classes, tuple(dm.input_shape))
     check_wandb(cfg)
 

@@ -55,6 +55,17 @@ class DistillModule(pl.LightningModule):
         self.test_agreement = nn.ModuleList(Agreement() for _ in range(len(self._teachers)))
         self.reliability_bins: dict[str, Tensor] = {}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Outside a training run (``load_from_checkpoint``, ``kdlab eval``) the student is
+        rebuilt complete; method parts built lazily in ``setup`` (regressors, peers) are not
+        there yet, so their saved state is left out (call ``method.setup(ctx)`` and
+        ``load_state_dict`` to restore them). In a run, setup has built them: all is loaded."""
+        if self._trainer is not None:
+            return
+        own = self.state_dict()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("method.") or k in own}
+
     # -- the method context (kdlab.methods.base.MethodContext) -----------------------------
     @property
     def teachers(self) -> tuple[nn.Module, ...]:
@@ -152,12 +163,19 @@ class DistillModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._teachers.to(self.device)
         dm = self.datamodule
+        dm.train_views = tuple(self.method.input_views)
         build_now = self._teachers.plan_cache(
-            dm.train_size, self.num_classes, dm.deterministic_train,
+            dm.train_size, self.num_classes, self._cacheable_training_batches,
             needs_features=bool(self.method.teacher_features)) and self.method.needs_teacher
         if build_now:
             self._build_teacher_cache()
         self.method.on_fit_start(self)
+
+    @property
+    def _cacheable_training_batches(self) -> bool:
+        """A training batch's inputs are the stored examples (no random augmentation, no
+        batch transform): teacher logits may be looked up by example."""
+        return bool(self.datamodule.deterministic_train) and not self.method.transforms_batch
 
     def on_train_epoch_start(self) -> None:
         # Each epoch's randomness depends only on (seed, epoch, rank): exact resume.
@@ -165,10 +183,12 @@ class DistillModule(pl.LightningModule):
         self.method.on_train_epoch_start(self)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.method.transforms_batch:
+            batch = self.method.transform_batch(batch, self)
         x = channels_last(batch["input"])  # once, for student and teachers
         batch = {**batch, "input": x}
         teachers = (self._teachers.for_training_batch(
-            batch, self.method.teacher_features, self.datamodule.deterministic_train)
+            batch, self.method.teacher_features, self._cacheable_training_batches)
             if self.method.needs_teacher else [])
         student = forward_with_features(self.student, x, self.method.student_features)
         terms = self.method(student, teachers, batch)
@@ -208,6 +228,10 @@ class DistillModule(pl.LightningModule):
 
     def on_test_start(self) -> None:
         self._teachers.to(self.device)
+        # networks the method trains besides the student (online peers): tested alike
+        self.peer_test_metrics = nn.ModuleDict({
+            name: classification_metrics(self.num_classes).clone(prefix=f"peer/{name}/test/")
+            for name in self.method.evaluated_models()}).to(self.device)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = channels_last(batch["input"]), batch["target"]
@@ -217,15 +241,19 @@ class DistillModule(pl.LightningModule):
         for i, t in enumerate(self._teachers.forward(x)):
             self.teacher_test_metrics[i].update(t.logits, y)
             self.test_agreement[i].update(logits, t.logits)
+        for name, model in self.method.evaluated_models().items():
+            self.peer_test_metrics[name].update(model(x).float(), y)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         for i, metrics in enumerate(self.teacher_test_metrics):
             self.log_dict(metrics.compute())
             self.log(f"teacher{i}/test/agreement", self.test_agreement[i].compute())
+        for metrics in self.peer_test_metrics.values():
+            self.log_dict(metrics.compute())
         self.reliability_bins = {k: v.cpu() for k, v in self.test_reliability.compute().items()}
         for m in [self.test_metrics, self.test_reliability, *self.teacher_test_metrics,
-                  *self.test_agreement]:
+                  *self.test_agreement, *self.peer_test_metrics.values()]:
             m.reset()
 
     # -- optimisation ----------------------------------------------------------------------

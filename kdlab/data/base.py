@@ -104,6 +104,7 @@ class SplitDataModule(pl.LightningDataModule):
     name = "dataset"
     asymmetric_class_map: dict[int, int] | None = None  # built-in map for noise=asymmetric
     has_coarse_labels = False  # superclass labels (load() returns train_coarse): CIFAR-100
+    train_views: tuple[str, ...] = ()  # extra views of training batches (set at fit start)
     # True when a train example always reaches the model as the same tensor (no random
     # augmentation): per-example teacher outputs can then be computed once and cached.
     deterministic_train: bool = True
@@ -239,7 +240,37 @@ class SplitDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training
-        return self.preprocess(batch, train=training)
+        out = self.preprocess(batch, train=training)
+        if training:
+            for view in self.train_views:
+                out[f"input_{view}"] = self.view(view, batch["input"])
+        return out
+
+    # -- extra views of training batches (methods ask for them: Method.input_views) --------
+    VIEWS = ("strong",)
+
+    def check_views(self, views: tuple[str, ...]) -> None:
+        for view in views:
+            if view not in self.VIEWS:
+                raise ConfigError(f"unknown input view {view!r}; datasets offer "
+                                  f"{', '.join(self.VIEWS)}")
+            if len(self.input_shape) != 3:
+                raise ConfigError(f"the {view} view (RandAugment + Cutout) needs image inputs; "
+                                  f"{self.name} has vectors of shape {tuple(self.input_shape)}")
+
+    def unit_images(self, x: Tensor) -> Tensor:
+        """Stored image inputs as floats in [0, 1] (uint8 images are divided by 255)."""
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def from_unit_images(self, x: Tensor) -> Tensor:
+        """Float images in [0, 1] -> model inputs (normalisation goes here)."""
+        return x
+
+    def view(self, name: str, inputs: Tensor) -> Tensor:
+        """Model inputs of view ``name`` for stored (unaugmented) training inputs."""
+        from .augment import strong_view
+
+        return self.from_unit_images(strong_view(self.unit_images(inputs)))
 
     def describe(self) -> dict[str, Any]:
         self.setup()

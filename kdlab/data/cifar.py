@@ -197,6 +197,9 @@ class _CifarDataModule(SplitDataModule):
             x = random_crop_flip(x, padding=4)
         return {**batch, "input": normalize(x, self.mean, self.std)}
 
+    def from_unit_images(self, x: Tensor) -> Tensor:
+        return normalize(x * 255.0, self.mean, self.std)
+
 
 class Cifar10DataModule(_CifarDataModule):
     name = "cifar10"

@@ -20,8 +20,29 @@ which method it runs; it only calls this contract:
 * ``results()`` -- extra entries for the run's ``results.json``. It is called after the
   best-on-val checkpoint has been loaded back for testing, so a method reports state it
   kept itself (e.g. the final weights), not what the buffers hold at that moment.
-* ``extra_parameters()`` -- learnable parts of the method (a FitNet regressor) that join the
-  student's optimiser.
+
+How the contract grows for methods that need more than a loss:
+
+1. **A batch transform** -- ``transform_batch(batch, ctx)`` (override it) runs before the
+   forward pass of every training batch and returns the batch the student *and* the
+   teachers see, with any extra targets (mixup: mixed inputs and ``soft_target``). Teachers
+   then always run on the transformed inputs, never from a logit cache.
+2. **Extra input views** -- ``input_views = ("strong",)`` asks the datamodule for another,
+   independently augmented view of each training batch (``batch["input_strong"]``:
+   RandAugment + Cutout); teacher outputs for it come from ``ctx.teacher_outputs``.
+3. **Learnable auxiliary parts** (a head on the pooled feature, a regressor, a controller)
+   are submodules of the method: saved in checkpoints, never on the student's evaluation
+   path; ``extra_parameters()`` joins them to the student's optimiser. A part trained on
+   another objective (e.g. bilevel on the meta split) keeps its own optimiser inside the
+   method and saves its state in buffers or ``get_extra_state``.
+4. **Trainable peers** (online distillation): a second network is a submodule of the
+   method, trained with the student (``extra_parameters()``), in train mode with it, synced
+   by DDP like the student, saved and resumed with it; ``evaluated_models()`` names it so
+   the run tests it like the student (``results.json["peers"]``). ``needs_teacher = False``.
+5. **Generations** (``generations=N`` in the run config): N successive students, each
+   distilled from the previous one's best checkpoint (the first from ``teacher``), in
+   ``<run dir>/generation<k>/``; the run's results.json summarises them. Nothing to do in the
+   method.
 
 A method sees the run only through :class:`MethodContext`, never the Trainer or the
 DataModule; ``tests/helpers`` has one fake context that serves every method test.
@@ -121,8 +142,23 @@ class Method(nn.Module):
     def forward(self, student: Outputs, teachers: list[Outputs], batch: Batch):
         return self.loss_terms(student, teachers, batch)
 
+    # Extra views of each training batch the method reads (``batch["input_<view>"]``).
+    input_views: tuple[str, ...] = ()
+
     def check(self, student: nn.Module, teachers: Sequence[nn.Module]) -> None:
         """Raise a ConfigError if the method cannot apply to these models."""
+
+    def transform_batch(self, batch: Batch, ctx: MethodContext) -> Batch:
+        """The training batch the student and the teachers see (default: unchanged)."""
+        return batch
+
+    @property
+    def transforms_batch(self) -> bool:
+        return type(self).transform_batch is not Method.transform_batch
+
+    def evaluated_models(self) -> dict[str, nn.Module]:
+        """Networks besides the student that the run tests (online peers), by name."""
+        return {}
 
     # Hooks: the default is to do nothing.
     def setup(self, ctx: MethodContext) -> None:

@@ -150,3 +150,46 @@ def test_normalize(mean, std):
     for ch in range(3):
         expected = (x[:, ch].double() / 255.0 - mean[ch]) / std[ch]
         torch.testing.assert_close(y[:, ch].double(), expected, atol=1e-5, rtol=0)
+
+
+# -- the strong view ---------------------------------------------------------------------------
+
+
+def test_strong_ops_against_their_definitions():
+    from kdlab.data.augment import apply_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 10, 10, generator=g)
+    plus = torch.ones(4, dtype=torch.long)
+    assert torch.equal(apply_op("identity", x, 1.0, plus), x)
+    torch.testing.assert_close(apply_op("solarize", x, 0.3, plus),
+                               torch.where(x >= 0.7, 1 - x, x))
+    # brightness with factor 1 + 0.9 m s: a darker image for s = -1
+    torch.testing.assert_close(apply_op("brightness", x, 0.5, -plus), (x * 0.55).clamp(0, 1))
+    post = apply_op("posterize", x, 1.0, plus)  # 4 bits: 16 levels
+    assert len(torch.unique(post)) <= 16
+    torch.testing.assert_close(post, torch.round(x * 15) / 15)
+    # translate_x by 0.3 * width = 3 pixels to the right, zeros coming in on the left
+    shifted = apply_op("translate_x", x, 1.0, -plus)
+    expected = torch.zeros_like(x)
+    expected[..., 3:] = x[..., :-3]
+    torch.testing.assert_close(shifted, expected, atol=1e-5, rtol=0)
+
+
+def test_cutout_zeroes_one_square_of_the_given_side():
+    from kdlab.data.augment import cutout
+
+    x = torch.ones(500, 1, 16, 16)
+    out = cutout(x, 8, generator=torch.Generator().manual_seed(1))
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    assert zeros.max() == 64 and zeros.min() >= 16  # a full square, or clipped at a corner
+    assert ((out == 0) | (out == 1)).all()
+
+
+def test_the_strong_view_keeps_shape_and_range_and_differs():
+    from kdlab.data.augment import strong_view
+
+    x = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    out = strong_view(x, generator=torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().mean() > 0.05
