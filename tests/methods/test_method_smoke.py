@@ -16,6 +16,7 @@ import torch
 from helpers.context import FakeContext
 
 from kdlab.config import compose, conf_dir, instantiate_method
+from kdlab.errors import ConfigError
 from kdlab.models import build_model
 from kdlab.train import run
 
@@ -32,10 +33,19 @@ def cache_dir(tmp_path_factory):
         yield path
 
 
+# (method, dataset) pairs where the method cannot apply, and the reason its error gives
+CANNOT_APPLY = {("mlkd", "synthetic"): "needs image inputs"}
+
+
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_every_offline_default(cache_dir, tmp_path, method, dataset):
     cfg = compose([*COMMON, f"dataset={dataset}", f"method={method}"])
+    if (method, dataset) in CANNOT_APPLY:
+        with pytest.raises(ConfigError, match=CANNOT_APPLY[method, dataset]) as info:
+            run(cfg, tmp_path / "run")
+        assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+        return
     results = run(cfg, tmp_path / "run")
     assert results["status"] == "finished" and results["epochs"] == 1
     for split in ("test", "test_last", "val"):
@@ -63,9 +73,13 @@ def test_training_step_gradient_reaches_only_the_student(name):
     method.check(student, [teacher] if method.needs_teacher else [])
     ctx = FakeContext(student, (teacher,), current_epoch=1)
     method.setup(ctx)
+    method.on_fit_start(ctx)
     method.on_train_epoch_start(ctx)
     x = torch.randn(8, 1, 8, 8)
-    batch = {"input": x, "target": torch.arange(8) % 10, "index": torch.arange(8)}
+    batch = {"input": x, "target": torch.arange(8) % 10, "index": torch.arange(8),
+             **{f"input_{view}": torch.randn(8, 1, 8, 8) for view in method.input_views}}
+    batch = method.transform_batch(batch, ctx)
+    x = batch["input"]
     teachers = ctx.teacher_outputs(x, method.teacher_features) if method.needs_teacher else []
     terms = method(forward_with_features(student, x, method.student_features), teachers, batch)
     loss = torch.stack(list(terms.values())).sum()
