@@ -31,7 +31,7 @@ HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 TEACHER_OPTIONS = ("model", "ckpt", "allow_pickle", "label_noise", "max_epochs", "lr",
                    "weight_decay")
 LABEL_NOISE = ("same", "none")
-TEACHER_CACHE_MODES = ("auto", "memory", "disk", "off")
+TEACHER_CACHE_MODES = ("auto", "memory", "disk", "views", "off")
 CHOICE_GROUPS = ("dataset", "student", "teacher", "method", "noise")
 # Config nodes that take new keys of the user's (`+callbacks.NAME={_target_: ...}`).
 FREE_KEY_NODES = ("callbacks", "logger")
@@ -283,6 +283,10 @@ def validate(cfg: DictConfig) -> None:
                           "(trainer.strategy=ddp)")
     dm = instantiate_datamodule(cfg)
     dm.check()
+    if mode == "views" and not dm.augmentation_views:
+        raise ConfigError(f"teacher_cache=views caches the teachers' logits for every view of "
+                          f"an enumerable augmentation (CIFAR's crop + flip); {dm.name} has "
+                          "none here: use teacher_cache=memory or disk")
     method = instantiate_method(cfg.method)
     dm.check_views(tuple(method.input_views))
     if int(cfg.get("generations") or 1) < 1:

@@ -169,6 +169,15 @@ class DistillModule(pl.LightningModule):
             needs_features=bool(self.method.teacher_features)) and self.method.needs_teacher
         if build_now:
             self._build_teacher_cache()
+        elif self.method.needs_teacher and self._teachers.use_views(
+                self.max_epochs, dm.augmentation_views, bool(self.method.teacher_features),
+                self.method.transforms_batch):
+            self._teachers.build_view_cache(
+                dm, key=lambda: data_key(dm, str(self.trainer.precision)) + b"|views",
+                device=self.device, precision=self.precision_context,
+                dtype=torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32,
+                show_progress=self.is_global_zero and self.trainer.progress_bar_callback
+                is not None)
         self.method.on_fit_start(self)
 
     @property
@@ -183,8 +192,9 @@ class DistillModule(pl.LightningModule):
         self.method.on_train_epoch_start(self)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        if self.method.transforms_batch:
-            batch = self.method.transform_batch(batch, self)
+        if self.method.transforms_batch:  # no longer an enumerated view of stored examples
+            batch = {k: v for k, v in self.method.transform_batch(batch, self).items()
+                     if k != "view"}
         x = channels_last(batch["input"])  # once, for student and teachers
         batch = {**batch, "input": x}
         teachers = (self._teachers.for_training_batch(

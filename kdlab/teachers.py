@@ -240,7 +240,8 @@ class Teachers:
     """
 
     def __init__(self, loaded: list[tuple[TeacherSpec, nn.Module]] | list[nn.Module] = (),
-                 cache_mode: str = "auto", cache_dir: str | Path | None = None):
+                 cache_mode: str = "auto", cache_dir: str | Path | None = None,
+                 cache_runs: int = 1):
         """``loaded``: (spec, frozen model) pairs as :func:`load_teachers` returns, or
         plain models."""
         pairs = [item if isinstance(item, tuple) else (None, item) for item in loaded]
@@ -248,7 +249,9 @@ class Teachers:
         self.models = tuple(m for _, m in pairs)
         self.cache_mode = cache_mode
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_runs = int(cache_runs)  # runs expected to read a cache (a sweep's size)
         self._logits: list[Tensor] | None = None  # (N_train, C) per teacher
+        self.views: ViewCache | None = None  # (K, N_train, views, C), teacher_cache=views
         self._cache_allowed = False
         self.cache_seconds = 0.0
         self.cache_loaded = False
@@ -281,10 +284,15 @@ class Teachers:
     # -- the logit cache -------------------------------------------------------------------
     def for_training_batch(self, batch: dict[str, Tensor], paths: tuple[str, ...],
                            deterministic: bool) -> list[Outputs]:
-        """Outputs for a training batch: looked up when the train transform is deterministic
-        (the batch's inputs are then the cached examples) and no features are needed."""
-        if self._logits is not None and deterministic and not paths:
+        """Outputs for a training batch: looked up when the batch's inputs are stored
+        examples (deterministic transform) or enumerated views of them (``batch["view"]``
+        with the view cache), and no features are needed; else the teachers run."""
+        if paths:
+            return self.forward(batch["input"], paths)
+        if self._logits is not None and deterministic:
             return self._lookup(batch["index"])
+        if self.views is not None and "view" in batch:
+            return self.views.lookup(batch["index"], batch["view"])
         return self.forward(batch["input"], paths)
 
     def for_train_examples(self, batch: dict[str, Tensor], build: Callable[[], None]
@@ -336,7 +344,38 @@ class Teachers:
         self._logits = cache
         self.cache_seconds += time.perf_counter() - start
 
-    def _cache_file(self, key: Callable[[], bytes]) -> Path:
+    def use_views(self, epochs_reading: int, views: int, needs_features: bool,
+                  transforms_batch: bool) -> bool:
+        """Whether to build the every-view cache: asked for (``views``), or, with ``auto``,
+        when more epochs will read it (this run's times ``cache_runs``) than the views it
+        must compute. Never for teacher features or a batch transform."""
+        if not views or not self.models or needs_features or transforms_batch:
+            return False
+        if self.cache_mode == "views":
+            return True
+        return self.cache_mode == "auto" and epochs_reading * self.cache_runs > views
+
+    def build_view_cache(self, dm, key: Callable[[], bytes], device, precision: Callable,
+                         dtype: torch.dtype, show_progress: bool) -> None:
+        """Every teacher's logits for every view of every train example (see ViewCache)."""
+        start = time.perf_counter()
+        n, views = dm.train_size, dm.augmentation_views
+        cache = ViewCache(self._cache_file(key, suffix="views.bin"),
+                          (len(self.models), n, views, dm.num_classes), dtype)
+
+        def fill_view(v: int, table: Tensor) -> None:
+            for index in torch.arange(n).split(dm.eval_batch_size):
+                x = dm.train_view(index, torch.full_like(index, v), device)
+                with precision():
+                    outs = self.forward(x)
+                for k, out in enumerate(outs):
+                    table[k, index, v] = out.logits.to("cpu", dtype)
+
+        self.cache_loaded = cache.build(fill_view, show_progress)
+        self.views = cache
+        self.cache_seconds += time.perf_counter() - start
+
+    def _cache_file(self, key: Callable[[], bytes], suffix: str = "pt") -> Path:
         """A file named by everything the logits depend on: the teachers' classes and
         weights, the data (``key``: dataset, train inputs, precision) and the kdlab version."""
         if self.cache_dir is None:
@@ -349,7 +388,7 @@ class Teachers:
             for name, value in sorted(teacher.state_dict().items()):
                 h.update(name.encode())
                 h.update(_tensor_buffer(value))
-        return self.cache_dir / f"{h.hexdigest()[:24]}.pt"
+        return self.cache_dir / f"{h.hexdigest()[:24]}.{suffix}"
 
     def _load(self, path: Path, shape: tuple[int, int], device) -> list[Tensor] | None:
         """A saved cache, or None when it is missing or unusable (then recomputed)."""
@@ -366,6 +405,55 @@ class Teachers:
                         path)
             return None
         return [c.float() for c in cache]
+
+
+class ViewCache:
+    """Every teacher's logits for every (train example, augmented view): a (K, N, V, C)
+    table in a memory-mapped file, built view by view (resumable: ``<name>.json`` records
+    how many views are done) under a file lock, so that the jobs of a sweep build it once.
+
+    Stored in the teachers' output precision: bfloat16 under bf16-mixed (the teachers' logits
+    are bfloat16 values there, so nothing is lost), float32 otherwise.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int, int], dtype: torch.dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), dtype
+        self.meta_path = self.path.with_suffix(".json")
+        self.table: Tensor | None = None
+
+    def _meta(self) -> dict[str, Any]:
+        expected = {"shape": list(self.shape), "dtype": str(self.dtype), "version": __version__}
+        if self.meta_path.is_file() and self.path.is_file():
+            meta = json.loads(self.meta_path.read_text())
+            if {k: meta.get(k) for k in expected} == expected:
+                return meta
+        return {**expected, "views_done": 0}
+
+    def build(self, fill_view: Callable[[int, Tensor], None], show_progress: bool) -> bool:
+        """Fill the views not done yet (``fill_view(v, table)`` writes view v); True if the
+        table was complete already."""
+        numel = int(torch.Size(self.shape).numel())
+        with file_lock(self.path.with_suffix(".lock")):
+            meta = self._meta()
+            if meta["views_done"] == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "wb") as f:  # a sparse file of the final size
+                    f.truncate(numel * torch.empty(0, dtype=self.dtype).element_size())
+            table = torch.from_file(str(self.path), shared=True, size=numel,
+                                    dtype=self.dtype).view(self.shape)
+            complete = meta["views_done"] == self.shape[2]
+            views = range(meta["views_done"], self.shape[2])
+            for v in _progress(views, "teacher logits (every augmented view, once)",
+                               show_progress and not complete):
+                fill_view(v, table)
+                meta["views_done"] = v + 1
+                atomic_write_json(self.meta_path, meta)
+        self.table = table
+        return complete
+
+    def lookup(self, index: Tensor, views: Tensor) -> list[Outputs]:
+        rows = self.table[:, index.cpu(), views.cpu()]  # (K, B, C)
+        return [Outputs(r.to(index.device, torch.float32)) for r in rows]
 
 
 def data_key(dm, precision: str) -> bytes:

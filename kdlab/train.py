@@ -40,7 +40,8 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> DistillModule:
     loaded = (load_teachers(cfg, dm.num_classes, dm.input_shape)
               if instantiate_method(cfg.method).needs_teacher else [])
     teachers = Teachers(loaded, cache_mode=str(cfg.teacher_cache),
-                        cache_dir=Path(cfg.paths.cache_dir) / "teacher_logits")
+                        cache_dir=Path(cfg.paths.cache_dir) / "teacher_logits",
+                        cache_runs=int(cfg.get("teacher_cache_runs") or 1))
     # Re-seed so the student starts from the same weights with or without teachers.
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return DistillModule(student=OmegaConf.to_container(cfg.student, resolve=True),

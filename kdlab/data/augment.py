@@ -61,6 +61,26 @@ def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int = 4) -> Te
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def crop_flip_views(padding: int = 4) -> int:
+    """How many distinct outputs crop + flip has: (2p + 1)^2 offsets x 2 flips (162 for
+    p = 4)."""
+    return (2 * int(padding) + 1) ** 2 * 2
+
+
+def view_ids(offsets: Tensor, flips: Tensor, padding: int = 4) -> Tensor:
+    """The index in ``0 .. crop_flip_views(p) - 1`` of each example's (offset, flip)."""
+    side = 2 * int(padding) + 1
+    return (offsets[:, 0] * side + offsets[:, 1]) * 2 + flips.long()
+
+
+def view_params(views: Tensor, padding: int = 4) -> tuple[Tensor, Tensor]:
+    """(offsets, flips) of view indices: the inverse of :func:`view_ids`."""
+    side = 2 * int(padding) + 1
+    flips = (views % 2).bool()
+    cell = views // 2
+    return torch.stack([cell // side, cell % side], dim=1), flips
+
+
 def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None,
                      return_params: bool = False):
     """Random zero-padded crop + horizontal flip of every image of a uint8 batch.

@@ -246,6 +246,16 @@ class SplitDataModule(pl.LightningDataModule):
                 out[f"input_{view}"] = self.view(view, batch["input"])
         return out
 
+    # -- the finite set of augmented views (teacher_cache=views) ---------------------------
+    @property
+    def augmentation_views(self) -> int:
+        """How many distinct outputs the train augmentation has when it is a finite set whose
+        choice preprocess reports in ``batch["view"]`` (crop + flip: 162); 0 otherwise."""
+        return 0
+
+    def train_view(self, index: Tensor, views: Tensor, device) -> Tensor:
+        raise NotImplementedError(f"{self.name} has no enumerable augmentation")
+
     # -- extra views of training batches (methods ask for them: Method.input_views) --------
     VIEWS = ("strong",)
 

@@ -24,12 +24,18 @@ from .augment import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    crop_flip,
+    crop_flip_views,
     normalize,
     random_crop_flip,
+    view_ids,
+    view_params,
 )
 from .base import SplitDataModule
 from .download import DatasetError, _one_line, download_and_extract
 from .noise import CIFAR10_ASYMMETRIC
+
+PADDING = 4  # random crop of the zero-padded image (the standard CIFAR augmentation)
 
 
 def _resolve(module: str, name: str):
@@ -193,9 +199,22 @@ class _CifarDataModule(SplitDataModule):
 
     def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
         x = batch["input"]
-        if train and self.augment:
-            x = random_crop_flip(x, padding=4)
-        return {**batch, "input": normalize(x, self.mean, self.std)}
+        if not (train and self.augment):
+            return {**batch, "input": normalize(x, self.mean, self.std)}
+        x, offsets, flips = random_crop_flip(x, padding=PADDING, return_params=True)
+        # which of the finitely many crop + flip outputs each example got (teacher_cache=views)
+        return {**batch, "input": normalize(x, self.mean, self.std),
+                "view": view_ids(offsets, flips, PADDING)}
+
+    @property
+    def augmentation_views(self) -> int:
+        return crop_flip_views(PADDING) if self.augment else 0
+
+    def train_view(self, index: Tensor, views: Tensor, device) -> Tensor:
+        """Model inputs of train examples ``index`` as augmented view ``views`` (each)."""
+        x = self.splits["train"].inputs[index.cpu()].to(device)
+        offsets, flips = view_params(views.to(device), PADDING)
+        return normalize(crop_flip(x, offsets, flips, PADDING), self.mean, self.std)
 
     def from_unit_images(self, x: Tensor) -> Tensor:
         return normalize(x * 255.0, self.mean, self.std)
