@@ -387,7 +387,9 @@ def run_summary(results: dict[str, Any], output_dir: Path) -> str:
     head = (f"\nkdlab: method={results['method']} dataset={results['dataset']} "
             f"seed={results['seed']} noise={noise['type']}:{noise['rate']} "
             f"({results['wall_time_s']:.0f} s)")
-    body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left")
+    width = max(len(name) for name, _ in rows)
+    body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left",
+                           formatters={"test set": lambda name: name.ljust(width)})
     return f"{head}\n{body}\nrun directory: {output_dir}"
 
 

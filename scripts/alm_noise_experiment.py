@@ -1,203 +1,239 @@
-"""ALM-KD under label noise: CE vs KD vs ALM-KD on digits and the synthetic setting.
+"""ALM-KD under label noise: the evidence table, against the strongest fair baselines.
 
-    .venv/bin/python scripts/alm_noise_experiment.py            # the full grid (~11 min here)
-    .venv/bin/python scripts/alm_noise_experiment.py --datasets digits --seeds 0 --tag quick
+    .venv/bin/python scripts/alm_noise_experiment.py                  # everything (hours)
+    .venv/bin/python scripts/alm_noise_experiment.py --settings digits-sym0.4 --seeds 0 1 2
+    .venv/bin/python scripts/alm_noise_experiment.py --jobs 2        # two runs at a time
 
-Grid: datasets digits and synthetic (make_classification as in ALM-KD's synthetic setting:
-student mlp_small (60 hidden) <- teacher mlp_large (80 hidden)), symmetric noise 0.2 and 0.4
-(a random label over all classes, ALM-KD's protocol), methods ce / kd / alm_kd, 3 seeds.
-The teacher of each (dataset, noise, seed) is trained with CE on the same noisy training split
-(``teacher.ckpt=auto``: the cache key includes noise and seed) and shared by KD and ALM-KD.
+Every run selects its epoch on a separate clean validation split (``dataset.val_fraction
+0.1``), which no method is fitted to; test is evaluated once, for that epoch. Settings:
+digits (30 epochs, its recipe) and synthetic (the authors' generator, 100 epochs, lr 0.01,
+cosine) with symmetric noise 0.2 and 0.4, and a class-dependent one (pairflip 0.3 on
+digits). Teachers: trained on the clean labels of the same train split
+(``teacher.label_noise=none``: the authors' setting) and on the noisy labels, as separate
+rows. Rows:
 
-Every run goes through ``kdlab.train.run`` in this one process (no per-run start-up cost),
-fp32 on the CPU (``trainer=cpu``), one thread (tiny models). Finished runs are reused when
-the script is started again with the same ``--work`` directory.
+- ce, kd (0.1 / 0.9, T 4): the usual baselines;
+- kd tuned: KD whose two weights are chosen on val from a grid (mean val accuracy over the
+  seeds): the honest baseline, since ALM-KD also learns from clean data;
+- ce +meta, kd tuned +meta: trained on train + the clean meta split (the clean data ALM-KD
+  sees; ``dataset.train_on_meta``);
+- alm_kd: ALM-KD at its defaults; alm_kd authors: the authors' step (``step_scale=authors``,
+  meta_lr 1500), plus any ``--alm-variant NAME=OVERRIDES`` rows.
 
-Schedules (chosen to fit well under an hour on a shared 2-core machine):
-- digits: the dataset recipe, 30 epochs, SGD lr 0.05, cosine. ALM-KD meta passes at epochs
-  5, 10, 15, 20, 25 (meta_start=5, meta_every=5): the paper's 10/10 is for 200 epochs and
-  would leave only two passes here.
-- synthetic: 50 epochs (the paper: 100) with its lr 0.01 and cosine schedule; meta passes at
-  10, 15, ..., 45 (meta_start=10, meta_every=5).
-Everything else is ALM-KD's default (free weights, clamp [1e-7, 2], meta_lr 1500, 5 inner
-steps, chunks of 3 batches, last-layer lookahead, 1000 meta examples or the whole meta split).
-
-Output: a markdown table (mean +/- std over seeds of test accuracy and ECE, best-on-val
-epoch; ALM-KD's mean label weight on clean vs noisy training examples) on stdout and in
-``scripts/results/alm_noise[_TAG].md``, every run in ``scripts/results/alm_noise[_TAG].json``.
+Columns: test acc, ECE, NLL (best-on-val epoch; mean ± std over seeds), and for ALM-KD the
+mean label weight on clean / noisy training examples and the noise AUROC (how well a low
+label weight picks out the noisy labels). Runs go through ``kdlab.train.run`` in-process (in
+``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs in ``--work``
+are reused. Tables: stdout, ``scripts/results/alm_noise.md``; every run:
+``scripts/results/alm_noise.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
-import logging
-import math
 import os
-import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = {
-    "digits": {
-        "overrides": ["dataset=digits", "student=cnn_small", "teacher=cnn"],
-        "alm": ["method.meta_start=5", "method.meta_every=5"],
-        "epochs": 30,
-    },
-    "synthetic": {
-        "overrides": ["dataset=synthetic", "student=mlp_small", "teacher=mlp_large"],
-        "alm": ["method.meta_start=10", "method.meta_every=5"],
-        "epochs": 50,
-    },
+    "digits": ["dataset=digits"],
+    "synthetic": ["dataset=synthetic"],
 }
-METHODS = ("ce", "kd", "alm_kd")
+SETTINGS = {
+    "digits-sym0.2": ("digits", ["noise=symmetric", "noise.rate=0.2"]),
+    "digits-sym0.4": ("digits", ["noise=symmetric", "noise.rate=0.4"]),
+    "digits-pairflip0.3": ("digits", ["noise=pairflip", "noise.rate=0.3"]),
+    "synthetic-sym0.2": ("synthetic", ["noise=symmetric", "noise.rate=0.2"]),
+    "synthetic-sym0.4": ("synthetic", ["noise=symmetric", "noise.rate=0.4"]),
+}
+TEACHERS = {"clean": ["teacher.label_noise=none"], "noisy": ["teacher.label_noise=same"]}
+COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
+          "dataset.val_fraction=0.1"]
+KD_GRID = {"ce_weight": [0.1, 0.5, 1.0], "kd_weight": [0.5, 1.0, 2.0]}
+ROWS = {  # name: (overrides, needs a teacher)
+    "ce": (["method=ce"], False),
+    "ce +meta": (["method=ce", "dataset.train_on_meta=true"], False),
+    "kd": (["method=kd"], True),
+    "alm_kd": (["method=alm_kd"], True),
+    "alm_kd authors": (["method=alm_kd", "method.step_scale=authors"], True),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--rates", nargs="+", type=float, default=[0.2, 0.4])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None,
-                   help="override every dataset's epoch count (default: per dataset)")
-    p.add_argument("--alm", nargs="*", default=[],
-                   help="extra overrides for the alm_kd runs, e.g. method.meta_lr=300")
-    p.add_argument("--kd", nargs="*", default=[],
-                   help="extra overrides for the kd runs, e.g. method.ce_weight=1.0")
-    p.add_argument("--tag", default="",
-                   help="suffix of the output files (and of the run dirs of methods given "
-                        "extra overrides)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--alm-variant", nargs="*", default=[], metavar="NAME=OVERRIDES",
+                   help="extra ALM-KD rows, e.g. 'centered=method.kernel=centered' (overrides "
+                        "separated by spaces inside the quotes)")
+    p.add_argument("--no-grid", action="store_true", help="skip the tuned-KD grid")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one core each)")
     p.add_argument("--work", type=Path, default=Path("/tmp/kdlab_alm_noise"),
-                   help="run directories and the teacher cache")
+                   help="run directories and the teacher cache (finished runs are reused)")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results")
     return p.parse_args(argv)
 
 
-def run_one(dataset: str, rate: float, method: str, seed: int, args) -> dict:
-    from kdlab.config import compose
-    from kdlab.train import run
+def run_dir_name(overrides: list[str]) -> str:
+    import hashlib
 
-    spec = DATASETS[dataset]
-    epochs = args.epochs or spec["epochs"]
-    overrides = [*spec["overrides"], f"method={method}", "noise=symmetric",
-                 f"noise.rate={rate}", f"seed={seed}", "trainer=cpu",
-                 f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
-                 "num_threads=1"]
-    alm = [*spec["alm"], *args.alm] if method == "alm_kd" else []
-    extra = {"alm_kd": args.alm, "kd": args.kd}.get(method, [])
-    overrides += alm + (args.kd if method == "kd" else [])
-    tag = f"_{args.tag}" if args.tag and extra else ""
-    run_dir = args.work / "runs" / f"{dataset}-e{epochs}-r{rate}-{method}{tag}-s{seed}"
+    return hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def run_one(overrides: list[str], work: str) -> dict:
+    """One run in this process (a worker): reuse it if it finished before."""
+    os.environ["KDLAB_CACHE_DIR"] = str(Path(work) / "cache")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    run_dir = Path(work) / "runs" / run_dir_name(overrides)
     done = run_dir / "results.json"
-    reused = done.exists()
-    if reused:
-        results = json.loads(done.read_text())
-    else:
+    if not done.exists():
+        import shutil
+
+        from kdlab.config import compose
+        from kdlab.train import run
+
         if run_dir.exists():  # an interrupted attempt: start it again
-            import shutil
-
             shutil.rmtree(run_dir)
-        cfg = compose(overrides)
-        log_file = args.work / "runs.log"
-        with open(log_file, "a") as log, contextlib.redirect_stdout(log), \
+        with open(Path(work) / "runs.log", "a") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            results = run(cfg, run_dir)
-    teacher = results["teachers"][0]["test"] if results.get("teachers") else None
-    return {
-        "dataset": dataset, "noise_rate": rate, "method": method, "seed": seed,
-        "epochs": epochs, "overrides": overrides, "run_dir": str(run_dir),
-        "test": results["test"], "test_last": results["test_last"],
-        "best_epoch": results["best_epoch"], "realised_noise_rate": results["noise"][
-            "realised_rate"], "teacher_test": teacher, "mixing": results.get("mixing"),
-        "wall_time_s": results["wall_time_s"], "reused": reused,
-    }
+            run(compose(overrides), run_dir)
+    results = json.loads(done.read_text())
+    return {"overrides": overrides, "run_dir": str(run_dir), "results": results}
 
 
-def mean_std(values: list[float], scale: float = 1.0) -> str:
-    values = [v * scale for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def table(runs: list[dict]) -> str:
-    lines = ["| dataset | noise | method | test acc (%) | ECE (%) | teacher acc (%) "
-             "| label w. clean | label w. noisy | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["dataset"], r["noise_rate"]) for r in runs},
-                  key=lambda k: (list(DATASETS).index(k[0]), k[1]))
-    for dataset, rate in keys:
-        for method in METHODS:
-            group = [r for r in runs if (r["dataset"], r["noise_rate"], r["method"])
-                     == (dataset, rate, method)]
-            if not group:
+def plan(args) -> list[dict]:
+    """Every run of the table: (setting, teachers, row, seed) and its overrides."""
+    alm_rows = {"alm_kd " + name: (["method=alm_kd", *spec.split()], True)
+                for name, spec in (v.split("=", 1) for v in args.alm_variant)}
+    runs = []
+    for setting in args.settings:
+        dataset, noise = SETTINGS[setting]
+        base = [*COMMON, *DATASETS[dataset], *noise]
+        for seed in args.seeds:
+            for row, (overrides, needs_teacher) in {**ROWS, **alm_rows}.items():
+                for kind in (args.teachers if needs_teacher else [None]):
+                    extra = TEACHERS[kind] if kind else []
+                    runs.append({"setting": setting, "teachers": kind or "-", "row": row,
+                                 "seed": seed,
+                                 "overrides": [*base, *overrides, *extra, f"seed={seed}"]})
+            if args.no_grid:
                 continue
-            acc = mean_std([r["test"]["acc"] for r in group], 100)
-            ece = mean_std([r["test"]["ece"] for r in group], 100)
-            teacher = (mean_std([r["teacher_test"]["acc"] for r in group], 100)
-                       if method != "ce" else "")
-            mix = [r["mixing"] for r in group if r["mixing"]]
-            clean = mean_std([m["label_weight_clean"] for m in mix]) if mix else ""
-            noisy = mean_std([m["label_weight_noisy"] for m in mix]) if mix else ""
-            lines.append(f"| {dataset} | sym {rate} | {method} | {acc} | {ece} | {teacher} "
-                         f"| {clean} | {noisy} | {len(group)} |")
-    return "\n".join(lines)
+            for kind in args.teachers:
+                for ce_w, kd_w in itertools.product(KD_GRID["ce_weight"],
+                                                    KD_GRID["kd_weight"]):
+                    weights = [f"method.ce_weight={ce_w}", f"method.kd_weight={kd_w}"]
+                    runs.append({"setting": setting, "teachers": kind, "row": "kd grid",
+                                 "grid": (ce_w, kd_w), "seed": seed,
+                                 "overrides": [*base, "method=kd", *weights, *TEACHERS[kind],
+                                               f"seed={seed}"]})
+    return runs
+
+
+def execute(runs: list[dict], args) -> list[dict]:
+    work = str(args.work)
+    start = time.time()
+    done = []
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    try:
+        results = (pool.map(run_one, [r["overrides"] for r in runs], itertools.repeat(work))
+                   if pool else (run_one(r["overrides"], work) for r in runs))
+        for i, (spec, out) in enumerate(zip(runs, results, strict=True), start=1):
+            done.append({**spec, **out})
+            print(f"[{i}/{len(runs)} {time.time() - start:6.0f} s] {spec['setting']} "
+                  f"{spec['teachers']} {spec['row']} {spec.get('grid', '')} seed "
+                  f"{spec['seed']}: test acc {out['results']['test']['acc']:.4f}", flush=True)
+    finally:
+        if pool:
+            pool.shutdown()
+    return done
+
+
+def add_tuned_rows(done: list[dict]) -> list[dict]:
+    """KD tuned on val (per setting and teachers: the grid point with the best mean val
+    accuracy over seeds), and the same weights trained on train + meta."""
+    import statistics
+
+    rows, extra_runs = [], []
+    keys = sorted({(r["setting"], r["teachers"]) for r in done if r["row"] == "kd grid"})
+    for setting, kind in keys:
+        grid = [r for r in done if r["row"] == "kd grid" and r["setting"] == setting
+                and r["teachers"] == kind]
+        by_point: dict[tuple, list[float]] = {}
+        for r in grid:
+            by_point.setdefault(r["grid"], []).append(r["results"]["val"]["acc"])
+        best = max(by_point, key=lambda g: statistics.fmean(by_point[g]))
+        for r in grid:
+            if r["grid"] == best:
+                rows.append({**r, "row": f"kd tuned ({best[0]:g} / {best[1]:g})"})
+                extra_runs.append({**r, "row": f"kd tuned +meta ({best[0]:g} / {best[1]:g})",
+                                   "overrides": [*r["overrides"], "dataset.train_on_meta=true"]})
+    return rows, extra_runs
+
+
+def table(done: list[dict]) -> str:
+    import pandas as pd
+
+    from kdlab.report import summarize
+
+    frame = pd.json_normalize([r["results"] for r in done], sep=".")
+    for key in ("setting", "teachers", "row"):
+        frame[key] = [r[key] for r in done]
+    frame["seed"] = [str(r["seed"]) for r in done]
+    frame["teacher acc"] = [r["results"]["teachers"][0]["test"]["acc"]
+                            if r["results"]["teachers"] else float("nan") for r in done]
+    metrics = ["test.acc", "test.ece", "test.nll", "teacher acc",
+               "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
+    metrics = [m for m in metrics if m in frame]
+    summary = summarize(frame, ["setting", "teachers", "row"], metrics)
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    summary = summary.assign(_order=summary["setting"].map(order)).sort_values(
+        ["_order", "teachers"], kind="stable")
+    scale = {"test.acc": 100, "test.ece": 100, "test.nll": 1, "teacher acc": 100}
+
+    def cell(row, m):
+        mean, std = row[f"{m}_mean"], row[f"{m}_std"]
+        if pd.isna(mean):
+            return ""
+        k = scale.get(m, 1)
+        digits = 2 if m in scale and k == 100 else 3
+        return f"{k * mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {k * std:.{digits}f}")
+
+    headers = {"test.acc": "test acc (%)", "test.ece": "ECE (%)", "test.nll": "NLL",
+               "teacher acc": "teacher acc (%)", "mixing.label_weight_clean": "label w. clean",
+               "mixing.label_weight_noisy": "label w. noisy", "mixing.noise_auroc": "noise AUROC"}
+    out = summary[["setting", "teachers", "row", "n"]].copy()
+    for m in metrics:
+        out[headers[m]] = [cell(row, m) for _, row in summary.iterrows()]
+    return out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
     args.work.mkdir(parents=True, exist_ok=True)
-    os.environ["KDLAB_CACHE_DIR"] = str(args.work / "cache")  # read by the config (oc.env)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import torch
-
-    torch.set_num_threads(1)
-    import kdlab.train  # noqa: F401  (imports Lightning, whose loggers are silenced next)
-
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("lightning", "pytorch_lightning", "kdlab")):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-    grid = [(d, r, m, s) for d in args.datasets for r in args.rates for s in args.seeds
-            for m in args.methods]
-    runs, start = [], time.time()
-    for i, (dataset, rate, method, seed) in enumerate(grid, 1):
-        t0 = time.time()
-        r = run_one(dataset, rate, method, seed, args)
-        runs.append(r)
-        extra = ""
-        if r["mixing"]:
-            extra = (f" label w. clean {r['mixing']['label_weight_clean']:.3f}"
-                     f" noisy {r['mixing']['label_weight_noisy']:.3f}")
-        print(f"[{i}/{len(grid)}] {dataset} sym{rate} {method:<6} seed {seed}: "
-              f"acc {r['test']['acc']:.4f} ece {r['test']['ece']:.4f}{extra} "
-              f"({time.time() - t0:.0f} s, total {time.time() - start:.0f} s)", flush=True)
-
-    n_reused = sum(r["reused"] for r in runs)
-    reused_note = (f" ({n_reused} of {len(runs)} runs reused from {args.work}, run time "
-                   f"{sum(r['wall_time_s'] for r in runs):.0f} s)" if n_reused else "")
-    suffix = f"_{args.tag}" if args.tag else ""
+    runs = plan(args)
+    print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
+    done = execute(runs, args)
+    tuned, extra = add_tuned_rows(done)
+    done = [r for r in done if r["row"] != "kd grid"] + tuned + execute(extra, args)
+    text = table(done)
+    print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/alm_noise_experiment.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    report = (f"# ALM-KD vs KD vs CE under symmetric label noise\n\n"
-              f"Command: `{command.strip()}`  \n"
-              f"Test accuracy and ECE (15 bins) of the best-on-validation epoch, mean ± std "
-              f"over seeds {args.seeds}; teacher = CE on the same noisy split; label w. = "
-              f"ALM-KD's final mean label-loss weight on clean / noisy training examples "
-              f"(initial value 0.1). Total time {time.time() - start:.0f} s"
-              f"{reused_note}.\n\n"
-              + table(runs) + "\n")
-    print("\n" + report)
-    (args.out / f"alm_noise{suffix}.md").write_text(report)
-    (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(runs, indent=1) + "\n")
+    (args.out / "alm_noise.md").write_text(text + "\n")
+    (args.out / "alm_noise.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "results"} | {
+            "test": r["results"]["test"], "val": r["results"]["val"],
+            "best_epoch": r["results"]["best_epoch"], "mixing": r["results"].get("mixing"),
+            "teachers": [t["test"] for t in r["results"]["teachers"]]} for r in done],
+        indent=1))
 
 
 if __name__ == "__main__":
