@@ -218,6 +218,11 @@ def forward_with_features(model: nn.Module, x: Tensor, paths: tuple[str, ...]) -
     return Outputs(logits=logits, features=dict(feats))
 
 
+def _as_float(t: Tensor) -> Tensor:
+    """A float32 copy (bf16 outputs of autocast); float64 stays float64 (the tests)."""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
+
+
 def _tensor_buffer(t: Tensor):
     """The tensor's bytes as a buffer for hashing (no copy when it is already on the CPU)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -278,8 +283,8 @@ class Teachers:
         with torch.inference_mode():
             raw = [forward_with_features(t, x, paths) for t in self.models]
         # clone out of inference mode: the tensors may be saved for a backward pass
-        return [Outputs(o.logits.float().clone(),
-                        {k: v.float().clone() for k, v in o.features.items()}) for o in raw]
+        return [Outputs(_as_float(o.logits),
+                        {k: _as_float(v) for k, v in o.features.items()}) for o in raw]
 
     # -- the logit cache -------------------------------------------------------------------
     def for_training_batch(self, batch: dict[str, Tensor], paths: tuple[str, ...],

@@ -12,43 +12,143 @@ lambda_i = (l_i0, l_i1 .. l_iK), a row of the table ``mixing_weights`` (N_train,
 y~ are the (possibly noisy) training labels, T = 4. Initial rows: teacher columns 0.9,
 label column 1 - max(teacher columns) = 0.1 (convex mode: label 0.1, each teacher 0.9 / K).
 
-Meta pass (every ``meta_every`` epochs from ``meta_start``, at the start of the epoch). The
-train split is walked in chunks B of ``chunk_batches`` batches. With the student in eval mode,
-per-example gradients of each loss term l_ij w.r.t. the logits o_i = W h_i + b are, in
-closed form,
+Meta pass
+---------
+Every ``meta_every`` epochs from ``meta_start``, at the start of the epoch, the train split
+is walked in chunks B of n = ``chunk_batches`` x b examples (b = ``dataset.batch_size``),
+drawn from a permutation seeded by (seed, epoch): the same chunks on every DDP rank and on
+resume, reshuffled every pass, whatever the number of ranks (ranks share out the chunks, not
+the data order). With the student in eval mode, per-example gradients of each loss term
+l_ij w.r.t. the logits o_i = W h_i + b are, in closed form,
 
     g_i0 = softmax(o_i) - onehot(y~_i)                        (CE)
     g_im = T (softmax(o_i / T) - softmax(t_m,i / T))          (T^2 KL)
 
-and of the last layer: dl_ij/dW = g_ij h_i^T, dl_ij/db = g_ij. One SGD step of the last
-layer (step size eta = the student's current learning rate) on the chunk's mixed loss,
+and of the last layer: dl_ij/dW = g_ij h_i^T, dl_ij/db = g_ij. One simulated SGD step of
+the last layer with a per-example step s on the chunk's mixed loss,
 
-    W'(lambda) = W - eta/|B| sum_i (sum_j l_ij g_ij) h_i^T
-    b'(lambda) = b - eta/|B| sum_i (sum_j l_ij g_ij)
+    W'(lambda) = W - s sum_{i in B} (sum_j l_ij g_ij) h_i^T,   b'(lambda) = b - s sum_i (..)
 
-is scored on a clean meta batch V (``meta_batch_size`` examples of the meta split):
+is scored on a clean meta batch V (``meta_batch_size`` examples of the meta split, drawn per
+chunk from (seed, epoch, chunk)):
 
     L_meta(lambda) = mean_{v in V} CE(W'(lambda) h_v + b'(lambda), y_v)
 
 and the chunk's rows move against its gradient, ``inner_steps`` times:
 
-    lambda_B <- P( lambda_B - meta_lr * dL_meta / dlambda_B )
+    lambda_B <- P( lambda_B - meta_lr * u * dL_meta / dlambda_B )
 
 P clamps to [clamp_min, clamp_max] (``combination: free``, the authors' final code) or
-projects each row onto the probability simplex (``combination: convex``, the abstract).
-``lookahead: full`` replaces the last-layer step by one SGD step of the whole student,
-theta'(lambda) = theta - eta grad_theta L_B(lambda), differentiated through with autograd
-(exact, costlier; BN in eval mode so the lookahead never touches running statistics).
-The simulated step is plain SGD (no momentum or weight decay), as in the paper.
+projects onto the simplex (``combination: convex``, below). ``lookahead: full`` replaces the
+last-layer step by one SGD step of the whole student with the same per-example step s,
+differentiated through with autograd (exact, costlier; BN in eval mode so the lookahead
+never touches running statistics). The simulated step is plain SGD (no momentum or weight
+decay), as in the paper.
+
+Defaults and the paper
+----------------------
+kdlab's defaults are the paper's algorithm with three changes, each an option measured in
+scripts/results/alm_noise_notes.md: ``step_scale: auto``, ``kernel: centered`` and
+``rebalance: 100``. ``paper: true`` sets ``step_scale: authors``, ``kernel: raw``,
+``rebalance: 0``: with the other defaults (meta_lr 1500, 5 inner steps, chunks of 3
+batches, meta batch 1000, clamp [1e-7, 2], initial weights 0.1 / 0.9), the authors' final
+code. ``lookahead: full`` always takes the exact step of the whole student (no kernel).
+
+The step: ``step_scale``
+------------------------
+Closed form of the meta-gradient (exact for one inner step from the residuals after the
+step, r_v = softmax(o'_v) - e_{y_v}):
+
+    dL_meta/dl_ij = -s (1/M) sum_{v in V} (h_i . h_v + 1) <r_v, g_ij>              (*)
+
+It is linear in s; (1/M) sum_v makes it a mean over the meta batch (no dependence on M);
+the pairs (i, v) that contribute most are those of the same class as y~_i or as the true
+class, a fraction ~2/C of V, so it shrinks like 1/C in the number of classes C.
+
+* ``authors``: s = lr_t / b (lr_t the student's current lr; b the batch the training loss
+  is averaged over: ``dataset.batch_size`` x the number of DDP ranks). The authors' code
+  takes each example's gradient of the train-batch-mean loss and sums over the chunk; with
+  u = 1, ``meta_lr: 1500`` is their algorithm exactly. The update then shrinks with every
+  lr decay, is 10x smaller at lr 0.01 than at 0.1, and changes with b and with C.
+* ``auto`` (default): the same lookahead (s = lr_t / b: the step training takes), and the
+  update divided by its scale. Write (*) as s E_ij, with the scale-free evidence
+
+      E_ij = -(1/M) sum_{v in V} (h_i . h_v + 1) <r_v, g_ij>,
+
+  and take u = (lr_A / b_A) / s * (C / C_A), so that
+
+      meta_lr u dL_meta/dl_ij = meta_lr (lr_A / b_A) (C / C_A) E_ij
+
+  with the authors' CIFAR-100 setting A (ResNet56 -> ResNet8: lr_A = 0.1, b_A = 128,
+  chunks of 3 batches, meta batch 1000, C_A = 100 classes). In setting A, u = 1: ``auto``
+  is ``authors`` exactly. Elsewhere a row moves by the same amount per unit of evidence
+  whatever the lr (and its schedule: a pass after a decay moves as much as the first one),
+  the batch size, the chunk size and the meta batch size, corrected for the 1/C dilution.
+  Exactly so to first order in the step; r_v is the residual after the step training would
+  take, so a larger lr (or chunk) looks further ahead, as in the authors' code. It still
+  grows with the feature scale |h|^2 (an architecture's; the authors' ResNet8 value is
+  not known). Rejected: simulating the authors' chunk step (lr_A x 3 batches) whatever
+  the lr, which is exactly scale-free but at lr 0.01 looks 10x further ahead than
+  training goes; measured in scripts/results/alm_noise_notes.md.
+
+Kernel: ``kernel``
+------------------
+The diagnosis in scripts/results/alm_noise_notes.md: penultimate features after a ReLU and
+global pooling are non-negative with a large common component, so (h_i . h_v + 1) is
+nearly a constant k. Then (*) ~ -s k <rbar, g_ij>, rbar = mean_v r_v: the first-order
+effect of a step on example i is to shift every meta logit by the same amount, and it is
+scored by how that corrects the student's *class marginals* on the meta split, which has
+nothing to do with whether y~_i is right (a noisy label's weight goes up when its class is
+under-predicted on V, down otherwise: the noisy weights split between 0 and the clamp).
+
+* ``raw`` (the paper): the kernel of the step above.
+* ``centered``: the step moves W in the coordinates h - mu (mu the meta batch's mean
+  feature) and leaves the class biases b' = b + W mu alone: the kernel is
+  (h_i - mu) . (h_v - mu), which has zero mean over V for every i, so the class-marginal
+  component drops out and what remains is whether the step helps the meta examples that
+  *resemble* i. It is made dimensionless: divided by its mean diagonal over V,
+  mean_v |h_v - mu|^2, and multiplied by ``kernel_scale`` (default 100, chosen on digits:
+  AUROC of the label weight 0.74 / 0.75 / 0.81 / 0.83 at 10 / 30 / 100 / 300), so the
+  feature scale of the architecture no longer sets the step.
+
+Global rebalancing: ``rebalance``
+---------------------------------
+The common component of (*) is real information about the *global* balance between the
+label and the teacher losses (and about the loss scale). With ``rebalance`` > 0 the loss
+uses c_j l_ij, with one learned scale c_j per column (initial 1, clamped to [clamp_min,
+``scale_max``]). c is fixed during a pass; at its end it moves ``rebalance`` times as far
+as an average row would under the paper's (raw) kernel (``lookahead: full``: its exact
+gradient):
+
+    c_j <- clip( c_j - rebalance inner_steps meta_lr (1/N) sum_i u l_ij dL_meta/d(c_j l_ij) )
+
+summed over every chunk of every rank (the gradients at the rows of the pass start), so
+it does not depend on the number of ranks. Its evidence is the mean over N examples, far
+less noisy than a row's, hence a factor > 1. The rows move with d/dl_ij = c_j d/d(c_j l_ij).
+Measured: the one-step signal says "larger" whenever a step helps, so with a clean teacher
+the scales mostly run to their bound, which then acts like a bound on a learning-rate
+multiplier; hence ``scale_max`` defaults to ``clamp_max`` (2).
+
+Convex mode
+-----------
+``combination: convex`` keeps every row on the probability simplex. The step is the early
+code's: with one teacher, rows (1 - l, l) and l <- clip_[0, 1](l - meta_lr u dL/dl), where
+dL/dl = g_1 - g_0 (g_j = dL_meta/dl_ij); for K teachers the same rule in the symmetric form
+rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j g_j)). The projection of the free step
+(rows - meta_lr u g) would move l half as far at the same meta_lr; free mode moves l by
+meta_lr u g_1 and the label weight by meta_lr u g_0 independently. With ``rebalance`` the
+loss weights are c_j times the (simplex) rows.
 
 The table is module state (a buffer): saved in checkpoints, restored on resume. Under DDP
-every rank walks its own shard of the train split and :func:`sync_rows` merges the updated
-rows so all ranks hold the same table.
+every rank updates the rows of its share of the chunks and :func:`sync_rows` merges them so
+all ranks hold the same table. The noise mask of the data (which labels were changed) is
+read only for reporting (:mod:`.alm_kd_report`), never by training.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +159,23 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..models.features import find_classifier
-from .base import Method, Outputs, kd_kl
+from . import alm_kd_report as report
+from .base import Method, MethodContext, Outputs, kd_kl, kl_divergence, require_teachers
 
 COMBINATIONS = ("free", "convex")
 LOOKAHEADS = ("last_layer", "full")
-# Summary statistics of a weight column kept per meta pass (history, logs, plot).
-GROUPS = ("all", "clean", "noisy")
-STATS = ("mean", "std", "q05", "q25", "q50", "q75", "q95")
-_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+STEP_SCALES = ("auto", "authors")
+KERNELS = ("raw", "centered")
+
+# The authors' CIFAR-100 setting (ResNet56 -> ResNet8), where step_scale=auto is their step.
+AUTHORS_LR = 0.1
+AUTHORS_BATCH = 128
+AUTHORS_CHUNK_BATCHES = 3
+AUTHORS_CLASSES = 100
+
+# Re-exported: the summaries used to live here.
+GROUPS, STATS, column_summary, noise_auroc = (report.GROUPS, report.STATS,
+                                              report.column_summary, report.noise_auroc)
 
 
 # -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------
@@ -79,7 +188,7 @@ def per_example_terms(logits: Tensor, target: Tensor, teacher_logits: Tensor,
     ce = F.cross_entropy(logits, target, reduction="none")
     log_p_s = F.log_softmax(logits / t, dim=-1)  # (n, C)
     log_p_t = F.log_softmax(teacher_logits / t, dim=-1)  # (K, n, C)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t * t  # (K, n)
+    kl = kl_divergence(log_p_t, log_p_s) * t * t  # (K, n)
     return torch.cat([ce[:, None], kl.T], dim=1)
 
 
@@ -93,31 +202,63 @@ def term_logit_grads(logits: Tensor, target: Tensor, teacher_logits: Tensor,
     return torch.cat([g_ce[None], g_kd], dim=0)
 
 
+# -- the step ------------------------------------------------------------------------------
+
+
+def simulated_step(step_scale: str, lr: float, batch_size: int, num_classes: int
+                   ) -> tuple[float, float]:
+    """(s, u): the per-example step of the simulated SGD step and the factor on meta_lr.
+
+    Both modes step s = lr / b (b the train batch the loss is averaged over); ``authors``
+    u = 1, ``auto`` u = (lr_A / b_A) / s * C / C_A (1 in the authors' setting). See the
+    module docstring.
+    """
+    s = max(float(lr), 1e-12) / int(batch_size)  # lr 0 (end of a schedule): first order
+    if step_scale == "authors":
+        return s, 1.0
+    if step_scale == "auto":
+        return s, (AUTHORS_LR / AUTHORS_BATCH) / s * num_classes / AUTHORS_CLASSES
+    raise ConfigError(f"method.step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
+
+
 # -- meta-gradients ------------------------------------------------------------------------
 
 
 def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
                          weight: Tensor, bias: Tensor | None, h_meta: Tensor,
-                         target_meta: Tensor, lr: float,
-                         temperature: float) -> tuple[Tensor, Tensor]:
+                         target_meta: Tensor, step: float, temperature: float,
+                         kernel: str = "raw", kernel_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(meta loss, dL_meta/dlambda) for one simulated SGD step of the last layer.
 
     ``lam`` (n, K+1), ``h`` (n, d) penultimate features of the chunk, ``teacher_logits``
-    (K, n, C), ``weight`` (C, d), ``bias`` (C,) or None, ``h_meta`` (m, d) meta features.
-    Per-example gradients are closed-form; autograd then only differentiates the small
-    graph lambda -> stepped layer -> meta CE, which is exact.
+    (K, n, C), ``weight`` (C, d), ``bias`` (C,) or None, ``h_meta`` (m, d) meta features,
+    ``step`` the per-example step s (W' = W - s sum_i (..) h_i^T). ``kernel="centered"``:
+    the step moves W in the coordinates h - mu (mu = mean of ``h_meta``) and not the class
+    biases, with the centred kernel normalised to mean diagonal ``kernel_scale`` over the
+    meta batch. Per-example gradients are closed-form; autograd only differentiates the
+    small graph lambda -> stepped layer -> meta CE, which is exact.
     """
     weight, h, h_meta = weight.detach(), h.detach(), h_meta.detach()
     logits = h @ weight.T + (0 if bias is None else bias.detach())
     g = term_logit_grads(logits, target, teacher_logits.detach(), temperature)
+    if kernel == "centered":
+        mu = h_meta.mean(0)
+        hc, hmc = h - mu, h_meta - mu
+        norm = (hmc * hmc).sum(1).mean().clamp_min(1e-12)
+        hc = hc * (float(kernel_scale) / norm)
+        meta_logits0 = h_meta @ weight.T + (0 if bias is None else bias.detach())
+    elif kernel != "raw":
+        raise ConfigError(f"method.kernel must be one of {KERNELS}, got {kernel!r}")
     with torch.enable_grad():
         lam = lam.detach().requires_grad_(True)
         mixed = torch.einsum("nk,knc->nc", lam, g)  # d(mixed loss of i)/d(logits of i)
-        n = h.shape[0]
-        stepped_w = weight - lr * (mixed.T @ h) / n
-        meta_logits = h_meta @ stepped_w.T
-        if bias is not None:
-            meta_logits = meta_logits + (bias.detach() - lr * mixed.sum(0) / n)
+        if kernel == "raw":
+            stepped_w = weight - step * (mixed.T @ h)
+            meta_logits = h_meta @ stepped_w.T
+            if bias is not None:
+                meta_logits = meta_logits + (bias.detach() - step * mixed.sum(0))
+        else:
+            meta_logits = meta_logits0 - step * (hmc @ (mixed.T @ hc).T)
         meta_loss = F.cross_entropy(meta_logits, target_meta)
         (grad,) = torch.autograd.grad(meta_loss, lam)
     return meta_loss.detach(), grad
@@ -125,12 +266,13 @@ def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits:
 
 def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
                              teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             lr: float, temperature: float) -> tuple[Tensor, Tensor]:
+                             step: float, temperature: float) -> tuple[Tensor, Tensor]:
     """(meta loss, dL_meta/dlambda) for one simulated SGD step of the whole student.
 
-    theta' = theta - lr * grad_theta mean_i sum_j l_ij l_ij(theta), evaluated functionally
-    (``torch.func.functional_call``) and differentiated with ``create_graph=True``. The
-    model runs in eval mode: BN uses and never updates its running statistics.
+    theta' = theta - step * grad_theta sum_i sum_j l_ij l_ij(theta) (``step`` per example),
+    evaluated functionally (``torch.func.functional_call``) and differentiated with
+    ``create_graph=True``. The model runs in eval mode: BN uses and never updates its
+    running statistics.
     """
     was_training = model.training
     model.eval()
@@ -142,13 +284,13 @@ def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: T
             lam = lam.detach().requires_grad_(True)
             logits = functional_call(model, (params, buffers), (x,))
             terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
-            loss = (lam * terms).sum(1).mean()
+            loss = (lam * terms).sum()
             grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
                                         allow_unused=True)
             stepped = dict(params)
             for n, g in zip(names, grads, strict=True):
                 if g is not None:
-                    stepped[n] = params[n] - lr * g
+                    stepped[n] = params[n] - step * g
             meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
             meta_loss = F.cross_entropy(meta_logits, target_meta)
             (grad,) = torch.autograd.grad(meta_loss, lam)
@@ -157,7 +299,7 @@ def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: T
     return meta_loss.detach(), grad
 
 
-# -- constraints on the rows ---------------------------------------------------------------
+# -- constraints and the update of a chunk's rows ------------------------------------------
 
 
 def project_simplex(rows: Tensor) -> Tensor:
@@ -171,6 +313,16 @@ def project_simplex(rows: Tensor) -> Tensor:
     return (rows - theta).clamp_min(0.0)
 
 
+def constrained_step(rows: Tensor, grad: Tensor, lr: float, combination: str,
+                     clamp_min: float, clamp_max: float) -> Tensor:
+    """One projected step of the rows (see "Convex mode" in the module docstring)."""
+    if combination == "convex":
+        rows64, grad64 = rows.double(), grad.double()  # float32 rounds large steps off
+        centred = grad64 - grad64.mean(1, keepdim=True)
+        return project_simplex(rows64 - 2.0 * lr * centred).to(rows.dtype)
+    return (rows - lr * grad).clamp(clamp_min, clamp_max)
+
+
 def initial_weights(n: int, k: int, teacher_weight: float, combination: str) -> Tensor:
     """Rows (1 - w, w, .., w) (free) or (1 - w, w/K, .., w/K) (convex) for every example."""
     table = torch.empty(n, k + 1)
@@ -178,6 +330,36 @@ def initial_weights(n: int, k: int, teacher_weight: float, combination: str) -> 
     table[:, 1:] = per_teacher
     table[:, 0] = 1.0 - (teacher_weight if combination == "convex" else per_teacher)
     return table
+
+
+# -- chunks --------------------------------------------------------------------------------
+
+
+def pass_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(epoch)) * 8191
+                                          + int(stream)) % (2**63 - 1))
+
+
+def pass_chunks(n_train: int, chunk_size: int, seed: int, epoch: int, rank: int = 0,
+                world: int = 1) -> list[tuple[int, Tensor]]:
+    """(chunk id, train positions) of this rank's chunks for the pass at ``epoch``.
+
+    One permutation of the train split per (seed, epoch), cut into chunks of ``chunk_size``;
+    rank r takes chunks r, r + world, ..: every chunk is the same whatever the number of
+    ranks, and together the ranks cover every example once.
+    """
+    order = torch.randperm(int(n_train), generator=pass_generator(seed, epoch))
+    chunks = list(order.split(int(chunk_size)))
+    return [(c, chunks[c]) for c in range(int(rank), len(chunks), int(world))]
+
+
+def meta_pick(n_meta: int, meta_batch_size: int, seed: int, epoch: int, chunk: int) -> Tensor:
+    """The meta examples scoring one chunk: all of them, or a sample drawn from (seed, epoch,
+    chunk), so a chunk's update does not depend on which rank does it."""
+    if n_meta <= meta_batch_size:
+        return torch.arange(n_meta)
+    return torch.randperm(n_meta, generator=pass_generator(seed, epoch, 1 + chunk))[
+        :meta_batch_size]
 
 
 # -- DDP -----------------------------------------------------------------------------------
@@ -201,31 +383,36 @@ def sync_rows(table: Tensor, updated: Tensor) -> Tensor:
     return table
 
 
-# -- summaries -----------------------------------------------------------------------------
+def sync_sum(value: Tensor) -> Tensor:
+    """The sum of ``value`` over ranks (in place); a no-op without a process group."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
 
 
-def column_summary(table: Tensor, noise_mask: Tensor | None) -> Tensor:
-    """(K+1, 3, 7): per column, for all / clean / noisy examples: mean, std, quantiles.
-
-    NaN where a group is empty (no noisy examples without label noise).
-    """
-    table = table.detach().double().cpu()
-    noisy = (torch.zeros(len(table), dtype=torch.bool) if noise_mask is None
-             else noise_mask.cpu().bool())
-    out = torch.full((table.shape[1], len(GROUPS), len(STATS)), float("nan"), dtype=torch.float64)
-    q = torch.tensor(_QUANTILES, dtype=torch.float64)
-    for g, rows in enumerate((torch.ones_like(noisy), ~noisy, noisy)):
-        part = table[rows]
-        if len(part) == 0:
-            continue
-        out[:, g, 0] = part.mean(0)
-        out[:, g, 1] = part.std(0, correction=0)
-        out[:, g, 2:] = torch.quantile(part, q, dim=0).T
-    return out
+# -- what a meta pass reads from the run ---------------------------------------------------
 
 
-def _nan_to_none(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
+@dataclass
+class MetaPassInputs:
+    """Everything a meta pass needs from the running module, gathered in one place
+    (:meth:`ALMKD._meta_pass_inputs`) so the pass itself never touches ``ctx``."""
+
+    student: nn.Module
+    device: torch.device
+    lr: float
+    epoch: int
+    seed: int
+    batch_size: int  # the train batch over which the training loss is averaged
+    chunk_base: int  # examples per batch in a chunk (dataset.batch_size, not x ranks)
+    rank: int
+    world: int
+    n_train: int
+    train_batch: Callable[[Tensor], dict[str, Tensor]]  # positions -> model batch
+    meta_batches: Callable[[], list[dict[str, Tensor]]]  # the whole meta split
+    teacher_logits: Callable[[dict[str, Tensor]], Tensor]  # model batch -> (K, n, C)
+    precision: Callable[[], Any]  # the trainer's autocast context
 
 
 class ALMKD(Method):
@@ -234,24 +421,38 @@ class ALMKD(Method):
                    "meta split (one-step lookahead)")
 
     def __init__(self, temperature: float = 4.0, combination: str = "free",
-                 lookahead: str = "last_layer", meta_every: int = 10, meta_start: int = 10,
-                 meta_lr: float = 1500.0, inner_steps: int = 5, chunk_batches: int = 3,
-                 meta_batch_size: int = 1000, init_teacher_weight: float = 0.9,
-                 clamp_min: float = 1e-7, clamp_max: float = 2.0, plot: bool = True):
+                 lookahead: str = "last_layer", paper: bool = False, step_scale: str = "auto",
+                 kernel: str = "centered", kernel_scale: float = 100.0, rebalance: float = 100.0,
+                 scale_max: float | None = None,
+                 meta_every: int = 10, meta_start: int = 10, meta_lr: float = 1500.0,
+                 inner_steps: int = 5, chunk_batches: int = 3, meta_batch_size: int = 1000,
+                 init_teacher_weight: float = 0.9, clamp_min: float = 1e-7,
+                 clamp_max: float = 2.0, plot: bool = True):
         super().__init__()
-        if combination not in COMBINATIONS:
-            raise ConfigError(f"method.combination must be one of {COMBINATIONS}, "
-                              f"got {combination!r}")
-        if lookahead not in LOOKAHEADS:
-            raise ConfigError(f"method.lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
+        if paper:  # the authors' algorithm: their step, their kernel, no global scales
+            step_scale, kernel, rebalance = "authors", "raw", 0.0
+        for key, value, allowed in (("combination", combination, COMBINATIONS),
+                                    ("lookahead", lookahead, LOOKAHEADS),
+                                    ("step_scale", step_scale, STEP_SCALES),
+                                    ("kernel", kernel, KERNELS)):
+            if value not in allowed:
+                raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
         if int(meta_every) < 1 or int(inner_steps) < 0 or int(chunk_batches) < 1:
             raise ConfigError("method.meta_every and method.chunk_batches must be >= 1, "
                               "method.inner_steps >= 0")
         if not float(clamp_min) <= float(clamp_max):
             raise ConfigError(f"method.clamp_min {clamp_min} > method.clamp_max {clamp_max}")
+        if float(kernel_scale) <= 0:
+            raise ConfigError(f"method.kernel_scale must be > 0, got {kernel_scale}")
         self.temperature = float(temperature)
         self.combination = combination
         self.lookahead = lookahead
+        self.step_scale = step_scale
+        self.kernel = kernel
+        self.kernel_scale = float(kernel_scale)
+        self.paper = bool(paper)
+        self.rebalance = float(rebalance)
+        self.scale_max = float(clamp_max if scale_max is None else scale_max)
         self.meta_every = int(meta_every)
         self.meta_start = int(meta_start)
         self.meta_lr = float(meta_lr)
@@ -264,9 +465,11 @@ class ALMKD(Method):
         self.plot = bool(plot)
         # (N_train, K+1); sized in setup() once the data and the teachers are known.
         self.register_buffer("mixing_weights", torch.zeros(0, 0))
-        # One entry per meta pass: (epoch, column_summary); epoch -1 = initial weights.
-        self.history: list[tuple[int, Tensor]] = []
-        self._noise_mask: Tensor | None = None
+        # (K+1,) global column scales (rebalance); ones = no rebalancing.
+        self.register_buffer("column_scales", torch.zeros(0))
+        # One record per meta pass; epoch -1 = initial weights.
+        self.history: list[report.PassRecord] = []
+        self._noise_mask: Tensor | None = None  # reporting only
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -278,40 +481,45 @@ class ALMKD(Method):
         k = self.num_teachers
         return ["label"] + (["teacher"] if k == 1 else [f"teacher{m}" for m in range(k)])
 
-    def setup(self, ctx: Any) -> None:
+    def check(self, student, teachers) -> None:
+        require_teachers(self.name, len(teachers))
+        find_classifier(student)  # the last-layer lookahead needs a final linear layer
+
+    def setup(self, ctx: MethodContext) -> None:
         k = len(ctx.teachers)
-        if k == 0:
-            raise ConfigError("method alm_kd needs at least one teacher")
+        require_teachers(self.name, k)
         n = int(ctx.train_size)
-        self._noise_mask = ctx.noise_mask
-        if tuple(self.mixing_weights.shape) == (n, k + 1):
-            return  # already sized (later stages, or restored)
-        self.mixing_weights = initial_weights(n, k, self.init_teacher_weight,
-                                              self.combination).to(self.mixing_weights.device)
+        self._noise_mask = ctx.noise_mask  # for the summaries and the AUROC only
+        if tuple(self.mixing_weights.shape) != (n, k + 1):
+            self.mixing_weights = initial_weights(
+                n, k, self.init_teacher_weight, self.combination).to(self.mixing_weights.device)
+        if self.column_scales.shape != (k + 1,):
+            self.column_scales = torch.ones(k + 1, device=self.mixing_weights.device)
 
     def get_extra_state(self) -> Tensor:
         """The meta-pass history as one float tensor (checkpoints stay tensors-only)."""
-        if not self.history:
-            return torch.zeros(0)
-        return torch.stack([torch.cat([torch.tensor([float(e)], dtype=torch.float64),
-                                       s.flatten()]) for e, s in self.history])
+        return report.encode_history(self.history)
 
     def set_extra_state(self, state: Tensor) -> None:
         # Merge by epoch: restoring a best-epoch checkpoint for testing keeps the passes
         # seen after it; a fresh process resuming gets the whole record back.
-        if state.numel() == 0:
-            return
-        shape = (-1, len(GROUPS), len(STATS))
-        loaded = {int(row[0]): row[1:].double().reshape(shape) for row in state}
-        merged = dict(loaded) | dict(self.history)
-        self.history = sorted(merged.items(), key=lambda item: item[0])
+        loaded = {r.epoch: r for r in report.decode_history(state)}
+        merged = loaded | {r.epoch: r for r in self.history}
+        self.history = [merged[e] for e in sorted(merged)]
+
+    def loss_weights(self, index: Tensor) -> Tensor:
+        """(n, K+1) the weights of the loss terms of these train examples."""
+        lam = self.mixing_weights[index].float()
+        if self.column_scales.numel():
+            lam = lam * self.column_scales.float()
+        return lam
 
     # -- training loss ---------------------------------------------------------------------
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         if len(teachers) != self.num_teachers:
             raise ConfigError(f"alm_kd's weight table has {self.num_teachers} teacher columns "
                               f"but {len(teachers)} teachers were given")
-        lam = self.mixing_weights[batch["index"]].float()
+        lam = self.loss_weights(batch["index"])
         logits = student.logits.float()
         ce = F.cross_entropy(logits, batch["target"], reduction="none")
         terms = {"ce": (lam[:, 0] * ce).mean()}
@@ -321,105 +529,128 @@ class ALMKD(Method):
             terms["kd" if len(names) == 1 else f"kd{m}"] = (lam[:, m + 1] * kd).mean()
         return terms
 
-    # -- meta pass -------------------------------------------------------------------------
+    # -- meta pass: the hooks (the only places that read ctx) -------------------------------
     def is_meta_epoch(self, epoch: int) -> bool:
         return epoch >= self.meta_start and (epoch - self.meta_start) % self.meta_every == 0
 
-    def on_train_epoch_start(self, ctx: Any) -> None:
+    def on_train_epoch_start(self, ctx: MethodContext) -> None:
         epoch = int(ctx.current_epoch)
         if not self.is_meta_epoch(epoch):
             return
         if not self.history:
-            self.history.append((-1, column_summary(self.mixing_weights, self._noise_mask)))
-        self.meta_pass(ctx)
-        summary = column_summary(self.mixing_weights, self._noise_mask)
-        self.history = [h for h in self.history if h[0] != epoch] + [(epoch, summary)]
-        self._log_summary(ctx, summary)
+            self.history.append(self._record(-1))
+        self.meta_pass(self._meta_pass_inputs(ctx))
+        record = self._record(epoch)
+        self.history = [r for r in self.history if r.epoch != epoch] + [record]
+        for key, value in report.summary_logs(record, self.column_names).items():
+            ctx.log(key, value, on_step=False, on_epoch=True)
         if self.plot and ctx.is_global_zero:
             self._write_plot(Path(ctx.run_dir) / "alm_mixing_weights.png")
 
-    def constrain(self, rows: Tensor) -> Tensor:
-        if self.combination == "convex":
-            return project_simplex(rows)
-        return rows.clamp(self.clamp_min, self.clamp_max)
+    def _meta_pass_inputs(self, ctx: MethodContext) -> MetaPassInputs:
+        world, rank = int(ctx.world_size), int(ctx.global_rank)
 
-    def meta_pass(self, ctx: Any) -> None:
-        """Update the rows of every train example this rank sees, then merge across ranks."""
-        student = ctx.student
-        device = ctx.device
-        lr = float(ctx.current_lr)
+        def train_batch(positions: Tensor) -> dict[str, Tensor]:
+            return ctx.examples("train", positions)
+
+        def meta_batches() -> list[dict[str, Tensor]]:
+            meta = ctx.examples("meta")
+            return [{k: v[pos] for k, v in meta.items()}
+                    for pos in torch.arange(len(meta["target"])).split(256)]
+
+        def teacher_logits(batch: dict[str, Tensor]) -> Tensor:
+            return torch.stack([o.logits.to(_work_dtype(o.logits))
+                                for o in ctx.clean_train_teacher_outputs(batch)])
+
+        return MetaPassInputs(
+            student=ctx.student, device=ctx.device, lr=float(ctx.current_lr),
+            epoch=int(ctx.current_epoch), seed=int(ctx.seed),
+            batch_size=int(ctx.batch_size) * world, chunk_base=int(ctx.batch_size),
+            rank=rank, world=world, n_train=int(ctx.train_size), train_batch=train_batch,
+            meta_batches=meta_batches, teacher_logits=teacher_logits,
+            precision=ctx.precision_context)
+
+    # -- meta pass: the work ---------------------------------------------------------------
+    def meta_pass(self, run: MetaPassInputs) -> None:
+        """Update the rows of this rank's chunks, then merge the tables across ranks."""
+        student = run.student
         _, head = find_classifier(student)
+        num_classes = int(head.weight.shape[0])
+        dtype = _work_dtype(head.weight)
+        chunk_size = self.chunk_batches * run.chunk_base
+        step, factor = simulated_step(self.step_scale, run.lr, run.batch_size, num_classes)
         was_training = student.training
         student.eval()
         try:
-            with ctx.precision_context():
-                meta = self._meta_split(ctx, student, head)
-            gen = torch.Generator().manual_seed(int(ctx.seed) * 1_000_003 + int(ctx.current_epoch))
+            with torch.no_grad(), run.precision():
+                meta = self._meta_split(run, student, head)
             updated = torch.zeros(len(self.mixing_weights), dtype=torch.bool,
                                   device=self.mixing_weights.device)
-            for chunk in self._chunks(ctx):
-                idx = chunk["index"]
-                with torch.no_grad(), ctx.precision_context():
-                    teacher_logits = torch.stack(
-                        [o.logits.float() for o in ctx.clean_train_teacher_outputs(chunk)])
-                    h = (_penultimate(student, head, chunk["input"])
+            # Loss weights are c_j l_ij; c (the column scales) stays fixed during the pass.
+            scales = self.column_scales.to(dtype) if self.column_scales.numel() else None
+            scale_grad = torch.zeros(self.mixing_weights.shape[1], device=run.device,
+                                     dtype=dtype)
+            for chunk_id, positions in pass_chunks(run.n_train, chunk_size, run.seed,
+                                                   run.epoch, run.rank, run.world):
+                chunk = run.train_batch(positions)
+                with torch.no_grad(), run.precision():
+                    teacher_logits = run.teacher_logits(chunk).to(dtype)
+                    h = (_penultimate(student, head, chunk["input"]).to(dtype)
                          if self.lookahead == "last_layer" else None)
-                pick = self._meta_pick(len(meta["target"]), gen, device)
-                lam = self.mixing_weights[idx].float()
-                for _ in range(self.inner_steps):
-                    if self.lookahead == "last_layer":
-                        _, grad = last_layer_meta_grad(
-                            lam, h, chunk["target"], teacher_logits, head.weight.float(),
-                            None if head.bias is None else head.bias.float(),
-                            meta["h"][pick], meta["target"][pick], lr, self.temperature)
-                    else:
+                pick = meta_pick(len(meta["target"]), self.meta_batch_size, run.seed,
+                                 run.epoch, chunk_id).to(run.device)
+                idx = chunk["index"]
+                lam = self.mixing_weights[idx].to(dtype)
+                for inner in range(self.inner_steps):
+                    weights = lam if scales is None else lam * scales
+                    if self.lookahead == "full":  # the exact step: no kernel to choose
                         _, grad = full_lookahead_meta_grad(
-                            student, lam, chunk["input"], chunk["target"], teacher_logits,
-                            meta["input"][pick], meta["target"][pick], lr, self.temperature)
-                    lam = self.constrain(lam - self.meta_lr * grad)
+                            student, weights, chunk["input"], chunk["target"], teacher_logits,
+                            meta["input"][pick], meta["target"][pick], step, self.temperature)
+                        if self.rebalance and inner == 0:
+                            scale_grad += factor * (lam * grad).sum(0)
+                    else:
+                        args = (h, chunk["target"], teacher_logits, head.weight.to(dtype),
+                                None if head.bias is None else head.bias.to(dtype),
+                                meta["h"][pick], meta["target"][pick], step, self.temperature)
+                        _, grad = last_layer_meta_grad(weights, *args, kernel=self.kernel,
+                                                       kernel_scale=self.kernel_scale)
+                        if self.rebalance and inner == 0:
+                            raw = (grad if self.kernel == "raw"
+                                   else last_layer_meta_grad(weights, *args)[1])
+                            # dL/dc_j = sum_i l_ij dL/d(c_j l_ij), from the exact kernel
+                            scale_grad += factor * (lam * raw).sum(0)
+                    if scales is not None:
+                        grad = grad * scales  # d/dl_ij of the loss weights c_j l_ij
+                    lam = constrained_step(lam, grad, self.meta_lr * factor, self.combination,
+                                           self.clamp_min, self.clamp_max)
                 self.mixing_weights[idx] = lam.to(self.mixing_weights.dtype)
                 updated[idx] = True
             sync_rows(self.mixing_weights, updated)
+            if self.rebalance:
+                # Summed over every chunk of every rank: independent of the number of ranks.
+                scale_grad = sync_sum(scale_grad).to(self.column_scales.device) / run.n_train
+                step = self.rebalance * self.inner_steps * self.meta_lr
+                self.column_scales.copy_((self.column_scales - step * scale_grad).clamp(
+                    self.clamp_min, self.scale_max))
         finally:
             student.train(was_training)
 
-    def _chunks(self, ctx: Any):
-        """The train split in order (this rank's shard), ``chunk_batches`` batches at a time."""
-        shard = torch.arange(int(ctx.train_size))[ctx.global_rank::ctx.world_size]
-        for idx in shard.split(int(ctx.batch_size) * self.chunk_batches):
-            yield ctx.examples("train", idx)
-
-    def _meta_split(self, ctx: Any, student: nn.Module, head: nn.Linear) -> dict:
+    def _meta_split(self, run: MetaPassInputs, student: nn.Module, head: nn.Linear) -> dict:
         """The clean meta split on the device: targets and features (or inputs for full)."""
-        meta = ctx.examples("meta")
         out: dict[str, list[Tensor]] = {"target": [], "h": [], "input": []}
-        for pos in torch.arange(len(meta["target"])).split(256):
-            batch = {k: v[pos] for k, v in meta.items()}
+        for batch in run.meta_batches():
             out["target"].append(batch["target"])
             if self.lookahead == "last_layer":
-                with torch.no_grad():
-                    out["h"].append(_penultimate(student, head, batch["input"]))
+                out["h"].append(_penultimate(student, head, batch["input"]))
             else:
                 out["input"].append(batch["input"])
         return {k: torch.cat(v) for k, v in out.items() if v}
 
-    def _meta_pick(self, n_meta: int, gen: torch.Generator, device) -> Tensor:
-        if n_meta <= self.meta_batch_size:
-            return torch.arange(n_meta, device=device)
-        return torch.randperm(n_meta, generator=gen)[: self.meta_batch_size].to(device)
-
     # -- reporting -------------------------------------------------------------------------
-    def _log_summary(self, ctx: Any, summary: Tensor) -> None:
-        values = {}
-        for j, col in enumerate(self.column_names):
-            for g, group in enumerate(GROUPS):
-                for s, stat in enumerate(STATS[:2]):
-                    v = float(summary[j, g, s])
-                    if not math.isnan(v):
-                        key = f"alm/{col}_{stat}" if group == "all" else f"alm/{col}_{group}_{stat}"
-                        values[key] = v
-        for key, v in values.items():
-            ctx.log(key, v, on_step=False, on_epoch=True)
+    def _record(self, epoch: int) -> report.PassRecord:
+        return report.summarise(epoch, self.mixing_weights, self._noise_mask,
+                                self.column_scales if self.rebalance else None)
 
     def _write_plot(self, path: Path) -> None:
         from .alm_kd_plots import plot_mixing_history
@@ -429,27 +660,15 @@ class ALMKD(Method):
                             self.column_names, path)
 
     def results(self) -> dict[str, Any]:
-        passes = [s for e, s in self.history if e >= 0]
+        passes = [r for r in self.history if r.epoch >= 0]
         # The last pass describes the final table (the module may since have been reset to
         # the best-on-val checkpoint for testing); without a pass, the table as it is.
-        summary = passes[-1] if passes else column_summary(self.mixing_weights, self._noise_mask)
-        if summary.shape[0] == 0:
-            return {"mixing": {"meta_passes": 0}}
-        teacher = summary[1:, :, 0].mean(0)  # mean over teacher columns, per group
-        mixing = {
-            "label_weight_clean": _nan_to_none(summary[0, 1, 0]),
-            "label_weight_noisy": _nan_to_none(summary[0, 2, 0]),
-            "teacher_weight_clean": _nan_to_none(teacher[1]),
-            "teacher_weight_noisy": _nan_to_none(teacher[2]),
-            "label_weight_mean": _nan_to_none(summary[0, 0, 0]),
-            "meta_passes": len(passes),
-            "combination": self.combination,
-            "lookahead": self.lookahead,
-        }
-        if self.num_teachers > 1:
-            mixing["teacher_weights_clean"] = [_nan_to_none(v) for v in summary[1:, 1, 0]]
-            mixing["teacher_weights_noisy"] = [_nan_to_none(v) for v in summary[1:, 2, 0]]
-        return {"mixing": mixing}
+        final = passes[-1] if passes else self._record(-1)
+        extra = {"combination": self.combination, "lookahead": self.lookahead,
+                 "step_scale": self.step_scale, "kernel": self.kernel,
+                 "kernel_scale": self.kernel_scale, "rebalance": self.rebalance,
+                 "paper": self.paper}
+        return {"mixing": report.mixing_results(self.history, final, self.column_names, extra)}
 
 
 def _penultimate(model: nn.Module, head: nn.Linear, x: Tensor) -> Tensor:
@@ -460,4 +679,9 @@ def _penultimate(model: nn.Module, head: nn.Linear, x: Tensor) -> Tensor:
         model(x)
     finally:
         handle.remove()
-    return captured[0].float()
+    return captured[0].to(_work_dtype(captured[0]))
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """float32 for the meta pass (also under bf16 autocast); float64 stays (tests)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

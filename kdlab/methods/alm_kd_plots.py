@@ -2,11 +2,13 @@
 
 One row per weight column (label, then each teacher). Left: median and inter-quartile band
 (plus the 5-95 % range, lighter) at every meta pass, clean vs noisy examples. Right: the
-distribution of the current weights, clean vs noisy.
+distribution of the current weights, clean vs noisy. Under each pass: the noise AUROC of the
+label weight (noisy labels flagged by a low weight; 0.5 = no separation).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -16,18 +18,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .alm_kd_report import PassRecord  # noqa: E402
+
 CLEAN, NOISY = "#4C72B0", "#C44E52"
 
 
-def plot_mixing_history(history: list[tuple[int, Tensor]], table: Tensor,
+def plot_mixing_history(history: list[PassRecord], table: Tensor,
                         noise_mask: Tensor | None, column_names: list[str],
                         path: str | Path) -> Path:
-    """``history``: (epoch, summary (K+1, groups all/clean/noisy, stats)) per meta pass,
-    epoch -1 for the initial weights; stats are mean, std, q05, q25, q50, q75, q95."""
+    """``history``: one :class:`PassRecord` per meta pass (epoch -1: the initial weights),
+    its summary (K+1, groups all/clean/noisy, stats mean, std, q05, q25, q50, q75, q95) and
+    the label weight's noise AUROC, shown under each pass."""
     n_cols = table.shape[1]
     noisy = (torch.zeros(len(table), dtype=torch.bool) if noise_mask is None
              else noise_mask.cpu().bool())
-    labels = ["init" if e < 0 else f"e{e}" for e, _ in history]
+    labels = [("init" if r.epoch < 0 else f"e{r.epoch}")
+              + ("" if math.isnan(r.noise_auroc) else f"\nAUC {r.noise_auroc:.2f}")
+              for r in history]
     x = list(range(len(history)))
     fig, axes = plt.subplots(n_cols, 2, figsize=(9, 2.6 * n_cols), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2]})
@@ -36,7 +43,7 @@ def plot_mixing_history(history: list[tuple[int, Tensor]], table: Tensor,
         for g, name, color in ((1, "clean", CLEAN), (2, "noisy", NOISY)):
             if not history:
                 break
-            s = torch.stack([summary[j, g] for _, summary in history]).numpy()
+            s = torch.stack([r.summary[j, g] for r in history]).numpy()
             if torch.isnan(torch.as_tensor(s[:, 0])).all():
                 continue
             ax.fill_between(x, s[:, 2], s[:, 6], color=color, alpha=0.12, lw=0)
@@ -59,7 +66,13 @@ def plot_mixing_history(history: list[tuple[int, Tensor]], table: Tensor,
         ax_hist.set_xlabel(f"{column_names[j]} weight, current")
         ax_hist.set_ylabel("density")
         ax_hist.legend(fontsize=7)
-    fig.suptitle("ALM-KD mixing weights: clean vs noisy training examples", fontsize=10)
+    title = "ALM-KD mixing weights: clean vs noisy training examples"
+    scales = history[-1].rebalance if history else None
+    if scales is not None:
+        now = ", ".join(f"{name} {float(c):.2f}" for name, c in zip(column_names, scales,
+                                                                       strict=True))
+        title += f"\n(rows shown; loss weight = column scale x row; scales now: {now})"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

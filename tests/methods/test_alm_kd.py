@@ -7,9 +7,9 @@ own cross-entropy and KL), never with the method's closed forms.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
+import dataclasses
 import json
 import math
 import socket
@@ -19,17 +19,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.context import FakeContext
 from torch import nn
 
+from kdlab.errors import ConfigError
 from kdlab.methods.alm_kd import (
     ALMKD,
+    AUTHORS_BATCH,
+    AUTHORS_CHUNK_BATCHES,
+    AUTHORS_CLASSES,
+    AUTHORS_LR,
+    constrained_step,
     full_lookahead_meta_grad,
     initial_weights,
     last_layer_meta_grad,
+    meta_pick,
+    pass_chunks,
     project_simplex,
+    simulated_step,
     sync_rows,
     term_logit_grads,
 )
+from kdlab.methods.alm_kd_report import PassRecord, decode_history, encode_history, noise_auroc
 from kdlab.methods.base import Outputs
 
 T = 4.0
@@ -48,8 +59,9 @@ def reference_terms(logits, target, teacher_logits, temperature):
     return torch.stack([ce, *kls], dim=1)
 
 
-def reference_last_layer_step(lam, h, y, teacher_logits, weight, bias, h_meta, y_meta, lr):
-    """Meta loss and dL/dlambda by autograd through an explicit functional SGD step."""
+def reference_last_layer_step(lam, h, y, teacher_logits, weight, bias, h_meta, y_meta, step):
+    """Meta loss and dL/dlambda by autograd through an explicit functional SGD step of the
+    summed loss with a per-example step ``step``."""
     lam = lam.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     params = [w]
@@ -58,25 +70,26 @@ def reference_last_layer_step(lam, h, y, teacher_logits, weight, bias, h_meta, y
         b = bias.clone().requires_grad_(True)
         params.append(b)
     logits = F.linear(h, w, b)
-    loss = (lam * reference_terms(logits, y, teacher_logits, T)).sum(1).mean()
+    loss = (lam * reference_terms(logits, y, teacher_logits, T)).sum()
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    w1 = w - lr * grads[0]
-    b1 = None if b is None else b - lr * grads[1]
+    w1 = w - step * grads[0]
+    b1 = None if b is None else b - step * grads[1]
     meta_loss = F.cross_entropy(F.linear(h_meta, w1, b1), y_meta)
     (grad,) = torch.autograd.grad(meta_loss, lam)
     return meta_loss.detach(), grad
 
 
-def reference_full_step_loss(model, lam, x, y, teacher_logits, x_meta, y_meta, lr):
-    """Meta loss after a real SGD step on a copy of the model (eval mode, nn API)."""
+def reference_full_step_loss(model, lam, x, y, teacher_logits, x_meta, y_meta, step):
+    """Meta loss after a real SGD step (per-example step ``step`` on the summed loss) on a
+    copy of the model (eval mode, nn API)."""
     model = copy.deepcopy(model).eval()
-    loss = (lam * reference_terms(model(x), y, teacher_logits, T)).sum(1).mean()
+    loss = (lam * reference_terms(model(x), y, teacher_logits, T)).sum()
     model.zero_grad()
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
-                p -= lr * p.grad
+                p -= step * p.grad
         return F.cross_entropy(model(x_meta), y_meta)
 
 
@@ -111,11 +124,11 @@ def test_term_logit_grads_match_autograd():
 def test_last_layer_meta_grad_matches_functional_step(k, with_bias):
     p = _problem(k=k, seed=k)
     bias = p.bias if with_bias else None
-    lr = 0.7
+    step = 0.07
     ref_loss, ref_grad = reference_last_layer_step(p.lam, p.h, p.y, p.teacher, p.weight, bias,
-                                                   p.h_meta, p.y_meta, lr)
+                                                   p.h_meta, p.y_meta, step)
     loss, grad = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, bias, p.h_meta,
-                                      p.y_meta, lr, T)
+                                      p.y_meta, step, T)
     assert grad.shape == p.lam.shape and grad.dtype == D64
     assert grad.abs().max() > 1e-4  # a non-trivial problem
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
@@ -143,7 +156,7 @@ def test_full_lookahead_matches_finite_differences():
     y, y_meta = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
     teacher = 3 * torch.randn(k, n, 3, generator=g, dtype=D64)
     lam = torch.rand(n, k + 1, generator=g, dtype=D64) + 0.1
-    lr = 0.5
+    lr = 0.08
     before = {k_: v.clone() for k_, v in model.state_dict().items()}
 
     loss, grad = full_lookahead_meta_grad(model, lam, x, y, teacher, x_meta, y_meta, lr, T)
@@ -172,9 +185,10 @@ def test_full_lookahead_of_a_linear_model_is_the_last_layer_path():
     with torch.no_grad():
         layer.weight.copy_(p.weight)
         layer.bias.copy_(p.bias)
-    full = full_lookahead_meta_grad(layer, p.lam, p.h, p.y, p.teacher, p.h_meta, p.y_meta, 0.3, T)
+    full = full_lookahead_meta_grad(layer, p.lam, p.h, p.y, p.teacher, p.h_meta, p.y_meta,
+                                    0.03, T)
     last = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, p.bias, p.h_meta,
-                                p.y_meta, 0.3, T)
+                                p.y_meta, 0.03, T)
     torch.testing.assert_close(full, last, rtol=1e-10, atol=1e-13)
 
 
@@ -210,28 +224,13 @@ def test_initial_weights():
     assert torch.allclose(convex, torch.tensor([0.1, 0.3, 0.3, 0.3]).expand(5, 4))
 
 
-class FakeCtx:
-    """What the method reads from the running DistillModule, without a Trainer."""
-
-    def __init__(self, dm, student, teachers, root, epoch=0, lr=0.05):
-        self.student, self.teachers = student, teachers
-        self.trainer = SimpleNamespace(datamodule=dm, is_global_zero=True,
-                                       default_root_dir=str(root))
-        self.current_epoch, self.current_lr, self.device = epoch, lr, torch.device("cpu")
-        self.logged: dict[str, float] = {}
-
-    @torch.no_grad()
-    def teacher_outputs(self, x, paths=()):
-        return [Outputs(t.eval()(x)) for t in self.teachers]
-
-    def clean_train_teacher_outputs(self, batch):
-        return self.teacher_outputs(batch["input"])
-
-    def log(self, name, value, **_):
-        self.logged[name] = float(value)
-
-    def precision_context(self):
-        return contextlib.nullcontext()
+def FakeCtx(dm, student, teachers, root, epoch=0, lr=0.05, rank=0, world=1):  # noqa: N802
+    """The method context of a run on ``dm``'s train and meta splits (tests/helpers)."""
+    data = {s: (dm.splits[s].inputs, dm.splits[s].targets) for s in ("train", "meta")}
+    return FakeContext(student, tuple(teachers), data=data, batch_size=dm.batch_size,
+                       seed=dm.seed, noise_mask=dm.noise_mask, run_dir=Path(str(root)),
+                       current_epoch=epoch, current_lr=lr, global_rank=rank, world_size=world,
+                       is_global_zero=rank == 0)
 
 
 def _digits(noise_rate=0.4, seed=0):
@@ -256,7 +255,7 @@ def test_meta_pass_respects_constraints_and_leaves_the_student_alone(tmp_path, c
                                                                      lookahead):
     dm = _digits()
     student, teachers = _cnn(8, 0).train(), [_cnn(16, 1), _cnn(16, 2)]
-    method = ALMKD(combination=combination, lookahead=lookahead, meta_lr=1e5, meta_start=0,
+    method = ALMKD(combination=combination, lookahead=lookahead, meta_lr=1e6, meta_start=0,
                    meta_every=1, inner_steps=2, clamp_min=0.05, clamp_max=1.5,
                    meta_batch_size=100, chunk_batches=4 if lookahead == "last_layer" else 10)
     ctx = FakeCtx(dm, student, teachers, tmp_path)
@@ -280,7 +279,7 @@ def test_meta_pass_respects_constraints_and_leaves_the_student_alone(tmp_path, c
         assert (table >= 0).all()
         torch.testing.assert_close(table.sum(1), torch.ones(len(table)))
     assert {"alm/label_mean", "alm/label_clean_mean", "alm/label_noisy_std",
-            "alm/teacher1_noisy_mean"} <= set(ctx.logged)
+            "alm/teacher1_noisy_mean", "alm/noise_auroc"} <= set(ctx.logged)
     assert (tmp_path / "alm_mixing_weights.png").stat().st_size > 0
     mixing = method.results()["mixing"]
     assert mixing["meta_passes"] == 1
@@ -297,7 +296,7 @@ def test_setup_keeps_a_sized_table_and_rejects_no_teacher(tmp_path):
     method.mixing_weights[:3] = 7.0
     method.setup(ctx)
     assert (method.mixing_weights[:3] == 7.0).all()
-    with pytest.raises(ValueError, match="needs at least one teacher"):
+    with pytest.raises(ConfigError, match="needs a teacher"):
         ALMKD().setup(FakeCtx(dm, _cnn(8, 0), [], tmp_path))
 
 
@@ -305,19 +304,28 @@ def test_history_survives_checkpoints_and_earlier_restores():
     method = ALMKD()
     method.mixing_weights = initial_weights(6, 1, 0.9, "free")
     summary = torch.zeros(2, 3, 7, dtype=D64)
-    method.history = [(-1, summary), (4, summary + 1)]
+    summary[:, 2] = float("nan")  # no noisy examples: NaN summaries must survive
+    method.history = [PassRecord(-1, summary), PassRecord(4, summary + 1, 0.75)]
     early = copy.deepcopy(method.state_dict())  # e.g. the best-on-val checkpoint
-    method.history.append((8, summary + 2))
+    method.history.append(PassRecord(8, summary + 2, 0.5, torch.tensor([1.5, 0.25], dtype=D64)))
     late = method.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in late.values())  # loadable as a teacher
     fresh = ALMKD()
     fresh.mixing_weights = initial_weights(6, 1, 0.9, "free")
     fresh.load_state_dict(late)  # resume in a new process: the whole record comes back
-    assert [e for e, _ in fresh.history] == [-1, 4, 8]
-    assert torch.equal(fresh.history[2][1], summary + 2)
+    assert [r.epoch for r in fresh.history] == [-1, 4, 8]
+    torch.testing.assert_close(fresh.history[2].summary, summary + 2, equal_nan=True)
+    assert fresh.history[1].noise_auroc == 0.75 and fresh.history[1].rebalance is None
+    assert fresh.history[2].rebalance.tolist() == [1.5, 0.25]
     method.load_state_dict(early)  # restoring an earlier checkpoint forgets no pass
-    assert [e for e, _ in method.history] == [-1, 4, 8]
+    assert [r.epoch for r in method.history] == [-1, 4, 8]
     assert method.results()["mixing"]["meta_passes"] == 2
+    # the first encoding ([epoch, summary..] rows) still reads
+    old = torch.stack([torch.cat([torch.tensor([float(e)], dtype=D64), (summary + e).flatten()])
+                       for e in (-1, 4)])
+    assert [r.epoch for r in decode_history(old)] == [-1, 4]
+    torch.testing.assert_close(decode_history(old)[1].summary, summary + 4, equal_nan=True)
+    assert [r.epoch for r in decode_history(encode_history(method.history))] == [-1, 4, 8]
 
 
 # -- (d) the training loss -----------------------------------------------------------------
@@ -354,6 +362,355 @@ def test_training_loss_equals_the_formula(k):
         method.loss_terms(Outputs(s), [Outputs(s)] * (k + 1), {"target": y, "index": index})
 
 
+# -- (e) the step: the authors' rule, the scale-free default, convex mode -------------------
+
+
+def _toy_from(x, y, xm, ym, batch_size, noise_mask=None):
+    dm = ToyData.__new__(ToyData)
+    dm.splits = {"train": ToySplit(x, y), "meta": ToySplit(xm, ym)}
+    dm.train_size, dm.seed, dm.batch_size, dm.eval_batch_size = len(y), 0, batch_size, 64
+    dm.noise_mask = torch.zeros(len(y), dtype=torch.bool) if noise_mask is None else noise_mask
+    return dm
+
+
+def _linear(d, c, seed, scale=1.0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(d, c).double()
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    return layer
+
+
+def _one_pass(dm, student, teacher, lr, **kwargs):
+    """The table after one meta pass (float64 throughout: a float64 student and table)."""
+    method = ALMKD(meta_start=0, meta_every=1, plot=False, **kwargs)
+    ctx = FakeCtx(dm, student, [teacher], "unused", lr=lr)
+    method.setup(ctx)
+    method.mixing_weights = method.mixing_weights.double()
+    method.column_scales = method.column_scales.double()
+    method.on_train_epoch_start(ctx)
+    return method
+
+
+def _toy_problem(n=48, n_meta=20, d=5, c=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=D64), torch.randint(0, c, (n,), generator=g),
+            torch.randn(n_meta, d, generator=g, dtype=D64),
+            torch.randint(0, c, (n_meta,), generator=g))
+
+
+def transcribe_authors_chunk(lam, x, y, teacher_logits, layer, x_meta, y_meta, lr, b, meta_lr,
+                             inner_steps, lo, hi):
+    """The authors' update of one chunk, written out: per-example gradients of the
+    train-batch-mean loss (1/b) sum_j l_ij l_ij, summed over the chunk, one SGD step of the
+    last layer with the student's lr, validation CE, lambda -= meta_lr * grad, clamp."""
+    w0, b0 = layer.weight.detach(), layer.bias.detach()
+    for _ in range(inner_steps):
+        lam_v = lam.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        bias = b0.clone().requires_grad_(True)
+        grad_w, grad_b = torch.zeros_like(w0), torch.zeros_like(b0)
+        for i in range(len(y)):  # one example at a time
+            logits = x[i:i + 1] @ w.T + bias
+            terms = reference_terms(logits, y[i:i + 1], teacher_logits[:, i:i + 1], T)[0]
+            loss_i = (lam_v[i] * terms).sum() / b
+            gw, gb = torch.autograd.grad(loss_i, [w, bias], create_graph=True)
+            grad_w, grad_b = grad_w + gw, grad_b + gb
+        meta_logits = x_meta @ (w0 - lr * grad_w).T + (b0 - lr * grad_b)
+        (g,) = torch.autograd.grad(F.cross_entropy(meta_logits, y_meta), lam_v)
+        lam = (lam - meta_lr * g).clamp(lo, hi).detach()
+    return lam
+
+
+def test_authors_step_is_the_authors_update_rule():
+    x, y, xm, ym = _toy_problem()
+    student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
+    lr, b = 0.004, 16
+    dm = _toy_from(x, y, xm, ym, batch_size=b)  # 3 batches of 16 = the whole split: one chunk
+    method = _one_pass(dm, student, teacher, lr, paper=True, meta_lr=1500.0, inner_steps=5,
+                       chunk_batches=3)
+    with torch.no_grad():
+        t_logits = teacher(x)[None]
+    expected = transcribe_authors_chunk(initial_weights(48, 1, 0.9, "free").double(), x, y,
+                                        t_logits, student, xm, ym, lr, b, 1500.0, 5, 1e-7, 2.0)
+    table = method.mixing_weights
+    moved = (table - 0.1).abs() > 1e-3
+    interior = (table > 1e-6) & (table < 2.0 - 1e-9)
+    assert moved[:, 0].float().mean() > 0.5 and interior.float().mean() > 0.5  # non-trivial
+    torch.testing.assert_close(table, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_auto_step_is_the_authors_step_in_the_authors_setting():
+    n = AUTHORS_CHUNK_BATCHES * AUTHORS_BATCH
+    assert simulated_step("auto", AUTHORS_LR, AUTHORS_BATCH, AUTHORS_CLASSES) == \
+        pytest.approx(simulated_step("authors", AUTHORS_LR, AUTHORS_BATCH, AUTHORS_CLASSES),
+                      rel=1e-15)
+    x, y, xm, ym = _toy_problem(n=n, n_meta=60, d=6, c=AUTHORS_CLASSES, seed=3)
+    dm = _toy_from(x, y, xm, ym, batch_size=AUTHORS_BATCH)
+    student, teacher = _linear(6, AUTHORS_CLASSES, 0), _linear(6, AUTHORS_CLASSES, 1, 3.0)
+    tables = [_one_pass(dm, student, teacher, AUTHORS_LR, **kwargs).mixing_weights
+              for kwargs in ({"kernel": "raw", "rebalance": 0.0}, {"paper": True})]
+    assert (tables[0] != 0.1).any()
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", ["raw", "centered"])
+def test_auto_step_does_not_depend_on_lr_batch_chunk_or_meta_batch_size(kernel):
+    """Per unit of evidence: exactly in the meta batch size, to first order in the step (the
+    lookahead is the step training takes) in the lr, the batch size and the chunk size."""
+    x, y, xm, ym = _toy_problem(seed=4)
+    student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
+    init = initial_weights(48, 1, 0.9, "free").double()
+
+    def moves(lr=1e-6, b=16, chunk_batches=3, copies=1, meta_copies=1, mode="auto",
+              meta_lr=300.0):
+        dm = _toy_from(x.repeat(copies, 1), y.repeat(copies), xm.repeat(meta_copies, 1),
+                       ym.repeat(meta_copies), batch_size=b)
+        table = _one_pass(dm, student, teacher, lr, step_scale=mode, meta_lr=meta_lr,
+                          inner_steps=3, chunk_batches=chunk_batches, kernel=kernel,
+                          kernel_scale=5.0).mixing_weights
+        return table - init.repeat(copies, 1)
+
+    base = moves()  # one chunk of 48 examples
+    assert 1e-3 < base.abs().max() < 0.09  # moved, and no clamp reached
+    torch.testing.assert_close(moves(meta_copies=4), base, rtol=1e-10, atol=1e-13)  # exact
+    first_order = dict(rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(moves(lr=1e-5), base, **first_order)  # 10x the lr
+    torch.testing.assert_close(moves(b=8, chunk_batches=6), base, **first_order)  # half b
+    torch.testing.assert_close(moves(b=4, chunk_batches=12), base, **first_order)
+    tripled = moves(b=48, copies=3)  # a chunk of 3 copies: every copy moves as one did
+    for k in range(3):
+        torch.testing.assert_close(tripled[48 * k:48 * (k + 1)], base, **first_order)
+    # beyond first order the lookahead is the real step: a 300x larger lr looks further
+    assert not torch.allclose(moves(lr=3e-2), base, rtol=2e-3, atol=1e-6)
+    # the authors' step is proportional to lr / b: equal at the matching meta_lr, 10x at 10x
+    matching = 300.0 * (AUTHORS_LR / AUTHORS_BATCH) / (1e-6 / 16) * 4 / AUTHORS_CLASSES
+    torch.testing.assert_close(moves(mode="authors", meta_lr=matching), base, **first_order)
+    torch.testing.assert_close(moves(mode="authors", meta_lr=matching / 10, lr=1e-5), base,
+                               **first_order)
+
+
+def _prototype_problem(c, per_class=3, meta_per_class=5, a=2.0):
+    """Orthogonal class prototypes h = a e_y, a student with p_true = 0.8 everywhere, a
+    teacher that agrees; per class two clean examples and one labelled as the next class."""
+    alpha = math.log(4 * (c - 1))  # softmax(alpha e_y)_y = 0.8
+    eye = torch.eye(c, dtype=D64)
+    y = torch.arange(c).repeat_interleave(per_class)
+    noisy = (torch.arange(len(y)) % per_class) == per_class - 1
+    label = torch.where(noisy, (y + 1) % c, y)
+    ym = torch.arange(c).repeat_interleave(meta_per_class)
+    return SimpleNamespace(h=a * eye[y], label=label, noisy=noisy, h_meta=a * eye[ym], y_meta=ym,
+                           weight=alpha / a * eye, bias=torch.zeros(c, dtype=D64),
+                           teacher=(alpha * eye[y])[None])
+
+
+@pytest.mark.parametrize("mode,lo,hi", [("auto", 0.8, 1.25), ("authors", 0.0, 0.2)])
+def test_auto_step_corrects_the_one_over_c_dilution(mode, lo, hi):
+    moves = {}
+    for c in (10, 100):
+        p = _prototype_problem(c)
+        lam = initial_weights(len(p.label), 1, 0.9, "free").double()
+        step, factor = simulated_step(mode, 0.1, 128, c)
+        _, grad = last_layer_meta_grad(lam, p.h, p.label, p.teacher, p.weight, p.bias,
+                                       p.h_meta, p.y_meta, step, T)
+        move = -1500 * factor * grad[:, 0]
+        assert (move[p.noisy] < 0).all() and (move[~p.noisy] > 0).all()  # the right way
+        moves[c] = move[p.noisy].mean()
+    assert lo < float(moves[100] / moves[10]) < hi
+
+
+def test_convex_step_is_the_early_codes_one_minus_l_l_update():
+    p = _problem(k=1, seed=11)
+    step, eta = 0.05, 40.0
+    l0 = torch.rand(len(p.y), generator=torch.Generator().manual_seed(0), dtype=D64)
+    rows = torch.stack([1 - l0, l0], dim=1)
+    _, grad = last_layer_meta_grad(rows, p.h, p.y, p.teacher, p.weight, p.bias, p.h_meta,
+                                   p.y_meta, step, T)
+    new = constrained_step(rows, grad, eta, "convex", 0.0, 1.0)
+
+    # the early code: weights (1 - l, l), l a free variable, l <- clip(l - eta dL/dl, 0, 1)
+    l_var = l0.clone().requires_grad_(True)
+    _, grad_rows = reference_last_layer_step(torch.stack([1 - l_var, l_var], 1).detach(), p.h,
+                                             p.y, p.teacher, p.weight, p.bias, p.h_meta,
+                                             p.y_meta, step)
+    dl = grad_rows[:, 1] - grad_rows[:, 0]  # chain rule through (1 - l, l)
+    expected = (l0 - eta * dl).clamp(0, 1)
+    assert ((expected > 0) & (expected < 1)).any() and ((expected == 0) | (expected == 1)).any()
+    torch.testing.assert_close(new[:, 1], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new[:, 0], 1 - expected, rtol=1e-12, atol=1e-12)
+    # ... twice the move of the projection of the free step, l <- l - eta/2 dL/dl
+    free_projected = project_simplex(rows - eta * grad)
+    inside = (expected > 0) & (expected < 1) & (free_projected[:, 1] > 0)
+    torch.testing.assert_close((new[inside, 1] - l0[inside]),
+                               2 * (free_projected[inside, 1] - l0[inside]))
+
+
+def test_convex_step_with_several_teachers_moves_along_the_simplex():
+    g = torch.Generator().manual_seed(2)
+    rows = project_simplex(torch.rand(50, 4, generator=g, dtype=D64))
+    rows = 0.9 * rows + 0.025  # strictly inside
+    grad = torch.randn(50, 4, generator=g, dtype=D64) * 1e-3
+    new = constrained_step(rows, grad, 1.0, "convex", 0.0, 1.0)
+    torch.testing.assert_close(new.sum(1), torch.ones(50, dtype=D64))
+    torch.testing.assert_close(new - rows, -2 * (grad - grad.mean(1, keepdim=True)))
+
+
+# -- (e2) the centred kernel and the global rebalancing ------------------------------------
+
+
+def test_centered_kernel_is_a_step_of_W_on_centred_features_with_fixed_biases():
+    p = _problem(k=2, seed=7)
+    step, scale = 0.03, 2.5
+    _, grad = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, p.bias, p.h_meta,
+                                   p.y_meta, step, T, kernel="centered", kernel_scale=scale)
+    # reference: the layer's logits plus a linear correction V phi(h), V = 0, on the features
+    # phi(h) = (h - mean(h_meta)) sqrt(scale / mean_v |h_v - mean|^2); only V is stepped
+    mu = p.h_meta.mean(0)
+    norm = ((p.h_meta - mu) ** 2).sum(1).mean()
+    phi, phi_m = (p.h - mu) * (scale / norm).sqrt(), (p.h_meta - mu) * (scale / norm).sqrt()
+    lam = p.lam.clone().requires_grad_(True)
+    v = torch.zeros(p.weight.shape, dtype=D64, requires_grad=True)
+    logits = p.h @ p.weight.T + p.bias + phi @ v.T
+    loss = (lam * reference_terms(logits, p.y, p.teacher, T)).sum()
+    (gv,) = torch.autograd.grad(loss, v, create_graph=True)
+    meta = F.cross_entropy(p.h_meta @ p.weight.T + p.bias + phi_m @ (v - step * gv).T, p.y_meta)
+    (ref,) = torch.autograd.grad(meta, lam)
+    assert ref.abs().max() > 1e-4
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-13)
+    # the common component is gone: features shifted by a constant give the same gradient
+    _, shifted = last_layer_meta_grad(p.lam, p.h + 5.0, p.y, p.teacher, p.weight,
+                                      p.bias - p.weight @ torch.full((p.h.shape[1],), 5.0,
+                                                                     dtype=D64),
+                                      p.h_meta + 5.0, p.y_meta, step, T, kernel="centered",
+                                      kernel_scale=scale)
+    torch.testing.assert_close(shifted, grad, rtol=1e-8, atol=1e-12)
+
+
+def test_rebalance_moves_the_column_scales_by_the_exact_gradient():
+    x, y, xm, ym = _toy_problem(seed=9)
+    student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
+    meta_lr = 1e5
+    method = _one_pass(_toy_from(x, y, xm, ym, batch_size=16), student, teacher, 0.05,
+                       kernel="centered", rebalance=1.0, meta_lr=meta_lr, inner_steps=2)
+    # one chunk: sum_i l_ij dL/d(c_j l_ij) = dL/dc_j, by autograd through the raw step
+    lam = initial_weights(48, 1, 0.9, "free").double()
+    c = torch.ones(2, dtype=D64, requires_grad=True)
+    step, factor = simulated_step("auto", 0.05, 16, 4)
+    w, b = student.weight.detach().clone().requires_grad_(True), student.bias.detach().clone()
+    b = b.requires_grad_(True)
+    with torch.no_grad():
+        t_logits = teacher(x)[None]
+    loss = (lam * c * reference_terms(x @ w.T + b, y, t_logits, T)).sum()
+    gw, gb = torch.autograd.grad(loss, [w, b], create_graph=True)
+    meta = F.cross_entropy(xm @ (w - step * gw).T + (b - step * gb), ym)
+    (dc,) = torch.autograd.grad(meta, c)
+    expected = (1 - 2 * meta_lr * factor * dc / 48).clamp(1e-7, 2.0)
+    assert (expected - 1).abs().min() > 1e-3
+    torch.testing.assert_close(method.column_scales, expected.detach(), rtol=1e-10, atol=1e-12)
+    # the loss uses c_j l_ij
+    index = torch.tensor([0, 5])
+    torch.testing.assert_close(method.loss_weights(index),
+                               (method.mixing_weights[index] * method.column_scales).float())
+    assert method.results()["mixing"]["column_scales"] == pytest.approx(
+        method.column_scales.tolist())
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="step_scale"):
+        ALMKD(step_scale="chunk")
+    with pytest.raises(ValueError, match="kernel"):
+        ALMKD(kernel="cosine")
+    paper = ALMKD(paper=True, kernel="centered", rebalance=7.0)
+    assert (paper.step_scale, paper.kernel, paper.rebalance) == ("authors", "raw", 0.0)
+    default = ALMKD()
+    assert (default.step_scale, default.kernel, default.rebalance) == ("auto", "centered", 100)
+
+
+# -- (e3) chunks, noise AUROC, the noise mask is for reporting only ---------------------------
+
+
+def test_chunks_are_a_seeded_permutation_shared_out_over_ranks():
+    one = pass_chunks(100, 16, seed=3, epoch=5)
+    assert torch.equal(torch.cat([c for _, c in one]).sort().values, torch.arange(100))
+    assert [len(c) for _, c in one] == [16] * 6 + [4]
+    for world in (2, 3):
+        shards = [pass_chunks(100, 16, 3, 5, rank, world) for rank in range(world)]
+        merged = sorted((i, c.tolist()) for shard in shards for i, c in shard)
+        assert merged == [(i, c.tolist()) for i, c in one]  # the same chunks, shared out
+    assert torch.equal(torch.cat([c for _, c in pass_chunks(100, 16, 3, 5)]),
+                       torch.cat([c for _, c in one]))  # on resume
+    other = torch.cat([c for _, c in pass_chunks(100, 16, 3, 6)])
+    assert not torch.equal(other, torch.cat([c for _, c in one]))  # reshuffled every pass
+    assert torch.equal(meta_pick(50, 100, 0, 1, 2), torch.arange(50))
+    pick = meta_pick(500, 100, 0, 1, 2)
+    assert len(pick) == 100 and len(set(pick.tolist())) == 100
+    assert torch.equal(pick, meta_pick(500, 100, 0, 1, 2))
+    assert not torch.equal(pick, meta_pick(500, 100, 0, 1, 3))
+
+
+def test_noise_auroc_against_a_hand_count():
+    # noisy 0.1, 0.5, 0.3 vs clean 0.5, 0.9: noisy below clean in 5 pairs, 1 tie -> 5.5 / 6
+    w = torch.tensor([0.5, 0.1, 0.9, 0.5, 0.3])
+    mask = torch.tensor([False, True, False, True, True])
+    assert noise_auroc(w, mask) == pytest.approx(5.5 / 6)
+    assert noise_auroc(w, ~mask) == pytest.approx(0.5 / 6)  # swapped roles
+    assert noise_auroc(torch.ones(4), torch.tensor([True, False, True, False])) == 0.5
+    assert math.isnan(noise_auroc(w, torch.zeros(5, dtype=torch.bool)))
+    assert math.isnan(noise_auroc(w, None))
+    # many ties: the pairwise definition
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(300, generator=g) * 5).round() / 5
+    mask = torch.rand(300, generator=g) < 0.3
+    pos, neg = w[mask], w[~mask]
+    pairs = (pos[:, None] < neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    assert noise_auroc(w, mask) == pytest.approx(float(pairs.mean()), rel=1e-12)
+
+
+def _train(mask, variant, epochs=3):
+    """A short training run: a meta pass at every epoch start, then SGD over the train split
+    with the method's loss. Returns the method and the student."""
+    dm = ToyData(n=120, n_meta=30, batch_size=16)
+    dm.noise_mask = mask
+    student = _toy_mlp(0)
+    method = ALMKD(meta_start=0, meta_every=1, plot=False, inner_steps=2, **variant)
+    teachers = [_toy_mlp(1)]
+    ctx = FakeCtx(dm, student, teachers, "unused")
+    method.setup(ctx)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    train = dm.splits["train"]
+    for epoch in range(epochs):
+        ctx.current_epoch = epoch
+        method.on_train_epoch_start(ctx)
+        for pos in torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch)
+                                  ).split(16):
+            batch = train[pos]
+            terms = method.loss_terms(Outputs(student(batch["input"])),
+                                      ctx.teacher_outputs(batch["input"]), batch)
+            opt.zero_grad()
+            sum(terms.values()).backward()
+            opt.step()
+    return method, student, ctx
+
+
+@pytest.mark.parametrize("variant", [{"paper": True}, {}])
+def test_the_noise_mask_is_read_for_reporting_only(variant):
+    real = ToyData(n=120, n_meta=30, batch_size=16).noise_mask
+    garbage = torch.rand(120, generator=torch.Generator().manual_seed(99)) < 0.7
+    a, student_a, ctx_a = _train(real, variant)
+    b, student_b, ctx_b = _train(garbage, variant)
+    assert torch.equal(a.mixing_weights, b.mixing_weights)
+    assert torch.equal(a.column_scales, b.column_scales)
+    for (name, pa), pb in zip(student_a.state_dict().items(), student_b.state_dict().values(),
+                              strict=True):
+        assert torch.equal(pa, pb), name
+    auroc_a = a.results()["mixing"]["noise_auroc"]
+    assert auroc_a == pytest.approx(noise_auroc(a.mixing_weights[:, 0], real))
+    assert auroc_a != b.results()["mixing"]["noise_auroc"]  # the reports do differ
+    assert ctx_a.logged["alm/noise_auroc"] == pytest.approx(auroc_a)
+    history = a.results()["mixing"]["noise_auroc_history"]
+    assert list(history) == ["0", "1", "2"] and history["2"] == pytest.approx(auroc_a)
+
+
 # -- (f) DDP: sync_rows over 2 gloo processes ----------------------------------------------
 
 
@@ -363,32 +720,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ToyData:
-    """The datamodule surface a meta pass reads, with the train loader sharded over ranks
-    like kdlab's BatchSampler (rank r takes batches r, r + world, ...); no Lightning, so
-    the spawned processes start fast."""
-
-    def __init__(self, n=300, n_meta=50, d=6, c=4, seed=0, batch_size=16):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g)
-        self.meta = SimpleNamespace(x=torch.randn(n_meta, d, generator=g),
-                                    y=torch.randint(0, c, (n_meta,), generator=g))
-        self.splits = {"meta": self}
-        self.train_size, self.seed, self.batch_size, self.eval_batch_size = n, seed, batch_size, 64
-        self.noise_mask = torch.rand(n, generator=g) < 0.3
+class ToySplit:
+    def __init__(self, x, y):
+        self.inputs, self.targets = x, y
 
     def __len__(self):
-        return len(self.meta.y)
+        return len(self.targets)
 
     def __getitem__(self, pos):
-        return {"input": self.meta.x[pos], "target": self.meta.y[pos], "index": pos}
+        pos = torch.as_tensor(pos)
+        return {"input": self.inputs[pos], "target": self.targets[pos], "index": pos}
 
-    def train_eval_dataloader(self, batch_size):
-        import torch.distributed as dist
 
-        rank, world = dist.get_rank(), dist.get_world_size()
-        for pos in list(torch.arange(self.train_size).split(batch_size))[rank::world]:
-            yield {"input": self.x[pos], "target": self.y[pos], "index": pos}
+class ToyData:
+    """The datamodule surface a meta pass reads (splits by position, model_batch); no
+    Lightning, so the spawned processes start fast."""
+
+    def __init__(self, n=300, n_meta=50, d=6, c=4, seed=0, batch_size=16, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, c, (n,), generator=g)
+        xm = torch.randn(n_meta, d, generator=g, dtype=dtype)
+        ym = torch.randint(0, c, (n_meta,), generator=g)
+        self.splits = {"train": ToySplit(x, y), "meta": ToySplit(xm, ym)}
+        self.train_size, self.seed, self.batch_size, self.eval_batch_size = n, seed, batch_size, 64
+        self.noise_mask = torch.rand(n, generator=g) < 0.3
 
     def model_batch(self, batch, device, train=False):
         return {k: v.to(device) for k, v in batch.items()}
@@ -397,6 +752,23 @@ class ToyData:
 def _toy_mlp(seed, d=6, c=4):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, c))
+
+
+DDP_VARIANTS = {"paper": {"paper": True}, "default": {"meta_lr": 5e4}}
+
+
+def _single_process_tables(out_dir, world=2):
+    """One process walking every chunk, with the step of ``world`` ranks' global batch."""
+    tables = {}
+    for name, kwargs in DDP_VARIANTS.items():
+        method = ALMKD(meta_start=0, meta_every=1, plot=False, inner_steps=2, chunk_batches=2,
+                       **kwargs)
+        ctx = FakeCtx(ToyData(), _toy_mlp(0), [_toy_mlp(1), _toy_mlp(2)], out_dir)
+        method.setup(ctx)
+        run = method._meta_pass_inputs(ctx)
+        method.meta_pass(dataclasses.replace(run, batch_size=run.batch_size * world))
+        tables[name], tables[name + "_scales"] = method.mixing_weights, method.column_scales
+    return tables
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -418,12 +790,17 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         sync_rows(table, updated)
         # 2. a real meta pass: each rank walks its own shard of the train split, then the
         # tables are merged.
-        method = ALMKD(meta_start=0, meta_every=1, plot=False, inner_steps=2, chunk_batches=2)
-        ctx = FakeCtx(ToyData(), _toy_mlp(0), [_toy_mlp(1), _toy_mlp(2)], out_dir)
-        method.setup(ctx)
-        method.on_train_epoch_start(ctx)
-        torch.save({"sync": table, "meta": method.mixing_weights},
-                   Path(out_dir) / f"rank{rank}.pt")
+        tables = {}
+        for name, kwargs in DDP_VARIANTS.items():
+            method = ALMKD(meta_start=0, meta_every=1, plot=False, inner_steps=2,
+                           chunk_batches=2, **kwargs)
+            ctx = FakeCtx(ToyData(), _toy_mlp(0), [_toy_mlp(1), _toy_mlp(2)], out_dir,
+                          rank=rank, world=world)
+            method.setup(ctx)
+            method.on_train_epoch_start(ctx)
+            tables[name] = method.mixing_weights
+            tables[name + "_scales"] = method.column_scales
+        torch.save({"sync": table, **tables}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -446,9 +823,17 @@ def test_sync_rows_gives_both_gloo_ranks_the_same_table(tmp_path):
         expected[rows] = -(rank + 1.0) * (rows[:, None].float() + 1)
     expected[9] = (torch.tensor(100.0) + -2.0 * 10) / 2  # both ranks: averaged
     assert torch.equal(r0["sync"], expected) and torch.equal(r1["sync"], expected)
-    assert torch.equal(r0["meta"], r1["meta"])
-    init = initial_weights(len(r0["meta"]), 2, 0.9, "free")
-    assert (r0["meta"] != init).any(1).all()  # every row was updated by one of the ranks
+    init = initial_weights(len(r0["paper"]), 2, 0.9, "free")
+    single = _single_process_tables(tmp_path)
+    for name in DDP_VARIANTS:
+        assert torch.equal(r0[name], r1[name]), name
+        assert (r0[name] != init).any(1).all(), name  # every row updated by one of the ranks
+        # the chunks do not depend on the number of ranks: the same table as one process
+        torch.testing.assert_close(r0[name], single[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(r0[name + "_scales"], r1[name + "_scales"], rtol=0, atol=0)
+        torch.testing.assert_close(r0[name + "_scales"], single[name + "_scales"], rtol=1e-5,
+                                   atol=1e-7)
+    assert (single["default_scales"] != 1).all()  # the rebalancing moved
 
 
 # -- (e, g) end to end on noisy digits -----------------------------------------------------
@@ -482,7 +867,7 @@ def _check_run_dir(out: Path, results: dict, columns: list[str]) -> None:
     mixing = on_disk["mixing"]
     assert mixing["meta_passes"] == 1
     for key in ("label_weight_clean", "label_weight_noisy", "teacher_weight_clean",
-                "teacher_weight_noisy"):
+                "teacher_weight_noisy", "noise_auroc"):
         assert math.isfinite(mixing[key]), key
     assert on_disk["noise"]["type"] == "symmetric"
     assert on_disk["noise"]["realised_rate"] == pytest.approx(0.4 * 0.9, abs=0.05)
@@ -491,6 +876,7 @@ def _check_run_dir(out: Path, results: dict, columns: list[str]) -> None:
         header = next(csv.reader(f))
     for col in columns:
         assert f"alm/{col}_clean_mean" in header and f"alm/{col}_noisy_mean" in header
+    assert "alm/noise_auroc" in header
 
 
 def test_single_teacher_noisy_digits_end_to_end(single_teacher_run):
@@ -501,45 +887,33 @@ def test_single_teacher_noisy_digits_end_to_end(single_teacher_run):
 
 def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
     import pytorch_lightning as pl
-    from omegaconf import OmegaConf
+    from helpers.runs import module_for
 
-    from kdlab.config import model_kwargs
-    from kdlab.models import build_model
-    from kdlab.module import DistillModule
-    from kdlab.train import build_datamodule, build_method, build_teachers, build_trainer
+    from kdlab.config import instantiate_datamodule
+    from kdlab.train import build_trainer
 
     cfg, out, results = single_teacher_run
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     table = last["state_dict"]["method.mixing_weights"]
-    dm = build_datamodule(cfg)
+    dm = instantiate_datamodule(cfg)
+    dm.setup()
     assert table.shape == (dm.train_size, 2)
     assert (table != initial_weights(len(table), 1, 0.9, "free")).any()  # a pass happened
     # results describe the final table (the pass at epoch 1), not the best-on-val restore
     noisy = dm.noise_mask
     assert results["mixing"]["label_weight_noisy"] == pytest.approx(
         float(table[noisy, 0].double().mean()))
-    assert results["mixing"]["teacher_weight_clean"] == pytest.approx(
-        float(table[~noisy, 1].double().mean()))
-
-    def fresh_module():
-        method = build_method(cfg)
-        student = build_model(cfg.student.name, dm.num_classes, dm.input_shape,
-                              **model_kwargs(cfg.student))
-        return DistillModule(student, method, build_teachers(cfg, dm), dm.num_classes,
-                             optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-                             scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
-
     assert results["mixing"]["meta_passes"] == 1
 
     # a fresh module (setup sizes the table) restored from the checkpoint
-    module = fresh_module()
+    module, dm = module_for(cfg)
     module.method.setup(FakeCtx(dm, module.student, list(module.teachers), tmp_path))
     module.load_state_dict(last["state_dict"])
     assert torch.equal(module.method.mixing_weights, table)
     assert module.method.results()["mixing"] == results["mixing"]  # history restored too
 
     # Lightning's own resume path: setup runs before the restore, nothing left to train
-    module = fresh_module()
+    module, dm = module_for(cfg)
     trainer = build_trainer(cfg, tmp_path / "resumed", [])
     pl.seed_everything(0, verbose=False)
     trainer.fit(module, datamodule=dm, ckpt_path=str(out / "checkpoints" / "last.ckpt"),
@@ -552,7 +926,7 @@ def test_multi_teacher_experiment_end_to_end(cache_dir, tmp_path):
     from kdlab.train import run
 
     cfg = compose([*COMMON, "experiment=digits_alm_multi_teacher"])
-    assert [t.name for t in cfg.teachers] == ["cnn", "mlp", "cnn"]
+    assert [t.model for t in cfg.teachers] == ["cnn", "mlp", "cnn"]
     results = run(cfg, tmp_path / "run")
     assert len(results["teachers"]) == 3
     assert len(results["mixing"]["teacher_weights_clean"]) == 3
@@ -560,10 +934,11 @@ def test_multi_teacher_experiment_end_to_end(cache_dir, tmp_path):
 
 
 def test_self_distill_experiment_uses_the_students_architecture():
-    from kdlab.config import compose, model_kwargs
+    from kdlab.config import compose
 
     cfg = compose(["experiment=digits_alm_self_distill"])
     assert cfg.method._target_ == "kdlab.methods.alm_kd.ALMKD"
-    assert cfg.teacher.name == cfg.student.name
-    assert model_kwargs(cfg.teacher) == model_kwargs(cfg.student)
+    assert cfg.choices.teacher == cfg.choices.student == "cnn_small"
+    assert cfg.teacher._target_ == cfg.student._target_
+    assert cfg.teacher.width == cfg.student.width
     assert cfg.teacher.ckpt == "auto" and not cfg.get("teachers")
