@@ -25,6 +25,40 @@ PAIRS = {
     ("resnet32x4", "shufflenetv2"): 8.0,
 }
 TEACHERS = sorted({t for t, _ in PAIRS})
+BASE = {"teacher", "student_ce", "kd", "fitnet", "crd", "dkd"}
+# Published top-1 of the other baselines, by pair (REFERENCE.md and the sources in
+# docs/methods.md); a pair a source gives no number for has no entry.
+PUBLISHED = {
+    ("wrn_40_2", "wrn_16_2"): {"at": 74.08, "rkd": 73.35, "ctkd": 75.45, "kd_ls": 76.11,
+                               "dkd_ls": 76.39},
+    ("wrn_40_2", "wrn_40_1"): {"at": 72.77, "rkd": 72.22, "dist": 74.43, "reviewkd": 75.09,
+                               "ctkd": 73.93, "kd_ls": 74.37, "dkd_ls": 74.89, "nd": 74.59,
+                               "nd_dkd": 75.02},
+    ("resnet56", "resnet20"): {"at": 70.55, "rkd": 69.61, "dist": 71.75, "reviewkd": 71.89,
+                               "ctkd": 71.19, "kd_ls": 71.43, "dkd_ls": 72.32, "nd": 72.53,
+                               "nd_dkd": 72.16},
+    ("resnet110", "resnet32"): {"at": 72.31, "rkd": 71.82, "ctkd": 73.52, "kd_ls": 74.17,
+                                "dkd_ls": 74.29},
+    ("resnet32x4", "resnet8x4"): {"at": 73.44, "rkd": 71.90, "dist": 76.31, "reviewkd": 75.63,
+                                  "ctkd": 73.39, "kd_ls": 76.62, "dkd_ls": 77.01, "nd": 75.54,
+                                  "nd_dkd": 76.28},
+    ("vgg13", "vgg8"): {"at": 71.43, "rkd": 71.48, "reviewkd": 74.84, "ctkd": 73.52,
+                        "kd_ls": 74.36, "dkd_ls": 74.81},
+    ("resnet32x4", "shufflenetv2"): {"at": 72.73, "rkd": 73.21, "dist": 77.35, "reviewkd": 77.78,
+                                     "ctkd": 75.37, "kd_ls": 75.56, "dkd_ls": 77.37, "nd": 76.42,
+                                     "nd_dkd": 77.49},
+}
+# Per-pair settings from the papers' scripts: ReviewKD's weight, KD++ (kd_weight, nd_weight),
+# DKD++ (alpha, beta, nd_weight), KD+LS's temperature. Pairs a script does not cover use the
+# method's defaults (resnet32x4 -> resnet8x4's values for ND, 5 for ReviewKD, 2 for KD+LS).
+REVIEWKD_WEIGHT = {("resnet32x4", "shufflenetv2"): 8.0, ("resnet56", "resnet20"): 0.6,
+                   ("resnet110", "resnet32"): 1.0}
+KD_PP = {("wrn_40_2", "wrn_40_1"): (1.0, 1.5), ("resnet56", "resnet20"): (1.0, 2.0),
+         ("resnet32x4", "resnet8x4"): (3.5, 2.0), ("resnet32x4", "shufflenetv2"): (4.0, 0.5)}
+DKD_PP = {("wrn_40_2", "wrn_40_1"): (1.0, 6.0, 1.0), ("resnet56", "resnet20"): (2.5, 4.0, 3.5),
+          ("resnet32x4", "resnet8x4"): (2.0, 8.0, 0.5),
+          ("resnet32x4", "shufflenetv2"): (0.5, 6.0, 0.5)}
+KD_LS_TEMPERATURE = {("vgg13", "vgg8"): 3.0}
 SMALL_LR_STUDENTS = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}
 
 
@@ -70,12 +104,33 @@ def test_pair_experiment(pair):
     cfg = resolved([f"experiment={name}"])
     assert (cfg["choices"]["teacher"], cfg["choices"]["student"]) == (teacher, student)
     assert cfg["method"]["_target_"] == "kdlab.methods.kd.KD"  # the default; overridable
-    assert set(cfg["published"]) == {"teacher", "student_ce", "kd", "fitnet", "crd", "dkd"}
-    for method in ("ce", "fitnet"):  # methods without per-pair options compose unchanged
+    assert cfg["published"] == {**{k: cfg["published"][k] for k in BASE}, **PUBLISHED[pair]}
+    for method in ("ce", "fitnet", "at", "rkd", "crd", "dist", "ctkd"):  # no per-pair options
         instantiate_method(compose([f"experiment={name}", f"method={method}"]).method)
     dkd = instantiate_method(compose([f"experiment={name}", "method=dkd"]).method)
     assert dkd.beta == PAIRS[pair]
     assert (dkd.alpha, dkd.temperature, dkd.warmup_epochs) == (1.0, 4.0, 20)
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS), ids="->".join)
+def test_pair_settings_of_the_other_baselines(pair):
+    """`-m method=...` over a pair picks up each paper's per-pair settings."""
+    name = f"cifar100_{pair[0]}_{pair[1]}"
+
+    def method(which):
+        return instantiate_method(compose([f"experiment={name}", f"method={which}"]).method)
+
+    dkd_ls = method("dkd_ls")  # the LS authors multiply DKD's alpha and beta by 9, T = 2
+    assert (dkd_ls.alpha, dkd_ls.beta, dkd_ls.temperature) == (9.0, 9 * PAIRS[pair], 2.0)
+    assert dkd_ls.logit_standardization
+    kd_ls = method("kd_ls")
+    assert (kd_ls.temperature, kd_ls.kd_weight) == (KD_LS_TEMPERATURE.get(pair, 2.0), 9.0)
+    assert method("reviewkd").weight == REVIEWKD_WEIGHT.get(pair, 5.0)
+    kd_pp = method("nd")
+    assert (kd_pp.base, kd_pp.kd_weight, kd_pp.nd_weight) == ("kd", *KD_PP.get(pair, (3.5, 2.0)))
+    dkd_pp = method("nd_dkd")
+    assert (dkd_pp.base, dkd_pp.alpha, dkd_pp.beta, dkd_pp.nd_weight) == (
+        "dkd", *DKD_PP.get(pair, (2.0, 8.0, 0.5)))
 
 
 @pytest.mark.parametrize("teacher", TEACHERS)
@@ -94,3 +149,13 @@ def test_command_line_wins_over_the_experiment():
 
 def test_dkd_beta_defaults_to_8_outside_the_experiments():
     assert compose(["method=dkd"]).method.beta == 8.0
+
+
+def test_per_pair_settings_default_outside_the_experiments_and_yield_to_the_command_line():
+    assert compose(["method=dkd_ls"]).method.beta == 72.0
+    assert compose(["method=reviewkd"]).method.weight == 5.0
+    assert compose(["method=kd_ls"]).method.temperature == 2.0
+    nd = compose(["method=nd"]).method
+    assert (nd.kd_weight, nd.nd_weight) == (3.5, 2.0)
+    cfg = compose(["experiment=cifar100_resnet56_resnet20", "method=nd", "method.nd_weight=9"])
+    assert (cfg.method.nd_weight, cfg.method.kd_weight) == (9, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -88,3 +89,56 @@ def middle_stage(model: nn.Module, option: str = "layer") -> str:
         raise ConfigError(f"{option}=auto: {type(model).__name__} declares no stages; give a "
                           f"module path (top-level modules: {top})")
     return stages[(len(stages) - 1) // 2]
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, paths: Iterable[str], input_shape: tuple[int, ...]
+                   ) -> dict[str, tuple[int, ...]]:
+    """The output shape at each path (batch dimension dropped) for a zeros batch of two,
+    run in eval mode so BatchNorm running statistics are left untouched."""
+    paths = tuple(paths)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureHooks(model, paths) as feats:
+            model(torch.zeros((2, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+    return {p: tuple(feats[p].shape[1:]) for p in paths}
+
+
+def resolution_stages(model: nn.Module, input_shape: tuple[int, ...],
+                      shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """The last stage at each spatial resolution, shallow to deep: the feature maps the CIFAR
+    benchmarks tap (layer1..layer3 of the ResNets, WRNs and ShuffleNets; layer1..layer5 of
+    the VGGs; layer2, layer3, layer5, layer7 of MobileNetV2; both blocks of the small CNN).
+    Stages with other than (C, H, W) outputs are left out. ``shapes``: the stages' output
+    shapes if already probed (:func:`feature_shapes`)."""
+    stages = feature_stages(model)
+    if shapes is None:
+        shapes = feature_shapes(model, stages, input_shape) if stages else {}
+    picked: list[str] = []
+    for path in stages:
+        shape = shapes[path]
+        if len(shape) != 3:
+            continue
+        if picked and shapes[picked[-1]][1:] == shape[1:]:
+            picked[-1] = path  # same resolution: keep the deeper stage
+        else:
+            picked.append(path)
+    return picked
+
+
+def require_feature_maps(model: nn.Module, method: str, who: str) -> None:
+    """A one-line ConfigError unless ``model`` is convolutional and declares its stages
+    (an MLP has no (B, C, H, W) feature maps)."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ConfigError(f"method {method} needs (B, C, H, W) feature maps, but the {who} "
+                          f"{type(model).__name__} has no convolutional stages (use a CNN, "
+                          "or a method on logits or the penultimate feature)")
+    if not feature_stages(model):
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(f"method {method}: the {who} {type(model).__name__} declares no "
+                          f"stages; give its layers by module path (top-level modules: {top})")

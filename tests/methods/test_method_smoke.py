@@ -3,7 +3,10 @@ on the digits and the synthetic defaults (each dataset's own pair), plus an in-p
 for every method that a training step's gradient reaches the student and never the teacher.
 
 A new method joins both tests by its YAML alone. Teachers are trained (one epoch, auto, CE)
-once into a cache shared by this module.
+once into a cache shared by this module. Where a method cannot apply to a dataset's default
+pair (attention maps and ReviewKD's fused feature maps need (B, C, H, W) features, which the
+MLPs of `synthetic` do not have), the run must fail before any work with a one-line
+ConfigError saying why: ``CANNOT_APPLY`` lists exactly those combinations.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, digits_data
 
 from kdlab.config import compose, conf_dir, instantiate_method
 from kdlab.errors import ConfigError
@@ -23,6 +26,12 @@ from kdlab.train import run
 METHODS = sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
 COMMON = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
           "teacher.max_epochs=1", "num_threads=1"]
+# (method, dataset) pairs where the method cannot apply, and the reason its error gives
+CANNOT_APPLY = {
+    ("at", "synthetic"): "needs \\(B, C, H, W\\) feature maps.*MLP has no convolutional",
+    ("reviewkd", "synthetic"): "needs \\(B, C, H, W\\) feature maps.*MLP has no convolutional",
+    ("mlkd", "synthetic"): "needs image inputs",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +40,6 @@ def cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDLAB_CACHE_DIR", str(path))
         yield path
-
-
-# (method, dataset) pairs where the method cannot apply, and the reason its error gives
-CANNOT_APPLY = {("mlkd", "synthetic"): "needs image inputs"}
 
 
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
@@ -62,8 +67,9 @@ def test_every_method_runs_on_every_offline_default(cache_dir, tmp_path, method,
 
 @pytest.mark.parametrize("name", METHODS)
 def test_training_step_gradient_reaches_only_the_student(name):
-    """Through DistillModule's own forward passes: the teacher (left trainable on purpose)
-    gets no gradient, the student and the method's learnable parts do."""
+    """Through DistillModule's own forward passes, after the hooks a fit runs first (setup,
+    on_fit_start, on_train_epoch_start): the teacher (left trainable on purpose) gets no
+    gradient, the student and the method's learnable parts do."""
     from kdlab.teachers import forward_with_features
 
     method = instantiate_method(compose([f"method={name}"]).method)
@@ -71,7 +77,7 @@ def test_training_step_gradient_reaches_only_the_student(name):
     student = build_model("cnn", 10, (1, 8, 8), width=8)
     teacher = build_model("cnn", 10, (1, 8, 8), width=16).eval()
     method.check(student, [teacher] if method.needs_teacher else [])
-    ctx = FakeContext(student, (teacher,), current_epoch=1)
+    ctx = FakeContext(student, (teacher,), current_epoch=1, data=digits_data())
     method.setup(ctx)
     method.on_fit_start(ctx)
     method.on_train_epoch_start(ctx)

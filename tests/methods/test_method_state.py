@@ -1,4 +1,5 @@
-"""State methods resume exactly: PS-KD's memory, TAID's schedule, DKD's warm-up epoch.
+"""State methods resume exactly: PS-KD's memory, TAID's schedule, DKD's warm-up epoch, CRD's
+memory banks, ND's class means (computed once, not again on resume), CTKD's temperature.
 
 For each: an uninterrupted 2-epoch fit; the same configuration interrupted after epoch 1
 (its run dir's ``checkpoints/last.ckpt``), whose method state a fresh module restores; and a
@@ -32,6 +33,9 @@ STATE = {
     "pskd": ("memory", "has_memory", "alpha"),
     "taid": ("t", "momentum", "prev_objective"),
     "dkd": ("epoch",),
+    "crd": ("memory_student", "memory_teacher", "normalizers", "embed_student.weight"),
+    "nd": ("class_means", "has_class_means", "epoch", "projector.2.weight"),
+    "ctkd": ("theta", "reversal"),
 }
 
 
