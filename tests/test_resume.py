@@ -21,6 +21,8 @@ COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epoch
           "teacher.max_epochs=2", "num_threads=1"]
 METHODS = {
     "kd": ["method=kd"],
+    # the global RNG inside the step: dropout masks must be the same after a resume
+    "kd, dropout student": ["method=kd", "student=mlp", "student.dropout=0.5"],
     "alm_kd": ["method=alm_kd", "method.meta_start=1", "method.meta_every=1",
                "noise=symmetric", "noise.rate=0.3"],
     "pskd": ["method=pskd"],
@@ -44,7 +46,7 @@ def env(tmp_path_factory):
     return {"KDLAB_CACHE_DIR": str(cache), "PYTHONPATH": str(TESTS)}
 
 
-@pytest.mark.parametrize("method", ["kd", "pskd"])
+@pytest.mark.parametrize("method", ["kd", "kd, dropout student", "pskd"])
 def test_interrupted_then_resumed_reproduces_the_run(method, tmp_path, env, monkeypatch):
     monkeypatch.setenv("KDLAB_CACHE_DIR", env["KDLAB_CACHE_DIR"])
     args = [*COMMON, *METHODS[method], STOP % "false"]

@@ -202,8 +202,12 @@ class SplitDataModule(pl.LightningDataModule):
         ds = self.splits[split]
         sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed + seed_offset, drop_last,
                                shard=shard)
+        # A generator of its own: a DataLoader iterator draws its base seed from it, not from
+        # the global RNG, whose state at each epoch start must depend only on (seed, epoch)
+        # for an exact resume (dropout, random methods).
+        generator = torch.Generator().manual_seed(self.seed + seed_offset)
         return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True, drop_last=True)
