@@ -26,15 +26,56 @@ Medians and AUROC (noisy examples flagged by a gradient that lowers their weight
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alm_runs import WORK, method_overrides, run_cfg  # noqa: E402
-
+WORK = Path("/tmp/kdlab_alm")
 DIAG = WORK / "diagnose"
+
+
+def method_overrides(dataset: str, method: str, rate: float, seed: int, extra=()) -> list[str]:
+    """The issue's setting: symmetric noise, a teacher trained on the clean labels of the
+    same train split, a separate clean val split, meta passes at epochs 5, 10, .., 25."""
+    return [f"dataset={dataset}", f"method={method}", "noise=symmetric", f"noise.rate={rate}",
+            f"seed={seed}", "teacher.label_noise=none", "dataset.val_fraction=0.1",
+            "trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
+            "method.meta_start=5", "method.meta_every=5", *extra]
+
+
+def run_cfg(overrides: list[str], run_dir: Path) -> dict:
+    import contextlib
+    import json
+    import os
+    import shutil
+
+    from kdlab.config import compose
+    from kdlab.train import run
+
+    os.environ.setdefault("KDLAB_CACHE_DIR", str(WORK / "cache"))
+    if (run_dir / "results.json").exists():
+        return json.loads((run_dir / "results.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / "runs.log", "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        return run(compose(overrides), run_dir)
+
+
+def run_data(seed: int):
+    """(config, set-up datamodule, the clean-label teacher, the student's config node)."""
+    import os
+
+    from kdlab.config import compose, instantiate_datamodule
+    from kdlab.teachers import load_teachers
+
+    os.environ.setdefault("KDLAB_CACHE_DIR", str(WORK / "cache"))
+    cfg = compose(method_overrides("digits", "alm_kd", 0.4, seed))
+    dm = instantiate_datamodule(cfg)
+    dm.setup()
+    ((_, teacher),) = load_teachers(cfg, dm.num_classes, dm.input_shape)  # cached: loaded
+    return cfg, dm, teacher.eval()
 
 
 def record(seeds, extra, tag):
@@ -82,23 +123,15 @@ def auroc(score_pos, score_neg):
 
 
 def analyse(seeds, tag):
-    from kdlab.config import compose, model_kwargs
     from kdlab.methods.alm_kd import _penultimate, term_logit_grads
     from kdlab.models import build_model
-    from kdlab.train import build_datamodule
 
     for seed in seeds:
-        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=False)
-        cfg = compose(method_overrides("digits", "alm_kd", 0.4, seed))
-        dm = build_datamodule(cfg)
+        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
+        cfg, dm, teacher = run_data(seed)
         train, meta = dm.splits["train"], dm.splits["meta"]
         noisy = dm.noise_mask
         y_clean, y_noisy = train.clean_targets, train.targets
-        teacher = build_model(cfg.teacher.name, 10, dm.input_shape, **model_kwargs(cfg.teacher))
-        from kdlab.models.loading import load_weights
-
-        load_weights(teacher, cfg.teacher.ckpt)
-        teacher.eval()
         with torch.no_grad():
             t_logits = teacher(train.inputs)
         print(f"\n=== seed {seed}: teacher train acc (clean labels) "
@@ -106,8 +139,7 @@ def analyse(seeds, tag):
               f"final label weight clean {rec['results']['mixing']['label_weight_clean']:.3f} "
               f"noisy {rec['results']['mixing']['label_weight_noisy']:.3f}")
         for p in rec["passes"]:
-            student = build_model(cfg.student.name, 10, dm.input_shape,
-                                  **model_kwargs(cfg.student))
+            student = build_model(cfg.student, 10, dm.input_shape)
             student.load_state_dict(p["student"])
             student.eval()
             head = student.classifier
@@ -186,27 +218,19 @@ def analyse(seeds, tag):
 def summary(seeds, tag):
     """One table over seeds: per pass, the final-table AUROC and the decomposition of the
     label column's meta-gradient (the paper's kernel) at the table of that pass."""
-    from kdlab.config import compose, model_kwargs
     from kdlab.methods.alm_kd import _penultimate, last_layer_meta_grad, term_logit_grads
     from kdlab.models import build_model
-    from kdlab.models.loading import load_weights
-    from kdlab.train import build_datamodule
 
     rows: dict[int, list[dict]] = {}
     for seed in seeds:
-        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=False)
-        cfg = compose(method_overrides("digits", "alm_kd", 0.4, seed))
-        dm = build_datamodule(cfg)
+        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
+        cfg, dm, teacher = run_data(seed)
         train, meta, test = dm.splits["train"], dm.splits["meta"], dm.splits["test"]
         noisy = dm.noise_mask
-        teacher = build_model(cfg.teacher.name, 10, dm.input_shape, **model_kwargs(cfg.teacher))
-        load_weights(teacher, cfg.teacher.ckpt)
-        teacher.eval()
         with torch.no_grad():
             t_logits = teacher(train.inputs).double()[None]
         for p in rec["passes"]:
-            student = build_model(cfg.student.name, 10, dm.input_shape,
-                                  **model_kwargs(cfg.student))
+            student = build_model(cfg.student, 10, dm.input_shape)
             student.load_state_dict(p["student"])
             student.eval()
             head = student.classifier
@@ -276,29 +300,20 @@ def main(argv=None):
         analyse(args.seeds, args.tag)
 
 
-
 def centred_breakdown(seeds, tag):
     """Where the centred-kernel gradient of the label weight points the wrong way."""
-    from kdlab.config import compose, model_kwargs
     from kdlab.methods.alm_kd import _penultimate, last_layer_meta_grad
     from kdlab.models import build_model
-    from kdlab.models.loading import load_weights
-    from kdlab.train import build_datamodule
 
     for seed in seeds:
-        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=False)
-        cfg = compose(method_overrides("digits", "alm_kd", 0.4, seed))
-        dm = build_datamodule(cfg)
+        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
+        cfg, dm, teacher = run_data(seed)
         train, meta = dm.splits["train"], dm.splits["meta"]
         noisy = dm.noise_mask
-        teacher = build_model(cfg.teacher.name, 10, dm.input_shape, **model_kwargs(cfg.teacher))
-        load_weights(teacher, cfg.teacher.ckpt)
-        teacher.eval()
         with torch.no_grad():
             t_logits = teacher(train.inputs).double()
         for p in rec["passes"]:
-            student = build_model(cfg.student.name, 10, dm.input_shape,
-                                  **model_kwargs(cfg.student))
+            student = build_model(cfg.student, 10, dm.input_shape)
             student.load_state_dict(p["student"])
             student.eval()
             head = student.classifier

@@ -942,3 +942,19 @@ def test_self_distill_experiment_uses_the_students_architecture():
     assert cfg.teacher._target_ == cfg.student._target_
     assert cfg.teacher.width == cfg.student.width
     assert cfg.teacher.ckpt == "auto" and not cfg.get("teachers")
+
+
+@pytest.mark.parametrize("epochs,every", [(200, 10), (240, 12), (100, 5), (30, 2), (8, 1)])
+def test_auto_meta_schedule_is_every_five_percent_of_the_run(epochs, every):
+    """auto = the authors' 10 / 10 in their 200 epochs, scaled with the run's length."""
+    method = ALMKD()
+    x = torch.zeros(4, 2)
+    ctx = FakeContext(nn.Linear(2, 3), (nn.Linear(2, 3),), data={"train": (x, torch.zeros(4))},
+                      max_epochs=epochs)
+    method.setup(ctx)
+    assert (method.meta_start, method.meta_every) == (every, every)
+    passes = [e for e in range(epochs) if method.is_meta_epoch(e)]
+    assert passes[:2] == [every, 2 * every] and len(passes) == (epochs - 1) // every
+    fixed = ALMKD(meta_start=3, meta_every=4)
+    fixed.setup(ctx)
+    assert (fixed.meta_start, fixed.meta_every) == (3, 4)
