@@ -291,9 +291,9 @@ def describe(teachers: list[Job], students: list[Job], args: argparse.Namespace)
     rows: dict[str, list[Job]] = {}
     for job in teachers:
         rows.setdefault(f"teacher {job.arch} (CE, seed {job.seed})", []).append(job)
+    labels = {p.experiment: p.label for p in args.pairs}
     for job in students:
-        rows.setdefault(f"{job.experiment.removeprefix('cifar100_')} {job.method}",
-                        []).append(job)
+        rows.setdefault(f"{labels[job.experiment]}: {job.method}", []).append(job)
     for label, jobs in rows.items():
         todo = [j for j in jobs if j.status != "finished"]
         hours = sum(run_hours(j, args) for j in todo)
