@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, KdlabError
+from .errors import KdlabError
 
 USAGE = """usage: kdlab eval RUN_DIR_OR_CKPT [key=value ...]
 
@@ -327,8 +327,13 @@ def main(argv: list[str]) -> None:
         return
     try:
         evaluate(argv[0], argv[1:])
-    except (KdlabError, ConfigError) as e:
+    except KdlabError as e:
         print(f"kdlab eval: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:  # one line all the same; HYDRA_FULL_ERROR-style detail is not ours
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        print(f"kdlab eval: error: unexpected {type(e).__name__}: {first}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

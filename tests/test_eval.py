@@ -89,6 +89,21 @@ def test_a_checkpoint_on_other_data_matches_an_independent_evaluation(run, tmp_p
     assert report["metrics"]["ece"] == pytest.approx(expected["ece"], abs=1e-5)
     assert report["metrics"]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
     assert report["metrics"]["brier"] == pytest.approx(expected["brier"], rel=1e-4)
+    # noise=... changes the train split's labels, as in training: evaluated against them
+    noisy = cli("eval", str(ckpt), "split=train", "noise=symmetric", "noise.rate=0.5",
+                f"out={tmp_path / 'noisy'}", cwd=root)
+    assert noisy.returncode == 0, noisy.stderr[-3000:]
+    report = json.loads((tmp_path / "noisy" / "eval.json").read_text())
+    dm = DigitsDataModule(seed=2, noise={"type": "symmetric", "rate": 0.5})
+    dm.setup()
+    train = dm.splits["train"]
+    assert report["noise"]["realised_rate"] == pytest.approx(dm.realised_noise_rate)
+    assert 0.4 < report["noise"]["realised_rate"] < 0.6
+    with torch.no_grad():
+        expected = by_hand(model(train.inputs), train.targets.numpy())
+    assert report["size"] == len(train.targets)
+    assert report["metrics"]["acc"] == pytest.approx(expected["acc"], abs=1e-6)
+    assert report["metrics"]["ece"] == pytest.approx(expected["ece"], abs=1e-5)
     # the same checkpoint outside its run directory needs the data named
     alone = tmp_path / "best.ckpt"
     alone.write_bytes(ckpt.read_bytes())

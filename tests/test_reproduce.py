@@ -94,7 +94,7 @@ def tiny(script, tmp_path_factory):
     finally:
         server.close()
     return SimpleNamespace(root=root, out=root / "out", argv=argv, code=code, calls=calls,
-                           kdlab=kdlab, requests=list(server.requests))
+                           env=env, requests=list(server.requests))
 
 
 def results_of(folder: Path) -> dict:
@@ -146,9 +146,14 @@ def test_finished_runs_are_skipped_and_an_interrupted_one_resumed(script, tiny, 
     assert script.main([*tiny.argv[:tiny.argv.index("--")], "--dry-run"], kdlab=None) == 0
     plan = capsys.readouterr().out
     assert "4 finished (skipped), 1 to resume, 0 new" in plan
-    tiny.calls.clear()
-    assert script.main(tiny.argv, kdlab=tiny.kdlab) == 0
-    (train,) = [c for c in tiny.calls if c[0] == "train"]
+    calls = []
+
+    def kdlab(args: list[str]) -> int:
+        calls.append(list(args))
+        return cli(*args, cwd=tiny.root, env=tiny.env).returncode
+
+    assert script.main(tiny.argv, kdlab=kdlab) == 0
+    (train,) = [c for c in calls if c[0] == "train"]
     assert "method=kd" in train and "seed=1" in train and "resume=true" in train
     after = results_of(interrupted)
     assert after["test"] == before["test"] and after["epochs"] == before["epochs"]
