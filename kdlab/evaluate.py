@@ -129,43 +129,52 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return options, overrides
 
 
+def _compose(overrides: list[str]) -> DictConfig:
+    from .config import compose
+
+    try:
+        return compose(overrides)
+    except KdlabError:
+        raise
+    except Exception as e:
+        from .cli import hydra_error_line
+
+        raise EvalError(hydra_error_line(e, overrides, [])) from None
+
+
 def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
     """dataset, noise, seed and choices for the evaluation: the run's own, with overrides;
-    ``dataset=NAME`` / ``noise=NAME`` take kdlab's config of that name instead."""
-    from .config import check_noise, check_signature, compose
+    ``dataset=NAME`` / ``noise=NAME`` take kdlab's config of that name instead, and
+    ``paths.data_dir=DIR`` moves the run's own dataset root as it would in kdlab train."""
+    from .config import check_noise, check_signature
 
     groups = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
               if o.split("=", 1)[0] in ("dataset", "noise")}
-    dotted = [o for o in overrides if o.split("=", 1)[0] not in ("dataset", "noise")]
+    paths = [o for o in overrides if o.startswith("paths.")]
+    dotted = [o for o in overrides if o.split("=", 1)[0] not in ("dataset", "noise")
+              and o not in paths]
     if run_cfg is None and "dataset" not in groups:
         raise EvalError("a checkpoint outside a run directory needs the data named: add "
                         "dataset=NAME (e.g. dataset=cifar100)")
-    if run_cfg is None or groups:
-        keep = [f"{k}={v}" for k, v in groups.items()]
-        keep += [o for o in dotted if o.startswith("paths.")]
-        try:
-            fresh = compose(keep)
-        except KdlabError:
-            raise
-        except Exception as e:
-            from .cli import hydra_error_line
-
-            raise EvalError(hydra_error_line(e, keep, [])) from None
     cfg = OmegaConf.create({"dataset": {}, "noise": {"type": "none", "rate": 0.0}, "seed": 0,
                             "choices": {}})
     if run_cfg is not None:
         for key in ("dataset", "noise", "seed", "choices"):
             if key in run_cfg:
                 cfg[key] = run_cfg[key]
-    for key in groups:
-        cfg[key] = OmegaConf.to_container(fresh[key], resolve=True)
-        cfg.choices[key] = groups[key]
-    if run_cfg is None:
-        cfg.seed = fresh.seed
+    if run_cfg is None or groups or paths:
+        name = groups.get("dataset") or cfg.choices.get("dataset")
+        fresh = _compose([f"{k}={v}" for k, v in groups.items()]
+                         + ([f"dataset={name}"] if name and "dataset" not in groups else [])
+                         + paths)
+        for key in groups:
+            cfg[key] = OmegaConf.to_container(fresh[key], resolve=True)
+            cfg.choices[key] = groups[key]
+        if run_cfg is None:
+            cfg.seed = fresh.seed
+        if paths and "dataset" not in groups and "root" in cfg.dataset:
+            cfg.dataset.root = OmegaConf.select(fresh, "dataset.root")
     for override in dotted:
-        key, _, _ = override.partition("=")
-        if key.startswith("paths."):
-            continue  # only used to compose a named dataset
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
     check_signature("dataset", cfg.dataset, ("recipe",))
     check_noise(cfg.noise)
