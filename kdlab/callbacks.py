@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytorch_lightning as pl
+
+log = logging.getLogger("kdlab")
 
 
 class TrainThroughput(pl.Callback):
@@ -47,3 +50,46 @@ class TrainThroughput(pl.Callback):
         return {"train_images_per_s": round(images / seconds, 2) if seconds else None,
                 "epoch_seconds": [round(s, 3) for _, s in self.epochs],
                 "epoch_images": [n for n, _ in self.epochs]}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunEstimate(pl.Callback):
+    """After the first epoch a process trains, one line (rank 0 only): how long the epoch
+    took, training and validation included, and the estimated time of the whole run.
+
+    The estimate is that epoch's time times the run's epochs (a resumed run: times the epochs
+    left). The first epoch carries some one-off costs (warm-up, a method's first pass), so it
+    errs on the long side.
+    """
+
+    def __init__(self, label: str = "run"):
+        self.label = label
+        self._start: float | None = None
+        self.reported: str | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.reported is not None or self._start is None or not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._start
+        epoch, total = trainer.current_epoch + 1, trainer.max_epochs
+        line = f"{self.label}: epoch {epoch} took {_duration(seconds)}"
+        if total is not None and total > 0:
+            left = max(total - epoch, 0) * seconds
+            done_at = time.strftime("%H:%M", time.localtime(time.time() + left))
+            line += (f" (training + validation); estimated {_duration(seconds * total)} for all "
+                     f"{total} epochs, {_duration(left)} from now (around {done_at})")
+        self.reported = line
+        log.info(line)

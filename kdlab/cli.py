@@ -1,10 +1,27 @@
 """The ``kdlab`` console script.
 
-    kdlab train [OVERRIDES...]      train + evaluate one run (Hydra app; -m for sweeps)
-    kdlab train --help              config groups and their options
-    kdlab methods [--config-dir D]  the distillation methods, one line each
-    kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR]
-                                    mean +/- std tables and plots over run directories
+usage: kdlab COMMAND [ARGS...]
+
+  kdlab train [OVERRIDES...]       train + evaluate one run (a Hydra app; -m for sweeps).
+                                   Prints its plan first (teacher to train or load, epochs,
+                                   schedule) and an estimate of the whole run after epoch 1
+  kdlab train --help               config groups and their options
+  kdlab eval RUN_DIR_OR_CKPT [key=value ...]
+                                   evaluate a trained student without training: the run's
+                                   metrics and a reliability diagram, on its own data or
+                                   dataset=NAME (kdlab eval --help)
+  kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR] [--html]
+                                   mean +/- std tables and plots over run directories;
+                                   --html: one self-contained page
+  kdlab methods [--config-dir D]   the distillation methods, one line each
+
+examples:
+  kdlab train                                  # digits: cnn_small <- cnn, KD
+  kdlab train method=alm_kd dataset=cifar100   # resnet8x4 <- resnet32x4 on the CIFAR recipe
+  kdlab train -m method=ce,kd seed=0,1,2       # a sweep
+  kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10
+  kdlab report multirun/2026-11-23/19-00-00 --html
+  python scripts/reproduce_cifar100.py --dry-run   # the README's CIFAR-100 table on a GPU
 
 Your own methods, models and datamodules: YAMLs with `_target_: my_package.Thing` in a
 config directory of yours (method/, student/, teacher/, dataset/ ...), given with
@@ -25,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, KdlabError
 
-USAGE = __doc__
+USAGE = __doc__.split("\n\n", 1)[1]  # from "usage:" on
 # Hydra's own flags that take a value, and those that make it do something else than run.
 VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
                "--experimental-rerun")
@@ -43,6 +60,7 @@ def train_app(cfg: DictConfig) -> float:
     try:
         check_added_keys(cfg, list(hc.overrides.task))
         check_launcher_strategy(cfg, hc, output_dir)
+        print_plan(cfg)
         from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
 
         results = run(cfg, output_dir)
@@ -51,6 +69,17 @@ def train_app(cfg: DictConfig) -> float:
             raise  # Hydra records the failed job; the sweep goes on
         fail(e, output_dir)
     return float(results["val"]["acc"])
+
+
+def print_plan(cfg: DictConfig) -> None:
+    """What the run will do (teachers, student, epochs, schedule): rank 0, into train.log."""
+    import logging
+
+    from .plan import describe_plan
+    from .run_dir import is_launching_process
+
+    if is_launching_process():
+        logging.getLogger("kdlab").info(describe_plan(cfg))
 
 
 def fail(error: BaseException, output_dir: Path | None = None) -> None:
@@ -244,12 +273,17 @@ def main() -> None:
 
         report_main(rest)
         return
+    if command == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(rest)
+        return
     if command != "train":
         if "=" in command or command.startswith("-"):
             rest = args  # `kdlab key=value ...` (how DDP re-launches ranks) means train
         else:
-            print(f"kdlab: error: unknown command {command!r}; commands: train, methods, report",
-                  file=sys.stderr)
+            print(f"kdlab: error: unknown command {command!r}; commands: train, eval, report, "
+                  "methods", file=sys.stderr)
             raise SystemExit(2)
     check_overrides(rest)
     sys.argv = [sys.argv[0], *rest]

@@ -1,4 +1,5 @@
-"""``kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR]``: many runs, one table.
+"""``kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR] [--html]``: many runs, one
+table.
 
 Finds run directories under each PATH (single runs and multirun trees: a directory with
 ``.hydra/config.yaml``, or ``config.yaml`` next to ``results.json``/``failed.json``), groups
@@ -17,7 +18,9 @@ Failed runs (``failed.json``) and unfinished ones (neither file) are listed in t
 section and never averaged in. Written to ``--out`` (default: the first PATH):
 ``report.md``, ``report.csv``, ``report_acc_vs_ece.png``, and when the runs hold the data,
 ``report_reliability.png`` (``results.json`` "reliability" per-bin sums, pooled over seeds)
-and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight).
+and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight); with ``--html`` also
+``report.html``, one self-contained page with the tables and every plot inlined (ALM-KD runs'
+own weight plots included; :mod:`kdlab.report_html`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
            "test_last.acc": "test acc (last)", "test_last.ece": "test ECE (last)",
            "teacher.acc": "teacher test acc"}
 NEVER_GROUP = ("seed",)
+RUN_MIXING_PLOT = "alm_mixing_weights.png"  # an ALM-KD run's weights over training
 SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints", "ranks"}
 # Config parts that differ between machines or runs without changing the experiment.
 NOT_THE_EXPERIMENT = ("seed", "paths.", "num_threads", "trainer.enable_progress_bar",
@@ -197,7 +201,8 @@ def summarize(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Da
     return out.reset_index()
 
 
-def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> str:
+def display_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """The summary as shown: one ``mean ± std`` text cell per metric."""
     def cell(row, m):
         mean, std = row[f"{m}_mean"], row[f"{m}_std"]
         if pd.isna(mean):
@@ -207,7 +212,12 @@ def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -
     table = summary[[*keys, "n", "seeds"]].copy()
     for m in metrics:
         table[HEADERS.get(m, m)] = [cell(row, m) for _, row in summary.iterrows()]
-    return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
+    return table
+
+
+def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> str:
+    return display_table(summary, keys, metrics).to_markdown(index=False, tablefmt="pipe",
+                                                             disable_numparse=True)
 
 
 def default_keys(runs: list[Run]) -> list[str]:
@@ -323,8 +333,49 @@ def plot_mixing(frame: pd.DataFrame, keys: list[str], path: Path) -> Path | None
 # -- the report --------------------------------------------------------------------------------
 
 
+@dataclass
+class Report:
+    """What a report shows; rendered as markdown (report.md) and, on request, HTML."""
+    sources: list[Path]
+    finished: int
+    others: list[Run]
+    keys: list[str]
+    metrics: list[str]
+    summary: pd.DataFrame
+    table: pd.DataFrame | None          # the summary as shown (mean ± std cells)
+    failed: pd.DataFrame | None         # failed or unfinished runs
+    notes: list[str]
+    plots: list[Path]                   # report_*.png in the output directory
+    run_plots: list[tuple[str, Path]]   # per-run figures worth showing (ALM-KD weights)
+
+    @property
+    def intro(self) -> list[str]:
+        groups = len(self.summary)
+        return [f"{self.finished} finished runs in {groups} groups; {len(self.others)} failed "
+                f"or unfinished{' (listed below, not averaged)' if self.others else ''}.",
+                "mean ± sample std over seeds; best = checkpoint with the best val/acc, "
+                "last = last epoch; accuracy and ECE (15 bins) are fractions."]
+
+    def markdown(self) -> str:
+        lines = ["# kdlab report", "",
+                 "Runs under: " + ", ".join(f"`{p}`" for p in self.sources), ""]
+        for paragraph in self.intro:
+            lines += [paragraph, ""]
+        if self.table is not None:
+            lines += [self.table.to_markdown(index=False, tablefmt="pipe",
+                                             disable_numparse=True), ""]
+        lines += [f"- note: {n}" for n in self.notes]
+        if self.failed is not None:
+            lines += ["", "## Failed or unfinished runs", "",
+                      self.failed.to_markdown(index=False, tablefmt="pipe",
+                                              disable_numparse=True), ""]
+        if self.plots:
+            lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in self.plots]
+        return "\n".join(lines).rstrip() + "\n"
+
+
 def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
-                 sources: list[Path]) -> tuple[str, pd.DataFrame]:
+                 sources: list[Path]) -> Report:
     finished = [r for r in runs if r.status == "finished"]
     others = [r for r in runs if r.status != "finished"]
     frame = results_frame(runs, keys)
@@ -333,38 +384,33 @@ def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path
     groups = [(_label(row, keys), [r for r in finished
                                    if all(r.value(k) == row[k] for k in keys)])
               for _, row in summary.iterrows()]
-    lines = ["# kdlab report", "",
-             "Runs under: " + ", ".join(f"`{p}`" for p in sources), "",
-             f"{len(finished)} finished runs in {len(groups)} groups; {len(others)} failed or "
-             f"unfinished{' (listed below, not averaged)' if others else ''}.", "",
-             "mean ± sample std over seeds; best = checkpoint with the best val/acc, "
-             "last = last epoch; accuracy and ECE (15 bins) are fractions.", ""]
-    if finished:
-        lines += [markdown_table(summary, keys, metrics), ""]
+    notes = []
     for label, members in groups:
         diff = config_differences(members)
         if diff:
-            lines.append(f"- note: group `{label}` mixes runs whose configs differ in "
+            notes.append(f"group `{label}` mixes runs whose configs differ in "
                          f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}: "
                          "add them to --by to separate them")
         seeds = [r.seed for r in members]
         if len(set(seeds)) < len(seeds):
-            lines.append(f"- note: group `{label}` repeats a seed ({', '.join(seeds)})")
+            notes.append(f"group `{label}` repeats a seed ({', '.join(seeds)})")
+    failed = None
     if others:
         failed = pd.DataFrame({"run": [_relative(r.path, out) for r in others],
                                "status": [r.status for r in others],
                                **{k: [r.value(k) for r in others] for k in keys},
                                "seed": [r.seed for r in others],
                                "error": [r.error.replace("|", "\\|") or "-" for r in others]})
-        lines += ["", "## Failed or unfinished runs", "",
-                  failed.to_markdown(index=False, tablefmt="pipe", disable_numparse=True), ""]
     plots = [plot_acc_vs_ece(summary, keys, out / "report_acc_vs_ece.png") if finished else None,
              plot_reliability(groups, out / "report_reliability.png"),
              plot_mixing(frame, keys, out / "report_mixing.png")]
-    plots = [p for p in plots if p is not None]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    return "\n".join(lines).rstrip() + "\n", summary
+    run_plots = [(f"{_relative(r.path, out)} (seed {r.seed})", r.path / RUN_MIXING_PLOT)
+                 for r in finished if (r.path / RUN_MIXING_PLOT).is_file()]
+    return Report(sources=list(sources), finished=len(finished), others=others, keys=keys,
+                  metrics=metrics, summary=summary,
+                  table=display_table(summary, keys, metrics) if finished else None,
+                  failed=failed, notes=notes, plots=[p for p in plots if p is not None],
+                  run_plots=run_plots)
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -420,6 +466,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"(default: {','.join(DEFAULT_METRICS)})")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where report.md, report.csv and plots go (default: first PATH)")
+    parser.add_argument("--html", action="store_true",
+                        help="also write report.html: one self-contained page (tables and "
+                             "plots inlined) to open in a browser")
     return parser.parse_args(argv)
 
 
@@ -439,13 +488,20 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        text, summary = build_report(runs, keys, args.metric, out, args.paths)
+        built = build_report(runs, keys, args.metric, out, args.paths)
     except ReportError as e:
         _fail(str(e))
+    text = built.markdown()
     (out / "report.md").write_text(text)
-    summary.to_csv(out / "report.csv", index=False)
+    built.summary.to_csv(out / "report.csv", index=False)
+    written = [out / "report.md", out / "report.csv"]
+    if args.html:
+        from .report_html import render_html
+
+        (out / "report.html").write_text(render_html(built), encoding="utf-8")
+        written.append(out / "report.html")
     print(text)
-    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}")
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 def _fail(message: str) -> None:

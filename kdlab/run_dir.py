@@ -56,6 +56,7 @@ class RunDir:
         self.path = Path(path)
         self.last_checkpoint = self.path / "checkpoints" / "last.ckpt"
         self._kept_metrics: list[Path] = []
+        self._resumed_epoch: int | None = None  # set after a resumed fit: join the logs
 
     def open(self, cfg: DictConfig) -> str | None:
         """Check the directory may be used, create it; the checkpoint to resume from."""
@@ -93,33 +94,47 @@ class RunDir:
         return str(self.last_checkpoint)
 
     def _keep_metrics_for_resume(self) -> None:
-        """Lightning's CSV logger deletes an existing metrics.csv: set the files aside."""
+        """Lightning's CSV logger deletes an existing metrics.csv: set the files aside (rows
+        already set aside by an earlier resume that did not finish are kept)."""
         for path in self.path.glob("**/metrics.csv"):
             aside = path.with_name("metrics.before-resume.csv")
-            os.replace(path, aside)
+            if aside.exists():
+                _write_rows(aside, _read_rows(aside) + _read_rows(path))
+                path.unlink()
+            else:
+                os.replace(path, aside)
             self._kept_metrics.append(aside)
 
     def merge_resumed_metrics(self, resumed_from: str) -> None:
-        """Rows logged up to the checkpoint's epoch + rows of the continued run, one file."""
-        epoch = torch.load(resumed_from, map_location="cpu", weights_only=True)["epoch"]
+        """Rows logged up to the checkpoint's epoch + rows of the continued run, one file.
+
+        The files are joined when the results are written (:meth:`write_results`): until
+        then Lightning's CSV logger keeps writing the new file with the columns it knows,
+        and rewrites it whole when a new column appears (the test metrics), which would
+        fail on rows with columns it never logged (e.g. a run resumed after its last
+        epoch logs no train/ or val/ column before testing).
+        """
+        self._resumed_epoch = torch.load(resumed_from, map_location="cpu",
+                                         weights_only=True)["epoch"]
+
+    def _join_kept_metrics(self) -> None:
+        epoch = self._resumed_epoch
+        if epoch is None:
+            return
         for aside in self._kept_metrics:
             path = aside.with_name("metrics.csv")
-            old = [r for r in csv.DictReader(aside.open()) if r.get("epoch") not in (None, "")
+            old = [r for r in _read_rows(aside) if r.get("epoch") not in (None, "")
                    and int(r["epoch"]) <= epoch]
-            new = list(csv.DictReader(path.open())) if path.exists() else []
-            fields = sorted({k for r in old + new for k in r})
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(old + new)
-            atomic_write_text(path, buf.getvalue())
+            _write_rows(path, old + (_read_rows(path) if path.exists() else []))
             aside.unlink()
         self._kept_metrics = []
+        self._resumed_epoch = None
 
     def write_config(self, cfg: DictConfig) -> None:
         atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def write_results(self, results: dict[str, Any]) -> None:
+        self._join_kept_metrics()
         atomic_write_json(self.path / "results.json", results)
 
     def record_refusal(self, error: BaseException) -> None:
@@ -134,6 +149,20 @@ class RunDir:
             "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
             "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
             "host": host()})
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    fields = sorted({k for r in rows for k in r})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from .callbacks import TrainThroughput
+from .callbacks import RunEstimate, TrainThroughput
 from .config import instantiate_datamodule, instantiate_method, validate
 from .data.base import SplitDataModule
 from .errors import KdlabError
@@ -115,7 +115,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
                                  monitor="val/acc", mode="max", save_last=True,
                                  auto_insert_metric_name=False, enable_version_counter=False)
     throughput = TrainThroughput()
-    trainer = build_trainer(cfg, run_dir.path, [checkpoint, throughput])
+    label = f"{cfg.choices.method or module.method.name} / {cfg.choices.student or 'student'}"
+    trainer = build_trainer(cfg, run_dir.path, [checkpoint, throughput, RunEstimate(label)])
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         if ckpt_path and trainer.is_global_zero:

@@ -86,3 +86,25 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_run(tmp_path, env, monkeyp
                   env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_same_results(run_dir, reference)
+
+
+def test_a_run_stopped_after_its_last_epoch_resumes_into_the_same_results(tmp_path,
+                                                                          monkeypatch):
+    """Stopped between the last checkpoint and results.json (e.g. while testing): resuming
+    trains nothing, tests, and keeps every row of the metrics log (whose train/ and val/
+    columns the resumed process never logs)."""
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["method=ce", "trainer=cpu", "trainer.enable_progress_bar=false",
+            "trainer.max_epochs=2", "num_threads=1"]
+    reference = run(compose(args), tmp_path / "run")
+    log = tmp_path / "run" / "logs" / "metrics.csv"
+    rows = list(csv.DictReader(log.open()))
+    (tmp_path / "run" / "results.json").unlink()
+    again = run(compose([*args, "resume=true"]), tmp_path / "run")
+    for key in ("test", "test_last", "val", "best_epoch", "epochs"):
+        assert again[key] == reference[key], key
+    after = list(csv.DictReader(log.open()))
+    assert [r for r in after if r.get("train/loss_epoch")] == [
+        r for r in rows if r.get("train/loss_epoch")]
+    assert sum(1 for r in after if r.get("test/acc")) == 2  # last and best, once each
+    assert not list(log.parent.glob("metrics.before-resume.csv"))

@@ -1,0 +1,349 @@
+"""``kdlab eval RUN_DIR_OR_CKPT [key=value ...]``: evaluate a trained student, no training.
+
+The student comes from a run directory (its ``checkpoints/best.ckpt``, or ``last`` with
+``checkpoint=last``, and its ``config.yaml``) or from any checkpoint ``kdlab train`` wrote:
+the checkpoint's saved hyperparameters rebuild the student, and only the student's weights
+are read (no method, no teacher). The data is the run's own dataset unless ``dataset=NAME``
+names another (``dataset.*``, ``noise=``/``noise.*``, ``seed=`` and ``paths.*`` adjust it as in
+``kdlab train``). The metrics are the training run's own (``kdlab.metrics``: accuracy, top-5,
+ECE with 15 bins, NLL, Brier), computed by the same test step, in the run's precision unless
+``precision=`` says otherwise, so a run evaluated on its own test split gives its
+results.json ``test`` numbers.
+
+Writes ``eval.json`` and ``reliability.png`` into ``out=DIR`` (default
+``<run dir>/eval-<dataset>``; ``-<split>`` and ``-<checkpoint>`` are added when they are not
+``test`` and ``best``) and prints a small table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import KdlabError
+
+USAGE = """usage: kdlab eval RUN_DIR_OR_CKPT [key=value ...]
+
+Evaluate a trained student on a dataset split, without training: the same metrics as a run
+(accuracy, top-5, ECE, NLL, Brier) and a reliability diagram, into eval.json and
+reliability.png.
+
+  RUN_DIR_OR_CKPT     a run directory (uses checkpoints/best.ckpt and its config.yaml) or
+                      any checkpoint written by kdlab train
+  dataset=NAME        another dataset (default: the run's own; required for a checkpoint
+                      outside a run directory); dataset.KEY=VALUE adjusts it
+  noise=NAME, noise.rate=R, seed=S, paths.data_dir=DIR    as in kdlab train (label noise
+                      only changes the train split)
+  split=test          test | val | meta | train
+  checkpoint=best     best | last (for a run directory)
+  precision=P         default: the run's precision (results.json), else 32-true
+  accelerator=A       auto (default) | cpu | gpu
+  out=DIR             default: <run dir>/eval-<dataset>[-<split>][-<checkpoint>];
+                      for a checkpoint outside a run directory, next to it:
+                      eval-<dataset>[-<split>]-<checkpoint file name>
+
+examples:
+  kdlab eval outputs/2026-11-23/18-25-14-kd
+  kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10 split=test
+  kdlab eval path/to/best.ckpt dataset=cifar100 out=eval-c100
+"""
+
+SPLITS = ("test", "val", "meta", "train")
+OPTIONS = ("split", "checkpoint", "precision", "accelerator", "out")
+CONFIG_KEYS = ("dataset", "noise", "seed", "paths")
+METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
+
+
+class EvalError(KdlabError):
+    """What kdlab eval cannot do, in one line."""
+
+
+# -- what to evaluate ------------------------------------------------------------------------
+
+
+def find_checkpoint(path: Path, which: str) -> tuple[Path, Path | None]:
+    """(checkpoint file, its run directory or None) for a run directory or a checkpoint."""
+    if not path.exists():
+        raise EvalError(f"no such run directory or checkpoint: {path}")
+    if path.is_dir():
+        if which not in ("best", "last"):
+            raise EvalError(f"checkpoint must be best or last, got {which!r}")
+        ckpt = path / "checkpoints" / f"{which}.ckpt"
+        if not ckpt.is_file():
+            hint = ("; an unfinished run has only last.ckpt: checkpoint=last"
+                    if which == "best" and (path / "checkpoints" / "last.ckpt").is_file() else
+                    "; is it a kdlab run directory?")
+            raise EvalError(f"{path} has no checkpoints/{which}.ckpt{hint}")
+        return ckpt, path
+    run_dir = path.parent.parent
+    if path.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+        return path, run_dir
+    return path, None
+
+
+def read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if "Weights only load failed" in text:
+            first = ("not a checkpoint of tensors (kdlab reads checkpoints with "
+                     "weights_only=True)")
+        raise EvalError(f"cannot read checkpoint {ckpt}: {first}") from None
+    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
+    if not isinstance(hparams, dict) or not {"student", "num_classes", "input_shape"} <= set(
+            hparams) or "state_dict" not in data:
+        raise EvalError(f"{ckpt} is not a kdlab checkpoint (no student hyperparameters); "
+                        "give a run directory or a checkpoint written by kdlab train")
+    return data
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(kdlab eval options, config overrides); unknown keys are an error with a hint."""
+    from .config import suggest
+
+    options, overrides = {}, []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise EvalError(f"expected key=value, got {arg!r} (kdlab eval --help)")
+        if key in OPTIONS:
+            options[key] = value
+        elif key.split(".")[0] in CONFIG_KEYS:
+            overrides.append(arg)
+        else:
+            hint = suggest(key, [*OPTIONS, *CONFIG_KEYS]) or (
+                f"; kdlab eval takes {', '.join(OPTIONS)} and {', '.join(CONFIG_KEYS)}(.*)")
+            raise EvalError(f"unknown key {key}{hint}")
+    split = options.get("split", "test")
+    if split not in SPLITS:
+        raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return options, overrides
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from .config import compose
+
+    try:
+        return compose(overrides)
+    except KdlabError:
+        raise
+    except Exception as e:
+        from .cli import hydra_error_line
+
+        raise EvalError(hydra_error_line(e, overrides, [])) from None
+
+
+def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
+    """dataset, noise, seed and choices for the evaluation: the run's own, with overrides;
+    ``dataset=NAME`` / ``noise=NAME`` take kdlab's config of that name instead, and
+    ``paths.data_dir=DIR`` moves the run's own dataset root as it would in kdlab train."""
+    from .config import check_noise, check_signature
+
+    groups = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
+              if o.split("=", 1)[0] in ("dataset", "noise")}
+    paths = [o for o in overrides if o.startswith("paths.")]
+    dotted = [o for o in overrides if o.split("=", 1)[0] not in ("dataset", "noise")
+              and o not in paths]
+    if run_cfg is None and "dataset" not in groups:
+        raise EvalError("a checkpoint outside a run directory needs the data named: add "
+                        "dataset=NAME (e.g. dataset=cifar100)")
+    cfg = OmegaConf.create({"dataset": {}, "noise": {"type": "none", "rate": 0.0}, "seed": 0,
+                            "choices": {}})
+    if run_cfg is not None:
+        for key in ("dataset", "noise", "seed", "choices"):
+            if key in run_cfg:
+                cfg[key] = run_cfg[key]
+    if run_cfg is None or groups or paths:
+        name = groups.get("dataset") or cfg.choices.get("dataset")
+        fresh = _compose([f"{k}={v}" for k, v in groups.items()]
+                         + ([f"dataset={name}"] if name and "dataset" not in groups else [])
+                         + paths)
+        for key in groups:
+            cfg[key] = OmegaConf.to_container(fresh[key], resolve=True)
+            cfg.choices[key] = groups[key]
+        if run_cfg is None:
+            cfg.seed = fresh.seed
+        if paths and "dataset" not in groups and "root" in cfg.dataset:
+            cfg.dataset.root = OmegaConf.select(fresh, "dataset.root")
+    for override in dotted:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+    check_signature("dataset", cfg.dataset, ("recipe",))
+    check_noise(cfg.noise)
+    return cfg
+
+
+def default_out(ckpt: Path, run_dir: Path | None, dataset: str, split: str) -> Path:
+    """<run dir>/eval-<dataset>[-<split>][-<checkpoint>]; next to a lone checkpoint:
+    eval-<dataset>[-<split>]-<checkpoint name>."""
+    parts = [dataset] + ([split] if split != "test" else [])
+    if run_dir is None or ckpt.stem != "best":
+        parts.append(ckpt.stem)
+    return (run_dir if run_dir is not None else ckpt.parent) / ("eval-" + "-".join(parts))
+
+
+# -- evaluating ------------------------------------------------------------------------------
+
+
+def build_student_module(data: dict[str, Any]):
+    """A DistillModule holding the checkpoint's student (method: plain CE, no teachers)."""
+    from .module import DistillModule
+
+    hp = data["hyper_parameters"]
+    module = DistillModule(student=hp["student"], method={"_target_": "kdlab.methods.ce.CE"},
+                           num_classes=int(hp["num_classes"]),
+                           input_shape=tuple(hp["input_shape"]),
+                           optimizer=hp.get("optimizer") or {"_target_": "torch.optim.SGD",
+                                                             "_partial_": True, "lr": 0.1},
+                           scheduler=None, seed=int(hp.get("seed", 0)))
+    prefix = "student."
+    state = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    try:
+        module.student.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise EvalError(f"the checkpoint's student weights do not fit its own architecture "
+                        f"({first})") from None
+    return module
+
+
+def check_data_fits(module, dm, dataset: str) -> None:
+    """The student's classes and input shape against the dataset's (those it knows yet)."""
+    classes, shape = module.num_classes, tuple(module.input_shape)
+    dm_classes, dm_shape = getattr(dm, "num_classes", None), getattr(dm, "input_shape", None)
+    if dm_classes is not None and int(dm_classes) != classes:
+        raise EvalError(f"the student predicts {classes} classes but dataset {dataset} has "
+                        f"{dm_classes}; evaluate it on a {classes}-class dataset")
+    if dm_shape is not None and tuple(dm_shape) != shape:
+        raise EvalError(f"the student takes inputs of shape {shape} but dataset {dataset} "
+                        f"gives {tuple(dm_shape)}")
+
+
+def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
+    """Evaluate and write eval.json + reliability.png; returns what eval.json holds."""
+    options, overrides = parse_overrides(list(args))
+    ckpt, run_dir = find_checkpoint(Path(path), options.get("checkpoint", "best"))
+    data = read_checkpoint(ckpt)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml") if run_dir else None
+    results_file = run_dir / "results.json" if run_dir else None
+    run_results = (json.loads(results_file.read_text())
+                   if results_file is not None and results_file.is_file() else None)
+    cfg = data_config(run_cfg, overrides)
+    split = options.get("split", "test")
+
+    from .config import instantiate_datamodule
+    from .loggers import quiet_lightning
+
+    quiet_lightning()
+    dm = instantiate_datamodule(cfg)
+    dataset = str(cfg.choices.get("dataset") or dm.name)
+    module = build_student_module(data)
+    check_data_fits(module, dm, dataset)  # before any data is read or downloaded
+    dm.check()
+    dm.setup()
+    check_data_fits(module, dm, dataset)
+    if split != "test":
+        dm.splits["test"] = dm.splits[split]  # the test loop runs over the chosen split
+
+    precision = options.get("precision") or (run_results or {}).get("precision") or "32-true"
+    metrics, bins = _test(module, dm, precision, options.get("accelerator", "auto"))
+    out = Path(options["out"]) if options.get("out") else default_out(ckpt, run_dir, dataset,
+                                                                        split)
+    return _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split,
+                  dm, precision, metrics, bins)
+
+
+def _test(module, dm, precision: str, accelerator: str):
+    import pytorch_lightning as pl
+
+    from .train import resolve_precision
+
+    precision = resolve_precision(precision, accelerator)
+    # Lightning's banner lines (GPU available, ...) say nothing about an evaluation.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False)
+    logged = trainer.test(module, datamodule=dm, verbose=False)[0]
+    metrics = {k: float(logged[f"test/{k}"]) for k in METRICS if f"test/{k}" in logged}
+    bins = {k: [float(x) for x in v] for k, v in module.reliability_bins.items()}
+    return metrics, bins
+
+
+def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split, dm,
+           precision, metrics, bins) -> dict[str, Any]:
+    from .io import atomic_write_json
+    from .plots import reliability_diagram
+    from .teachers import describe_model
+
+    name = ((run_cfg or {}).get("choices") or {}).get("student") or str(
+        data["hyper_parameters"]["student"].get("_target_", "student")).rsplit(".", 1)[-1]
+    student = describe_model(str(name), module.student)
+    which = {"best": "test", "last": "test_last"}.get(ckpt.stem)
+    same_data = (run_results is not None and split == "test" and which is not None
+                 and run_results.get("dataset") == dataset
+                 and OmegaConf.to_container(cfg.dataset) == OmegaConf.to_container(
+                     (run_cfg or {}).get("dataset", {})))
+    report = {
+        "checkpoint": str(ckpt), "run_dir": str(run_dir) if run_dir else None,
+        "epoch": data.get("epoch"), "student": student, "dataset": dataset, "split": split,
+        "size": len(dm.splits[split]), "noise": dm.describe()["noise"], "seed": int(cfg.seed),
+        "precision": str(precision), "metrics": metrics,
+        "reliability": {"n_bins": len(bins["count"]), **bins},
+        # the run's own numbers for this checkpoint on this data, for comparison
+        "run_results_test": run_results.get(which) if same_data else None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "eval.json", report)
+    title = f"{student['name']} ({ckpt.name}) on {dataset} {split}"
+    reliability_diagram(bins, out / "reliability.png", title)
+    print(summary(report, out))
+    return report
+
+
+def summary(report: dict[str, Any], out: Path) -> str:
+    rows = [("this evaluation", report["metrics"])]
+    if report["run_results_test"]:
+        rows.append(("the run's results.json (test)", report["run_results_test"]))
+    width = max(len(label) for label, _ in rows)
+    lines = [" " * width + "".join(f"{h:>9}" for h in ("acc", "top-5", "ECE", "NLL", "Brier"))]
+    for label, m in rows:
+        cells = "".join(f"{m[k]:9.4f}" if k in m else f"{'-':>9}" for k in METRICS)
+        lines.append(f"{label:<{width}}{cells}")
+    student = report["student"]
+    epoch = f", epoch {report['epoch']}" if report["epoch"] is not None else ""
+    head = (f"kdlab eval: student {student['name']} ({student['arch']}) from "
+            f"{report['checkpoint']}{epoch}\non {report['dataset']} {report['split']} "
+            f"({report['size']} examples, precision {report['precision']})")
+    body = "\n".join(lines)
+    return f"{head}\n{body}\nwrote {out / 'eval.json'} and {out / 'reliability.png'}"
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    try:
+        evaluate(argv[0], argv[1:])
+    except KdlabError as e:
+        print(f"kdlab eval: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:  # one line all the same; HYDRA_FULL_ERROR-style detail is not ours
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else ""
+        print(f"kdlab eval: error: unexpected {type(e).__name__}: {first}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+__all__ = ["evaluate", "main"]
