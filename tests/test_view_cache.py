@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from data.test_cifar import make_cifar10
+from helpers.cifar import make_cifar10
 
 from kdlab.config import compose
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, crop_flip_views
