@@ -12,11 +12,12 @@ MSE = mean over the batch *and* the classes (``F.mse_loss``'s mean, as in the re
 code). alpha = 0.6 (the ground-truth weight of the released command); alpha = 0 is
 self-distillation without guidance (Mobahi et al. 2020). The chain itself is the run's
 ``generations=N`` (``conf/experiment/digits_guided_self_distill.yaml``: 5 generations,
-teacher = the student's architecture). Differences from the released code, which trains
-generation 0 with MSE to the labels alone and adds an L2 penalty on the parameter norms
-(1e-4 * sum of norms): kdlab's first teacher is trained with CE on the dataset's recipe
-(``teacher.ckpt=auto``), and regularisation is the optimiser's weight decay. The paper's
-estimate of the optimal alpha is not implemented. One teacher.
+teacher = the student's architecture, Adam as in the released code: with SGD at the digits
+recipe's lr the probability MSE, whose gradients are far smaller than CE's, barely trains).
+Differences from the released code, which trains generation 0 with MSE to the labels alone
+and adds an L2 penalty on the parameter norms (1e-4 * sum of norms): kdlab's first teacher is
+trained with CE on the dataset's recipe (``teacher.ckpt=auto``), and regularisation is the
+optimiser's weight decay. The paper's estimate of the optimal alpha is not implemented. One teacher.
 """
 
 from __future__ import annotations

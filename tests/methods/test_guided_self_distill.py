@@ -88,6 +88,8 @@ def test_the_experiment_chains_five_generations_of_one_architecture():
     assert cfg.choices.teacher == cfg.choices.student == "cnn_small"
     assert cfg.teacher.ckpt == "auto" and cfg.teacher._target_ == cfg.student._target_
     assert instantiate_method(cfg.method).alpha == 0.6
+    assert (cfg.optimizer._target_, cfg.optimizer.lr) == ("torch.optim.Adam", 0.01)
+    assert cfg.dataset.recipe.lr == 0.05  # the first teacher is trained on the SGD recipe
     validate(cfg)
     override = compose(["experiment=digits_guided_self_distill", "method.alpha=0.35",
                         "generations=3"])

@@ -22,7 +22,7 @@ from kdlab.config import compose
 
 COMMON = ["dataset=digits", "trainer=cpu", "trainer.max_epochs=2", "num_threads=1",
           "trainer.enable_progress_bar=false", "student=mlp", "student.hidden=[32]",
-          "teacher=cnn_small"]
+          "teacher=cnn"]  # the teacher of test_method_state.py (shared cache)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*treespec"),
               pytest.mark.filterwarnings("ignore:.*exists and is not empty")]
