@@ -59,7 +59,7 @@ COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
           "dataset.val_fraction=0.1"]
 # The corners matter: with a clean teacher the best KD on these recipes trusts the teacher
 # fully and at a large loss scale (an effectively larger learning rate).
-KD_GRID = {"ce_weight": [0.0, 0.1, 0.3, 1.0, 2.0], "kd_weight": [0.5, 0.9, 2.0, 4.0]}
+KD_GRID = {"ce_weight": [0.0, 0.1, 0.5, 1.0, 2.0], "kd_weight": [0.9, 2.0, 4.0, 8.0]}
 ROWS = {  # name: (overrides, needs a teacher)
     "ce": (["method=ce"], False),
     "ce +meta": (["method=ce", "dataset.train_on_meta=true"], False),
@@ -77,7 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--alm-variant", nargs="*", default=[], metavar="NAME=OVERRIDES",
                    help="extra ALM-KD rows, e.g. 'centered=method.kernel=centered' (overrides "
                         "separated by spaces inside the quotes)")
+    p.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                   help="only these of the fixed rows (default: all)")
     p.add_argument("--no-grid", action="store_true", help="skip the tuned-KD grid")
+    p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one core each)")
     p.add_argument("--work", type=Path, default=Path("/tmp/kdlab_alm_noise"),
                    help="run directories and the teacher cache (finished runs are reused)")
@@ -121,7 +124,8 @@ def plan(args) -> list[dict]:
         dataset, noise = SETTINGS[setting]
         base = [*COMMON, *DATASETS[dataset], *noise]
         for seed in args.seeds:
-            for row, (overrides, needs_teacher) in {**ROWS, **alm_rows}.items():
+            rows = {k: v for k, v in ROWS.items() if args.rows is None or k in args.rows}
+            for row, (overrides, needs_teacher) in {**rows, **alm_rows}.items():
                 for kind in (args.teachers if needs_teacher else [None]):
                     extra = TEACHERS[kind] if kind else []
                     runs.append({"setting": setting, "teachers": kind or "-", "row": row,
@@ -192,14 +196,15 @@ def table(done: list[dict]) -> str:
     frame["seed"] = [str(r["seed"]) for r in done]
     frame["teacher acc"] = [r["results"]["teachers"][0]["test"]["acc"]
                             if r["results"]["teachers"] else float("nan") for r in done]
-    metrics = ["test.acc", "test.ece", "test.nll", "teacher acc",
+    metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher acc",
                "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
     metrics = [m for m in metrics if m in frame]
     summary = summarize(frame, ["setting", "teachers", "row"], metrics)
     order = {name: i for i, name in enumerate(SETTINGS)}
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(
         ["_order", "teachers"], kind="stable")
-    scale = {"test.acc": 100, "test.ece": 100, "test.nll": 1, "teacher acc": 100}
+    scale = {"val.acc": 100, "test.acc": 100, "test.ece": 100, "test.nll": 1,
+             "teacher acc": 100}
 
     def cell(row, m):
         mean, std = row[f"{m}_mean"], row[f"{m}_std"]
@@ -209,7 +214,8 @@ def table(done: list[dict]) -> str:
         digits = 2 if m in scale and k == 100 else 3
         return f"{k * mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {k * std:.{digits}f}")
 
-    headers = {"test.acc": "test acc (%)", "test.ece": "ECE (%)", "test.nll": "NLL",
+    headers = {"val.acc": "val acc (%)", "test.acc": "test acc (%)", "test.ece": "ECE (%)",
+               "test.nll": "NLL",
                "teacher acc": "teacher acc (%)", "mixing.label_weight_clean": "label w. clean",
                "mixing.label_weight_noisy": "label w. noisy", "mixing.noise_auroc": "noise AUROC"}
     out = summary[["setting", "teachers", "row", "n"]].copy()
@@ -230,8 +236,9 @@ def main(argv=None) -> None:
     text = table(done)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "alm_noise.md").write_text(text + "\n")
-    (args.out / "alm_noise.json").write_text(json.dumps(
+    suffix = f"_{args.tag}" if args.tag else ""
+    (args.out / f"alm_noise{suffix}.md").write_text(text + "\n")
+    (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "results"} | {
             "test": r["results"]["test"], "val": r["results"]["val"],
             "best_epoch": r["results"]["best_epoch"], "mixing": r["results"].get("mixing"),

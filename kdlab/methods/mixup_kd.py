@@ -1,0 +1,184 @@
+"""Partial mixup with logit-standardised KD (Choi, Park, Lee, "Understanding the Role of Mixup
+in Knowledge Distillation: An Empirical Study", WACV 2023, arXiv 2211.03946).
+
+Batch transform (student and teacher both see the transformed batch; no logit cache):
+
+    x1, y1 = x[perm1], y[perm1]         x2, y2 = x[perm2], y[perm2]     (two permutations)
+    l_i ~ Beta(a, a) for the mixed rows, l_i = 1 for the others            (a = 1)
+    x~_i = l_i x1_i + (1 - l_i) x2_i        y~_i = l_i onehot(y1_i) + (1 - l_i) onehot(y2_i)
+
+Loss, with sigma(z) the per-example standard deviation of a logit vector over the classes
+(sample std, n - 1, as ``torch.std``; no fixed temperature and no T^2):
+
+    L = w_ce * mean_i [ -sum_c y~_ic log softmax(s_i / sigma(s_i))_c ]
+      + w_kd * mean_i KL( softmax(t_i / sigma(t_i)) || softmax(s_i / sigma(s_i)) )
+
+Defaults w_ce = 0.1, w_kd = 0.9, a = 1. The gradient flows through sigma(s) as well.
+
+**Which rows are mixed.** ``mixed_fraction`` is the share of each batch that is mixed; the
+released code's help text describes its default as "10 %" mixed (``--partmixup 0.9``,
+"0.9=10%"). The released code (hchoi71/MIX-KD, ``PMU``) draws the
+int(0.9 B) "kept" rows *with replacement*, so only 1 - (1 - 1/B)^int(0.9 B) of the rows are
+kept: about 41 % of a 64-batch is mixed. ``partial="stated"`` (default) mixes exactly
+round(mixed_fraction * B) rows chosen without replacement -- the stated 10 %;
+``partial="released"`` reproduces the released draw (int((1 - mixed_fraction) * B) kept
+indices with replacement). A kept row is still an example of the first permutation. The
+draws of a training step come from a seed of (run seed, optimiser step, rank), so a resumed
+run mixes the same batches.
+
+**Evaluation.** The loss only sees s / sigma(s), which is invariant to any positive
+rescaling of s: the raw logit scale is left to weight decay and chance, and the model's
+prediction is softmax(s / sigma(s)) (the released ``validate`` standardises the logits the
+same way). With ``standardize_eval_logits=true`` (default) the method registers a forward
+hook on the student that returns s / sigma(s) whenever the student is in eval mode, so
+validation, test, ECE and NLL measure that prediction (accuracy is unchanged). The hook is
+added in ``setup``, i.e. in every Lightning stage; a student rebuilt outside a run
+(``DistillModule.load_from_checkpoint``) gives raw logits.
+
+**A ceiling on confidence.** A standardised logit vector has at most a gap of sqrt(C) between
+its largest entry and the rest, so softmax(z / sigma(z)) never exceeds
+e^sqrt(C) / (e^sqrt(C) + C - 1): 0.995 for CIFAR-100's 100 classes, but 0.82 for 20 classes
+and 0.72 for 10. On few-class data the standardised predictions (and the standardised
+teacher targets) are bound to be under-confident.
+
+One teacher (several: the KD term is averaged over them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Method, Outputs, kl_divergence, require_teachers
+
+PARTIAL_MODES = ("stated", "released")
+STD_FLOOR = 1e-6  # a constant logit vector has sigma = 0: keep the division finite
+
+
+def logit_std(logits: Tensor) -> Tensor:
+    """sigma(z): the sample standard deviation of each row over the classes, shape (B, 1)."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return z.std(dim=-1, keepdim=True).clamp_min(STD_FLOOR)
+
+
+def standardized_log_probs(logits: Tensor) -> Tensor:
+    """log softmax(z / sigma(z))."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return F.log_softmax(z / logit_std(z), dim=-1)
+
+
+def mixed_rows(batch_size: int, mixed_fraction: float, partial: str,
+               device: torch.device) -> Tensor:
+    """Boolean mask of the rows that get mixed (see the module docstring for the two modes)."""
+    if partial == "stated":
+        count = int(round(mixed_fraction * batch_size))
+        mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        mask[torch.randperm(batch_size, device=device)[:count]] = True
+        return mask
+    kept = torch.randint(0, batch_size, (int(batch_size * (1.0 - mixed_fraction)),),
+                         device=device)
+    mask = torch.ones(batch_size, dtype=torch.bool, device=device)
+    mask[kept] = False
+    return mask
+
+
+def partial_mixup(inputs: Tensor, targets: Tensor, num_classes: int, mixed_fraction: float,
+                  beta_alpha: float, partial: str = "stated"
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mixed inputs, soft targets, mixing weights l (B,), first permutation)."""
+    b = inputs.shape[0]
+    perm1 = torch.randperm(b, device=inputs.device)
+    perm2 = torch.randperm(b, device=inputs.device)
+    beta = torch.distributions.Beta(torch.tensor(float(beta_alpha), device=inputs.device),
+                                    torch.tensor(float(beta_alpha), device=inputs.device))
+    lam = beta.sample((b,))
+    lam = torch.where(mixed_rows(b, mixed_fraction, partial, inputs.device), lam,
+                      torch.ones_like(lam))
+    shape = (b,) + (1,) * (inputs.dim() - 1)
+    w = lam.to(inputs.dtype).view(shape)
+    x = w * inputs[perm1] + (1 - w) * inputs[perm2]
+    onehot = F.one_hot(targets, num_classes).float()
+    y = lam[:, None] * onehot[perm1] + (1 - lam[:, None]) * onehot[perm2]
+    return x, y, lam, perm1
+
+
+def mixing_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one training step's mixup draws."""
+    return ((int(seed) * 1_000_003 + int(step)) * 1009 + int(rank)) % (2 ** 63 - 1)
+
+
+def soft_label_loss(student_logits: Tensor, soft_target: Tensor) -> Tensor:
+    """mean_i -sum_c y~_ic log softmax(s_i / sigma(s_i))_c."""
+    log_p = standardized_log_probs(student_logits)
+    return -(soft_target.to(log_p.dtype) * log_p).sum(-1).mean()
+
+
+def standardized_kd(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """mean_i KL(softmax(t_i / sigma(t_i)) || softmax(s_i / sigma(s_i)))."""
+    log_p_s = standardized_log_probs(student_logits)
+    log_p_t = standardized_log_probs(teacher_logits.detach().to(log_p_s.dtype))
+    return kl_divergence(log_p_t, log_p_s).mean()
+
+
+def _standardize_in_eval(module: nn.Module, inputs, output):
+    """Forward hook: the student's prediction s / sigma(s) outside training."""
+    if module.training or not isinstance(output, Tensor):
+        return None
+    z = output.float()
+    return z / logit_std(z)
+
+
+class MixupKD(Method):
+    name = "mixup_kd"
+    description = "Mixup KD: partial mixup batches, CE + KL on logits divided by their std"
+
+    def __init__(self, mixed_fraction: float = 0.1, partial: str = "stated",
+                 beta_alpha: float = 1.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
+                 standardize_eval_logits: bool = True):
+        super().__init__()
+        if not 0.0 <= float(mixed_fraction) <= 1.0:
+            raise ConfigError(f"method.mixed_fraction must be in [0, 1], got {mixed_fraction}")
+        if partial not in PARTIAL_MODES:
+            raise ConfigError(f"method.partial must be one of {', '.join(PARTIAL_MODES)}, "
+                              f"got {partial!r}")
+        if float(beta_alpha) <= 0:
+            raise ConfigError(f"method.beta_alpha must be > 0, got {beta_alpha}")
+        self.mixed_fraction = float(mixed_fraction)
+        self.partial = str(partial)
+        self.beta_alpha = float(beta_alpha)
+        self.ce_weight = float(ce_weight)
+        self.kd_weight = float(kd_weight)
+        self.standardize_eval_logits = bool(standardize_eval_logits)
+
+    def setup(self, ctx) -> None:
+        if not self.standardize_eval_logits:
+            return
+        hooked = self.__dict__.get("_hooked")  # idempotent: setup runs for every stage
+        if hooked is not None and hooked[0] is ctx.student:
+            return
+        handle = ctx.student.register_forward_hook(_standardize_in_eval)
+        self.__dict__["_hooked"] = (ctx.student, handle)  # plain attributes, not submodules
+
+    def transform_batch(self, batch, ctx):
+        # Draws from a generator seeded by (seed, step, rank) and restored afterwards: the
+        # same batches after a resume whatever else used the global RNG before this step.
+        x = batch["input"]
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(mixing_seed(ctx.seed, ctx.global_step, ctx.global_rank))
+            x, y, lam, perm1 = partial_mixup(x, batch["target"], ctx.num_classes,
+                                             self.mixed_fraction, self.beta_alpha,
+                                             self.partial)
+        # "target": each mixed example's dominant label (for anything that reads hard labels)
+        return {**batch, "input": x, "soft_target": y, "mix_weight": lam,
+                "target": y.argmax(-1), "index": batch["index"][perm1]}
+
+    def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
+        require_teachers(self.name, len(teachers))
+        s = student.logits
+        soft = batch.get("soft_target")
+        if soft is None:  # called without the transform: the plain labels
+            soft = F.one_hot(batch["target"], s.shape[-1]).float()
+        kd = sum(standardized_kd(s, t.logits) for t in teachers) / len(teachers)
+        return {"ce": self.ce_weight * soft_label_loss(s, soft), "kd": self.kd_weight * kd}
