@@ -39,7 +39,9 @@ How the contract grows for methods that need more than a loss:
    method, trained with the student (``extra_parameters()``), in train mode with it, synced
    by DDP like the student, saved and resumed with it; ``evaluated_models()`` names it so
    the run tests it like the student (``results.json["peers"]``). ``needs_teacher = False``.
-5. **Generations** (``generations=N`` in the run config): N successive students, each
+5. **The prediction** -- ``predict(logits)``: what the student's prediction is when the
+   method's loss only sees a transform of its logits (evaluation goes through it).
+6. **Generations** (``generations=N`` in the run config): N successive students, each
    distilled from the previous one's best checkpoint (the first from ``teacher``), in
    ``<run dir>/generation<k>/``; the run's results.json summarises them. Nothing to do in the
    method.
@@ -159,6 +161,13 @@ class Method(nn.Module):
     def evaluated_models(self) -> dict[str, nn.Module]:
         """Networks besides the student that the run tests (online peers), by name."""
         return {}
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """The logits the student's prediction is, from its raw outputs (default: as they
+        are). Validation, test, ``kdlab eval`` and ``DistillModule(x)`` go through it; a
+        method whose loss only sees a transform of the logits (mixup KD's s / std(s))
+        says so here."""
+        return logits
 
     # Hooks: the default is to do nothing.
     def setup(self, ctx: MethodContext) -> None:

@@ -29,11 +29,9 @@ run mixes the same batches.
 **Evaluation.** The loss only sees s / sigma(s), which is invariant to any positive
 rescaling of s: the raw logit scale is left to weight decay and chance, and the model's
 prediction is softmax(s / sigma(s)) (the released ``validate`` standardises the logits the
-same way). With ``standardize_eval_logits=true`` (default) the method registers a forward
-hook on the student that returns s / sigma(s) whenever the student is in eval mode, so
-validation, test, ECE and NLL measure that prediction (accuracy is unchanged). The hook is
-added in ``setup``, i.e. in every Lightning stage; a student rebuilt outside a run
-(``DistillModule.load_from_checkpoint``) gives raw logits.
+same way). With ``standardize_eval_logits=true`` (default) ``predict`` returns s / sigma(s):
+validation, test, ECE, NLL and ``kdlab eval`` measure that prediction (accuracy is
+unchanged).
 
 **A ceiling on confidence.** A standardised logit vector has at most a gap of sqrt(C) between
 its largest entry and the rest, so softmax(z / sigma(z)) never exceeds
@@ -48,7 +46,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Method, Outputs, kl_divergence, require_teachers
@@ -122,14 +120,6 @@ def standardized_kd(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return kl_divergence(log_p_t, log_p_s).mean()
 
 
-def _standardize_in_eval(module: nn.Module, inputs, output):
-    """Forward hook: the student's prediction s / sigma(s) outside training."""
-    if module.training or not isinstance(output, Tensor):
-        return None
-    z = output.float()
-    return z / logit_std(z)
-
-
 class MixupKD(Method):
     name = "mixup_kd"
     description = "Mixup KD: partial mixup batches, CE + KL on logits divided by their std"
@@ -152,14 +142,12 @@ class MixupKD(Method):
         self.kd_weight = float(kd_weight)
         self.standardize_eval_logits = bool(standardize_eval_logits)
 
-    def setup(self, ctx) -> None:
+    def predict(self, logits: Tensor) -> Tensor:
+        """The prediction is softmax(s / sigma(s)) (the loss never sees s's own scale)."""
         if not self.standardize_eval_logits:
-            return
-        hooked = self.__dict__.get("_hooked")  # idempotent: setup runs for every stage
-        if hooked is not None and hooked[0] is ctx.student:
-            return
-        handle = ctx.student.register_forward_hook(_standardize_in_eval)
-        self.__dict__["_hooked"] = (ctx.student, handle)  # plain attributes, not submodules
+            return logits
+        z = logits.float()
+        return z / logit_std(z)
 
     def transform_batch(self, batch, ctx):
         # Draws from a generator seeded by (seed, step, rank) and restored afterwards: the
