@@ -48,3 +48,13 @@ def run_kdlab(*args: str, cwd, cache=None, env: dict | None = None, check: bool 
 def kdlab_cli():
     """``kdlab_cli("train", "method=ce", cwd=tmp_path, cache=...)`` runs the real CLI."""
     return run_kdlab
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A teacher cache shared by the tests that use it in one session (teachers are trained
+    once), set for the module's tests."""
+    path = tmp_path_factory.getbasetemp() / "kdlab_cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDLAB_CACHE_DIR", str(path))
+        yield path

@@ -17,21 +17,12 @@ import numpy as np
 import pytest
 import torch
 from helpers.cli import cli, kdlab_process
+from helpers.metrics import hand_ece
 from helpers.runs import FAST
 
 from kdlab.data.digits import DigitsDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import load_weights
-
-
-def hand_ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
-    conf, pred = probs.max(1), probs.argmax(1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = (conf > b / n_bins) & (conf <= (b + 1) / n_bins)
-        if sel.any():
-            ece += sel.mean() * abs((pred[sel] == y[sel]).mean() - conf[sel].mean())
-    return float(ece)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from helpers.cli import cli
+from helpers.metrics import by_hand
 from helpers.runs import FAST
 
 from kdlab.data.digits import DigitsDataModule
@@ -27,19 +27,6 @@ def run(tmp_path_factory):
     return root, run_dir
 
 
-def by_hand(logits: torch.Tensor, y: np.ndarray, n_bins: int = 15) -> dict[str, float]:
-    """Accuracy, ECE (L1, equal-width bins), NLL and Brier from the formulas."""
-    probs = torch.softmax(logits.double(), 1).numpy()
-    conf, pred = probs.max(1), probs.argmax(1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = (conf > b / n_bins) & (conf <= (b + 1) / n_bins)
-        if sel.any():
-            ece += sel.mean() * abs((pred[sel] == y[sel]).mean() - conf[sel].mean())
-    onehot = np.eye(probs.shape[1])[y]
-    return {"acc": float((pred == y).mean()), "ece": float(ece),
-            "nll": float(-np.log(probs[np.arange(len(y)), y]).mean()),
-            "brier": float(((probs - onehot) ** 2).sum(1).mean())}
 
 
 def test_a_run_evaluated_on_its_own_data_gives_its_results(run):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import torch
+from helpers.metrics import hand_ece
 
 from kdlab.metrics import (
     Agreement,
@@ -11,21 +12,6 @@ from kdlab.metrics import (
     classification_metrics,
     ece_from_bins,
 )
-
-
-def hand_ece(probs: np.ndarray, target: np.ndarray, n_bins: int = 15) -> float:
-    conf = probs.max(1)
-    pred = probs.argmax(1)
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        in_bin = [i for i in range(len(conf)) if lo < conf[i] <= hi]
-        if not in_bin:
-            continue
-        acc = np.mean([pred[i] == target[i] for i in in_bin])
-        avg_conf = np.mean([conf[i] for i in in_bin])
-        total += len(in_bin) / len(conf) * abs(acc - avg_conf)
-    return total
 
 
 def _data(n=500, c=12, seed=0):

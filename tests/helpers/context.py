@@ -70,3 +70,15 @@ def digits_data(n_train: int = 64, n_meta: int = 32, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     return {split: (torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
             for split, n in (("train", n_train), ("meta", n_meta), ("val", n_meta))}
+
+
+def trainable_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """A small digits student and a teacher left trainable on purpose: a method must still
+    give the teacher no gradient."""
+    from kdlab.models import build_model
+
+    torch.manual_seed(seed)
+    student = build_model("cnn", 10, (1, 8, 8), width=4)
+    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
+    teacher.requires_grad_(True)
+    return student, teacher

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
 from kdlab.config import instantiate_datamodule
 from kdlab.module import DistillModule
 from kdlab.train import build_module, build_trainer
@@ -24,3 +27,22 @@ def fit(cfg, run_dir: Path, callbacks=(), ckpt_path=None) -> DistillModule:
     trainer = build_trainer(cfg, Path(run_dir), list(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False)
     return module
+
+
+class StopAfter(pl.Callback):
+    """Interrupt the fit after ``epochs`` epochs, as a killed job would be."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def fit_checkpointed(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> DistillModule:
+    """A fit that saves ``checkpoints/last.ckpt`` (stopped after ``stop_after`` epochs)."""
+    callbacks = [ModelCheckpoint(dirpath=Path(run_dir) / "checkpoints", save_last=True)]
+    if stop_after:
+        callbacks.append(StopAfter(stop_after))
+    return fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)

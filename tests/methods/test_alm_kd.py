@@ -844,14 +844,6 @@ COMMON = ["dataset=digits", "trainer=cpu", "trainer.max_epochs=2",
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "kdlab_cache"  # shared with other method tests
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KDLAB_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def single_teacher_run(cache_dir, tmp_path_factory):
     from kdlab.config import compose
     from kdlab.train import run

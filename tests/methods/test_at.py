@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, trainable_pair
 
 from kdlab.errors import ConfigError
 from kdlab.methods.at import AT
@@ -172,11 +172,7 @@ def test_explicit_layers_must_exist_and_pair_up():
 
 
 def test_gradients_reach_the_student_never_the_teacher():
-    torch.manual_seed(0)
-    student = build_model("cnn", 10, (1, 8, 8), width=4)
-    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    student, teacher = trainable_pair()
     method = AT()
     ctx = FakeContext(student, (teacher,))
     method.setup(ctx)

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, trainable_pair
 
 from kdlab.errors import ConfigError
 from kdlab.methods.base import Outputs
@@ -261,11 +261,7 @@ def test_very_large_teacher_features():
 
 
 def test_gradients_reach_student_and_embeddings_never_teacher_or_banks():
-    torch.manual_seed(0)
-    student = build_model("cnn", 10, (1, 8, 8), width=4)
-    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    student, teacher = trainable_pair()
     labels = torch.arange(16) % 10
     ctx = FakeContext(student, (teacher,), data={"train": (torch.randn(16, 1, 8, 8), labels)})
     method = CRD(num_negatives=8)

@@ -9,14 +9,10 @@ which must end where the uninterrupted one did.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import pytorch_lightning as pl
 import torch
-from helpers.runs import fit as real_fit
+from helpers.runs import fit_checkpointed as fit
 from helpers.runs import module_for
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kdlab.config import compose
 
@@ -33,30 +29,6 @@ CASES = {
     "dhkd": ([], "aux_head"),
     "mixup_kd": (["method.mixed_fraction=0.5"], None),
 }
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "kdlab_cache"  # shared with test_method_state
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KDLAB_CACHE_DIR", str(path))
-        yield path
-
-
-class StopAfter(pl.Callback):
-    def __init__(self, epochs: int):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
-
-
-def fit(cfg, run_dir: Path, ckpt_path=None, stop_after=None):
-    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
-    if stop_after:
-        callbacks.append(StopAfter(stop_after))
-    return real_fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)
 
 
 def part_state(module, part):

@@ -34,14 +34,6 @@ CANNOT_APPLY = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("smoke-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KDLAB_CACHE_DIR", str(path))
-        yield path
-
-
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_every_offline_default(cache_dir, tmp_path, method, dataset):

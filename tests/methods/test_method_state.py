@@ -9,14 +9,10 @@ method state (and student weights) as the uninterrupted fit.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import pytorch_lightning as pl
 import torch
-from helpers.runs import fit as real_fit
+from helpers.runs import fit_checkpointed as fit
 from helpers.runs import module_for
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kdlab.config import compose
 from kdlab.module import DistillModule
@@ -37,33 +33,6 @@ STATE = {
     "nd": ("class_means", "has_class_means", "epoch", "projector.2.weight"),
     "ctkd": ("theta", "reversal"),
 }
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    # Shared with test_method_smoke.py in one session: teachers are trained once.
-    path = tmp_path_factory.getbasetemp() / "kdlab_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KDLAB_CACHE_DIR", str(path))
-        yield path
-
-
-class StopAfter(pl.Callback):
-    """Interrupt the fit after ``epochs`` epochs, as a killed job would be."""
-
-    def __init__(self, epochs: int):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
-
-
-def fit(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> DistillModule:
-    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)]
-    if stop_after:
-        callbacks.append(StopAfter(stop_after))
-    return real_fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)
 
 
 def method_state(module: DistillModule) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, trainable_pair
 from loss_cases import make_inputs
 
 from kdlab.errors import ConfigError
@@ -237,11 +237,7 @@ def test_bad_options_are_one_line_errors():
 
 
 def test_gradients_reach_student_and_projector_never_the_teacher():
-    torch.manual_seed(0)
-    student = build_model("cnn", 10, (1, 8, 8), width=4)
-    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    student, teacher = trainable_pair()
     data = {"train": (torch.randn(12, 1, 8, 8), torch.arange(12) % 10)}
     ctx = FakeContext(student, (teacher,), data=data)
     method = ND(warmup_epochs=0)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, trainable_pair
 from torch import nn
 
 from kdlab.errors import ConfigError
@@ -231,11 +231,7 @@ def test_small_models_work_or_fail_in_one_line(student_name, teacher_name):
 
 
 def test_gradients_reach_student_and_abfs_never_the_teacher():
-    torch.manual_seed(0)
-    student = build_model("cnn", 10, (1, 8, 8), width=4)
-    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    student, teacher = trainable_pair()
     method = ReviewKD(warmup_epochs=0)
     ctx = FakeContext(student, (teacher,))
     method.setup(ctx)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers.context import FakeContext
+from helpers.context import FakeContext, trainable_pair
 
 from kdlab.errors import ConfigError
 from kdlab.methods.base import Outputs
@@ -133,11 +133,7 @@ def test_bf16_features_and_autocast_are_computed_in_float32():
 
 
 def test_gradients_reach_the_student_never_the_teacher():
-    torch.manual_seed(0)
-    student = build_model("cnn", 10, (1, 8, 8), width=4)
-    teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    student, teacher = trainable_pair()
     method = RKD()
     method.check(student, [teacher])
     ctx = FakeContext(student, (teacher,))
