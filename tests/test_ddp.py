@@ -9,8 +9,8 @@ from helpers.cli import kdlab_process
 
 TESTS = Path(__file__).resolve().parent
 METHODS = {
-    "kd": ["method=kd"],
-    # a meta pass at epoch 1: every rank updates the rows it saw, then the table is merged
+    # KD's loss plus method state that DDP must keep equal: a meta pass at epoch 1, where
+    # every rank updates the rows of its chunks and the table is merged
     "alm_kd": ["method=alm_kd", "method.meta_start=1", "method.meta_every=1",
                "noise=symmetric", "noise.rate=0.3"],
 }
