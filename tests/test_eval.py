@@ -156,14 +156,14 @@ def test_the_data_is_the_runs_own_unless_named(monkeypatch, tmp_path):
 
     monkeypatch.setenv("KDLAB_DATA_DIR", str(tmp_path / "data"))
     run_cfg = OmegaConf.create(OmegaConf.to_container(
-        compose(["dataset=cifar100", "dataset.val_fraction=0.1", "seed=3"]), resolve=True))
+        compose(["dataset=cifar100", "dataset.val_fraction=0.2", "seed=3"]), resolve=True))
     own = data_config(run_cfg, [])
     assert own.dataset == run_cfg.dataset and own.seed == 3
     moved = data_config(run_cfg, ["paths.data_dir=/elsewhere"])
-    assert moved.dataset.root == "/elsewhere/cifar100" and moved.dataset.val_fraction == 0.1
+    assert moved.dataset.root == "/elsewhere/cifar100" and moved.dataset.val_fraction == 0.2
     other = data_config(run_cfg, ["dataset=cifar10", "dataset.batch_size=7", "seed=1"])
     assert other.dataset._target_.endswith("Cifar10DataModule")
-    assert (other.dataset.val_fraction, other.dataset.batch_size, other.seed) == (0.0, 7, 1)
+    assert (other.dataset.val_fraction, other.dataset.batch_size, other.seed) == (0.1, 7, 1)
     assert other.choices.dataset == "cifar10"
     noisy = data_config(run_cfg, ["noise=pairflip", "noise.rate=0.3"])
     assert (noisy.noise.type, noisy.noise.rate, noisy.dataset) == ("pairflip", 0.3,

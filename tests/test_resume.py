@@ -16,7 +16,7 @@ from kdlab.config import compose
 from kdlab.train import run
 
 TESTS = Path(__file__).resolve().parent
-# 1293 train examples / batch 64 = 20 steps per epoch: step 30 is in the middle of epoch 1
+# 1149 train examples / batch 64 = 17 steps per epoch: step 30 is in the middle of epoch 1
 COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=3", "seed=4",
           "teacher.max_epochs=2", "num_threads=1"]
 METHODS = {

@@ -2,9 +2,10 @@
 
 Every dataset is held as tensors (inputs, targets). ``setup`` splits the training set into
 ``train`` (labels possibly noisy), ``meta`` (a clean, stratified held-out fraction of the
-training set) and optionally a separate ``val``; ``val`` is ``meta`` unless
-``val_fraction > 0``. ``train_on_meta`` appends the clean meta examples to ``train`` (so a
-baseline trains on the same clean data a meta-learning method sees; needs a separate val).
+training set) and a separate clean ``val`` (``val_fraction``, default 0.1; with
+``val_fraction = 0`` ``val`` is ``meta``). ``train_on_meta`` appends the clean meta examples
+to ``train`` (so a baseline trains on the same clean data a meta-learning method sees; needs
+a separate val).
 ``test`` is the dataset's own test set. Model selection uses ``val``, never ``test``.
 
 Batches are dicts ``{input, target, index}``: ``index`` is the example's position in its
@@ -112,7 +113,7 @@ class SplitDataModule(pl.LightningDataModule):
     input_shape: tuple[int, ...]
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None,
-                 meta_fraction: float = 0.1, val_fraction: float = 0.0,
+                 meta_fraction: float = 0.1, val_fraction: float = 0.1,
                  train_on_meta: bool = False, num_workers: int = 0, noise: dict | None = None,
                  seed: int = 0, recipe: dict | None = None):
         super().__init__()

@@ -65,12 +65,12 @@ def test_cifar10_download_extract_and_exact_roundtrip(server, tmp_path):
                        torch.from_numpy(arrays["train_x"][0, :1024]))
 
     sizes = {k: len(v) for k, v in dm.splits.items()}
-    assert sizes == {"train": 45, "meta": 5, "val": 5, "test": 20}  # meta = 10% of 50
-    assert dm.splits["val"] is dm.splits["meta"]
+    assert sizes == {"train": 40, "meta": 5, "val": 5, "test": 20}  # meta, val: 10% of 50 each
+    assert dm.splits["val"] is not dm.splits["meta"]  # a separate val split by default
     assert dm.splits["train"].inputs.dtype == torch.uint8
     assert torch.equal(dm.splits["test"].inputs, data["test_inputs"])
-    # train + meta together are exactly the 50 training rows
-    rows = torch.cat([dm.splits["train"].inputs, dm.splits["meta"].inputs]).flatten(1)
+    # train + meta + val together are exactly the 50 training rows
+    rows = torch.cat([dm.splits[s].inputs for s in ("train", "meta", "val")]).flatten(1)
     assert sorted(map(bytes, rows.numpy())) == sorted(map(bytes, arrays["train_x"]))
     assert dm.num_classes == 10 and dm.input_shape == (3, 32, 32)
     assert dm.asymmetric_class_map == CIFAR10_ASYMMETRIC
@@ -93,7 +93,7 @@ def test_cifar100_download_with_coarse_labels(server, tmp_path):
                        torch.from_numpy(arrays["test_x"].reshape(-1, 3, 32, 32)))
     assert torch.equal(data["test_targets"], torch.from_numpy(arrays["test_y"]))
     assert {k: len(v) for k, v in dm.splits.items()} == {
-        "train": 270, "meta": 30, "val": 30, "test": 100}
+        "train": 239, "meta": 30, "val": 31, "test": 100}  # 10% each, stratified (100 classes)
     assert dm.num_classes == 100 and dm.asymmetric_class_map is None
 
 

@@ -16,7 +16,7 @@ def _rows(x):
 
 
 def test_digits_splits_are_disjoint_stratified_and_clean():
-    dm = DigitsDataModule(seed=0, meta_fraction=0.1)
+    dm = DigitsDataModule(seed=0, meta_fraction=0.1, val_fraction=0.0)
     dm.setup()
     tr, meta, val, te = (dm.splits[k] for k in ("train", "meta", "val", "test"))
     assert len(tr) + len(meta) + len(te) == 1797
@@ -90,7 +90,7 @@ def test_synthetic_shapes_and_standardisation():
     dm = SyntheticDataModule(n_samples=1000, seed=0)
     dm.setup()
     assert dm.num_classes == 20 and dm.input_shape == (14,)
-    x = torch.cat([dm.splits["train"].inputs, dm.splits["meta"].inputs])
+    x = torch.cat([dm.splits[s].inputs for s in ("train", "meta", "val")])
     assert torch.allclose(x.mean(0), torch.zeros(14), atol=1e-4)
 
 
@@ -117,7 +117,7 @@ def test_train_on_meta_adds_the_clean_meta_examples_to_training():
                                                    torch.zeros(len(meta), dtype=torch.bool)]))
     assert torch.equal(both.splits["val"].inputs, base.splits["val"].inputs)
     with pytest.raises(ConfigError, match="needs a separate validation split"):
-        DigitsDataModule(train_on_meta=True)
+        DigitsDataModule(train_on_meta=True, val_fraction=0.0)
 
 
 def test_synthetic_is_the_authors_generator():
@@ -130,6 +130,7 @@ def test_synthetic_is_the_authors_generator():
     dm.setup()
     assert dm.gen["n_informative"] == 14 and dm.gen["flip_y"] == 0.0
     sizes = dm.describe()["sizes"]
-    assert sizes["train"] + sizes["meta"] + sizes["test"] == len(y)
-    assert sorted(torch.cat([dm.splits[s].targets for s in ("train", "meta", "test")]).tolist()) \
+    assert sizes["train"] + sizes["meta"] + sizes["val"] + sizes["test"] == len(y)
+    splits = ("train", "meta", "val", "test")
+    assert sorted(torch.cat([dm.splits[s].targets for s in splits]).tolist()) \
         == sorted(y.tolist())
