@@ -7,12 +7,15 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
+from helpers.context import FakeContext
 from omegaconf import OmegaConf
+from torch import nn
 
 from kdlab.config import compose, instantiate_method
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
-ALL = sorted(p.stem for p in EXPERIMENTS.glob("cifar100_*.yaml"))
+ALL = sorted(p.stem for p in EXPERIMENTS.glob("cifar100_*.yaml") if "_alm_" not in p.stem)
 
 # teacher -> student pairs of the published table, with DKD's beta for each
 PAIRS = {
@@ -159,3 +162,29 @@ def test_per_pair_settings_default_outside_the_experiments_and_yield_to_the_comm
     assert (nd.kd_weight, nd.nd_weight) == (3.5, 2.0)
     cfg = compose(["experiment=cifar100_resnet56_resnet20", "method=nd", "method.nd_weight=9"])
     assert (cfg.method.nd_weight, cfg.method.kd_weight) == (9, 1.0)
+
+
+def test_alm_kd_experiment_is_the_authors_cifar100_setting():
+    """REFERENCE.md: ResNet56 -> ResNet8, SGD lr 0.1 (momentum 0.9, Nesterov, wd 5e-4),
+    batch 128, 200 epochs, x0.1 at 150 and 180, symmetric noise 0.4, clean-label teacher,
+    a meta pass every 10 epochs from epoch 10 over chunks of 3 batches."""
+    cfg = resolved(["experiment=cifar100_alm_resnet56_resnet8"])
+    assert (cfg["choices"]["teacher"], cfg["choices"]["student"]) == ("resnet56", "resnet8")
+    assert cfg["dataset"]["_target_"] == "kdlab.data.cifar.Cifar100DataModule"
+    assert (cfg["dataset"]["batch_size"], cfg["dataset"]["augment"]) == (128, True)
+    assert (cfg["noise"]["type"], cfg["noise"]["rate"]) == ("symmetric", 0.4)
+    assert cfg["teacher"]["label_noise"] == "none"
+    opt, sched = cfg["optimizer"], cfg["scheduler"]
+    assert (opt["lr"], opt["momentum"], opt["weight_decay"], opt["nesterov"]) == (
+        0.1, 0.9, 5e-4, True)
+    assert cfg["trainer"]["max_epochs"] == 200
+    assert (sched["schedule"], sched["milestones"], sched["gamma"]) == ("multistep", [150, 180],
+                                                                        0.1)
+    assert cfg["dataset"]["recipe"]["lr"] == 0.1  # the teacher is trained on the same recipe
+    method = instantiate_method(compose(["experiment=cifar100_alm_resnet56_resnet8"]).method)
+    assert type(method).__name__ == "ALMKD" and method.chunk_batches == 3
+    x = torch.zeros(6, 4)
+    method.setup(FakeContext(nn.Linear(4, 100), (nn.Linear(4, 100),), num_classes=100,
+                             data={"train": (x, torch.zeros(6, dtype=torch.long))},
+                             max_epochs=cfg["trainer"]["max_epochs"]))
+    assert [e for e in range(200) if method.is_meta_epoch(e)] == list(range(10, 200, 10))
