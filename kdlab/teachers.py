@@ -67,16 +67,24 @@ class TeacherSpec:
         return str(self.options.get("ckpt") or "auto")
 
 
+# Options of `teacher` that the entries of a `teachers` list inherit unless they set their own:
+# how an auto-trained teacher is trained (`teacher.label_noise=none` applies to all of them).
+INHERITED_OPTIONS = ("label_noise", "max_epochs", "lr", "weight_decay")
+
+
 def teacher_specs(cfg: DictConfig) -> list[TeacherSpec]:
     """The run's teachers: the ``teachers`` list when set, else ``teacher``."""
+    inherited = {}
     if cfg.get("teachers"):
         nodes = [(f"teachers[{i}]", node, None) for i, node in enumerate(cfg.teachers)]
+        inherited = {k: cfg.teacher[k] for k in INHERITED_OPTIONS
+                     if cfg.get("teacher") is not None and cfg.teacher.get(k) is not None}
     else:
         nodes = [("teacher", cfg.teacher, (cfg.get("choices") or {}).get("teacher"))]
     specs = []
     for where, node, choice in nodes:
         data = OmegaConf.to_container(node, resolve=True)
-        options = {k: data.pop(k) for k in TEACHER_OPTIONS if k in data}
+        options = {**inherited, **{k: data.pop(k) for k in TEACHER_OPTIONS if k in data}}
         model = options.pop("model", None)
         arch = OmegaConf.merge(model_config(model), data) if model else OmegaConf.create(data)
         name = model or choice or str(arch.get("_target_", "?")).rsplit(".", 1)[-1]

@@ -10,7 +10,9 @@ digits (30 epochs, its recipe) and synthetic (the authors' generator, 100 epochs
 cosine) with symmetric noise 0.2 and 0.4, and a class-dependent one (pairflip 0.3 on
 digits). Teachers: trained on the clean labels of the same train split
 (``teacher.label_noise=none``: the authors' setting) and on the noisy labels, as separate
-rows. Rows:
+rows. The experiment configs ``digits_alm_multi_teacher`` (three teachers; its KD rows are
+``multi_teacher_kd`` with the same teachers) and ``digits_alm_self_distill`` (a teacher of
+the student's architecture) at symmetric 0.4. Rows:
 
 - ce, kd (0.1 / 0.9, T 4): the usual baselines;
 - kd tuned: KD whose two weights are chosen on val from a grid (mean val accuracy over the
@@ -47,12 +49,17 @@ DATASETS = {
     "digits": ["dataset=digits"],
     "synthetic": ["dataset=synthetic"],
 }
-SETTINGS = {
-    "digits-sym0.2": ("digits", ["noise=symmetric", "noise.rate=0.2"]),
-    "digits-sym0.4": ("digits", ["noise=symmetric", "noise.rate=0.4"]),
-    "digits-pairflip0.3": ("digits", ["noise=pairflip", "noise.rate=0.3"]),
-    "synthetic-sym0.2": ("synthetic", ["noise=symmetric", "noise.rate=0.2"]),
-    "synthetic-sym0.4": ("synthetic", ["noise=symmetric", "noise.rate=0.4"]),
+SYM = {rate: ["noise=symmetric", f"noise.rate={rate}"] for rate in (0.2, 0.4)}
+SETTINGS = {  # name: (dataset, overrides, the KD method with the same teachers)
+    "digits-sym0.2": ("digits", SYM[0.2], "kd"),
+    "digits-sym0.4": ("digits", SYM[0.4], "kd"),
+    "digits-pairflip0.3": ("digits", ["noise=pairflip", "noise.rate=0.3"], "kd"),
+    "synthetic-sym0.2": ("synthetic", SYM[0.2], "kd"),
+    "synthetic-sym0.4": ("synthetic", SYM[0.4], "kd"),
+    # the experiment configs: three teachers (cnn, mlp, narrow cnn), and self-distillation
+    "digits-sym0.4 multi-teacher": ("digits", [*SYM[0.4], "experiment=digits_alm_multi_teacher"],
+                                    "multi_teacher_kd"),
+    "digits-sym0.4 self": ("digits", [*SYM[0.4], "experiment=digits_alm_self_distill"], "kd"),
 }
 TEACHERS = {"clean": ["teacher.label_noise=none"], "noisy": ["teacher.label_noise=same"]}
 COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
@@ -121,11 +128,12 @@ def plan(args) -> list[dict]:
                 for name, spec in (v.split("=", 1) for v in args.alm_variant)}
     runs = []
     for setting in args.settings:
-        dataset, noise = SETTINGS[setting]
+        dataset, noise, kd = SETTINGS[setting]
         base = [*COMMON, *DATASETS[dataset], *noise]
         for seed in args.seeds:
             rows = {k: v for k, v in ROWS.items() if args.rows is None or k in args.rows}
             for row, (overrides, needs_teacher) in {**rows, **alm_rows}.items():
+                overrides = [f"method={kd}" if o == "method=kd" else o for o in overrides]
                 for kind in (args.teachers if needs_teacher else [None]):
                     extra = TEACHERS[kind] if kind else []
                     runs.append({"setting": setting, "teachers": kind or "-", "row": row,
@@ -139,7 +147,7 @@ def plan(args) -> list[dict]:
                     weights = [f"method.ce_weight={ce_w}", f"method.kd_weight={kd_w}"]
                     runs.append({"setting": setting, "teachers": kind, "row": "kd grid",
                                  "grid": (ce_w, kd_w), "seed": seed,
-                                 "overrides": [*base, "method=kd", *weights, *TEACHERS[kind],
+                                 "overrides": [*base, f"method={kd}", *weights, *TEACHERS[kind],
                                                f"seed={seed}"]})
     return runs
 
@@ -188,23 +196,23 @@ def add_tuned_rows(done: list[dict]) -> list[dict]:
 def table(done: list[dict]) -> str:
     import pandas as pd
 
-    from kdlab.report import summarize
+    from kdlab.report import metric_column, summarize
 
     frame = pd.json_normalize([r["results"] for r in done], sep=".")
     for key in ("setting", "teachers", "row"):
         frame[key] = [r[key] for r in done]
     frame["seed"] = [str(r["seed"]) for r in done]
-    frame["teacher acc"] = [r["results"]["teachers"][0]["test"]["acc"]
+    frame["teachers.0.test.acc"] = [r["results"]["teachers"][0]["test"]["acc"]
                             if r["results"]["teachers"] else float("nan") for r in done]
-    metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher acc",
+    metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher.acc",
                "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
-    metrics = [m for m in metrics if m in frame]
+    metrics = [m for m in metrics if metric_column(frame, m) in frame]
     summary = summarize(frame, ["setting", "teachers", "row"], metrics)
     order = {name: i for i, name in enumerate(SETTINGS)}
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(
         ["_order", "teachers"], kind="stable")
     scale = {"val.acc": 100, "test.acc": 100, "test.ece": 100, "test.nll": 1,
-             "teacher acc": 100}
+             "teacher.acc": 100}
 
     def cell(row, m):
         mean, std = row[f"{m}_mean"], row[f"{m}_std"]
@@ -216,7 +224,7 @@ def table(done: list[dict]) -> str:
 
     headers = {"val.acc": "val acc (%)", "test.acc": "test acc (%)", "test.ece": "ECE (%)",
                "test.nll": "NLL",
-               "teacher acc": "teacher acc (%)", "mixing.label_weight_clean": "label w. clean",
+               "teacher.acc": "teacher acc (%)", "mixing.label_weight_clean": "label w. clean",
                "mixing.label_weight_noisy": "label w. noisy", "mixing.noise_auroc": "noise AUROC"}
     out = summary[["setting", "teachers", "row", "n"]].copy()
     for m in metrics:

@@ -103,6 +103,18 @@ def test_a_teachers_list_takes_model_names_and_options():
     assert training_config(cfg, b).dataset.recipe.lr == 0.1
 
 
+def test_a_teachers_list_inherits_how_teacher_is_trained_unless_an_entry_says():
+    cfg = compose(["method=multi_teacher_kd", "noise=symmetric", "noise.rate=0.4",
+                   "teacher.label_noise=none", "teacher.max_epochs=3",
+                   "teachers=[{model: cnn}, {model: mlp, label_noise: same, max_epochs: 5}]"])
+    a, b = teacher_specs(cfg)
+    assert (training_config(cfg, a).noise.type, training_config(cfg, a).trainer.max_epochs) == (
+        "none", 3)
+    assert (training_config(cfg, b).noise.type, training_config(cfg, b).trainer.max_epochs) == (
+        "symmetric", 5)
+    assert "ckpt" not in a.options and a.ckpt == "auto"  # where to get it is never inherited
+
+
 def frozen_teacher(width=8):
     torch.manual_seed(0)
     return freeze(build_model("cnn", 10, (1, 8, 8), width=width))
