@@ -122,31 +122,44 @@ def auroc(score_pos, score_neg):
     return float((ranks[lab == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def analyse(seeds, tag):
-    from kdlab.methods.alm_kd import _penultimate, term_logit_grads
+def recorded(seed, tag):
+    """A diagnosed run's record (its meta passes), config, data and teacher train logits."""
+    rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
+    cfg, dm, teacher = run_data(seed)
+    with torch.no_grad():
+        t_logits = teacher(dm.splits["train"].inputs)
+    return rec, cfg, dm, t_logits
+
+
+def pass_features(cfg, dm, recorded_pass):
+    """The student of one recorded pass, its train / meta last-layer inputs and head (f64)."""
+    from kdlab.methods.alm_kd import _penultimate
     from kdlab.models import build_model
 
+    student = build_model(cfg.student, 10, dm.input_shape)
+    student.load_state_dict(recorded_pass["student"])
+    student.eval()
+    head = student.classifier
+    with torch.no_grad():
+        h = _penultimate(student, head, dm.splits["train"].inputs).double()
+        hm = _penultimate(student, head, dm.splits["meta"].inputs).double()
+    return student, h, hm, head.weight.double().detach(), head.bias.double().detach()
+
+
+def analyse(seeds, tag):
+    from kdlab.methods.alm_kd import term_logit_grads
+
     for seed in seeds:
-        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
-        cfg, dm, teacher = run_data(seed)
+        rec, cfg, dm, t_logits = recorded(seed, tag)
         train, meta = dm.splits["train"], dm.splits["meta"]
         noisy = dm.noise_mask
         y_clean, y_noisy = train.clean_targets, train.targets
-        with torch.no_grad():
-            t_logits = teacher(train.inputs)
         print(f"\n=== seed {seed}: teacher train acc (clean labels) "
               f"{(t_logits.argmax(1) == y_clean).float().mean():.3f}; "
               f"final label weight clean {rec['results']['mixing']['label_weight_clean']:.3f} "
               f"noisy {rec['results']['mixing']['label_weight_noisy']:.3f}")
         for p in rec["passes"]:
-            student = build_model(cfg.student, 10, dm.input_shape)
-            student.load_state_dict(p["student"])
-            student.eval()
-            head = student.classifier
-            with torch.no_grad():
-                h = _penultimate(student, head, train.inputs).double()
-                hm = _penultimate(student, head, meta.inputs).double()
-            w, b = head.weight.double().detach(), head.bias.double().detach()
+            student, h, hm, w, b = pass_features(cfg, dm, p)
             logits = h @ w.T + b
             g = term_logit_grads(logits, y_noisy, t_logits.double()[None], 4.0)  # (2, n, C)
             r = torch.softmax(hm @ w.T + b, -1) - torch.nn.functional.one_hot(meta.targets,
@@ -302,25 +315,15 @@ def main(argv=None):
 
 def centred_breakdown(seeds, tag):
     """Where the centred-kernel gradient of the label weight points the wrong way."""
-    from kdlab.methods.alm_kd import _penultimate, last_layer_meta_grad
-    from kdlab.models import build_model
+    from kdlab.methods.alm_kd import last_layer_meta_grad
 
     for seed in seeds:
-        rec = torch.load(DIAG / f"alm{tag}-s{seed}" / "passes.pt", weights_only=True)
-        cfg, dm, teacher = run_data(seed)
+        rec, cfg, dm, t_logits = recorded(seed, tag)
+        t_logits = t_logits.double()
         train, meta = dm.splits["train"], dm.splits["meta"]
         noisy = dm.noise_mask
-        with torch.no_grad():
-            t_logits = teacher(train.inputs).double()
         for p in rec["passes"]:
-            student = build_model(cfg.student, 10, dm.input_shape)
-            student.load_state_dict(p["student"])
-            student.eval()
-            head = student.classifier
-            with torch.no_grad():
-                h = _penultimate(student, head, train.inputs).double()
-                hm = _penultimate(student, head, meta.inputs).double()
-            w, b = head.weight.double().detach(), head.bias.double().detach()
+            _, h, hm, w, b = pass_features(cfg, dm, p)
             pred = (h @ w.T + b).argmax(1)
             lam = torch.tensor([[0.1, 0.9]], dtype=torch.float64).expand(len(h), 2)
             out = {}

@@ -56,6 +56,28 @@ def write_cifar100_folder(root: Path, n_train: int, n_test: int, seed: int = 0) 
         (folder / name).write_bytes(pickle.dumps(batch))
 
 
+def kd_loss(s, t, y):
+    """KD as every loop here computes it: 0.1 CE + 0.9 T^2 KL, T = 4."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(F.log_softmax(s / 4, 1), F.log_softmax(t / 4, 1), reduction="batchmean",
+                  log_target=True)
+    return 0.1 * F.cross_entropy(s, y) + 0.9 * 16 * kl
+
+
+def kdlab_train_rows(data_root: str):
+    """As many uint8 images and labels as kdlab trains on (80 %: 10 % meta, 10 % val held
+    out): the first rows of the generated set (random images, so any rows will do)."""
+    import torch
+
+    from kdlab.data.cifar import read_cifar_batch
+
+    raw = read_cifar_batch(Path(data_root) / "cifar-100-python" / "train")
+    n = len(raw["fine_labels"]) * 8 // 10
+    return (torch.from_numpy(raw["data"].reshape(-1, 3, 32, 32))[:n],
+            torch.tensor(raw["fine_labels"])[:n])
+
+
 # -- the classic loop ------------------------------------------------------------------------
 
 
@@ -65,11 +87,9 @@ class ClassicCIFAR:
     def __init__(self, data_root: str):
         from torchvision import transforms
 
-        from kdlab.data.cifar import read_cifar_batch
-
-        raw = read_cifar_batch(Path(data_root) / "cifar-100-python" / "train")
-        self.images = raw["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        self.labels = raw["fine_labels"]
+        images, labels = kdlab_train_rows(data_root)  # as many images as kdlab trains on
+        self.images = images.numpy().transpose(0, 2, 3, 1)
+        self.labels = labels.tolist()
         self.transform = transforms.Compose([
             transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
@@ -85,7 +105,6 @@ class ClassicCIFAR:
 
 def reference_loop(data_root: str, teacher_ckpt: str, epochs: int, workers: int) -> dict:
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     from kdlab.models import build_model
@@ -103,9 +122,7 @@ def reference_loop(data_root: str, teacher_ckpt: str, epochs: int, workers: int)
         for x, y in loader:
             with torch.no_grad():
                 t = teacher(x)
-            s = student(x)
-            kl = F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean")
-            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * 16 * kl
+            loss = kd_loss(student(x), t, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -125,16 +142,12 @@ def hand_loop(data_root: str, teacher_ckpt: str, epochs: int, bf16: bool) -> dic
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
     from kdlab.data.augment import normalize, random_crop_flip
-    from kdlab.data.cifar import read_cifar_batch
     from kdlab.models import build_model
 
-    raw = read_cifar_batch(Path(data_root) / "cifar-100-python" / "train")
-    n = len(raw["fine_labels"]) * 9 // 10  # kdlab trains on 90% (10% is its meta split)
-    images = torch.from_numpy(raw["data"].reshape(-1, 3, 32, 32))[:n]
-    labels = torch.tensor(raw["fine_labels"])[:n]
+    images, labels = kdlab_train_rows(data_root)
+    n = len(labels)
     cl = torch.channels_last
     teacher = build_model("resnet32x4", 100)
     teacher.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
@@ -155,10 +168,7 @@ def hand_loop(data_root: str, teacher_ckpt: str, epochs: int, bf16: bool) -> dic
                 with torch.inference_mode():
                     t = teacher(x)
                 t = t.float().clone()
-                s = student(x).float()
-                kl = F.kl_div(F.log_softmax(s / 4, 1), F.log_softmax(t / 4, 1),
-                              reduction="batchmean", log_target=True)
-                loss = 0.1 * F.cross_entropy(s, y) + 0.9 * 16 * kl
+                loss = kd_loss(student(x).float(), t, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -177,12 +187,10 @@ def teacher_pass(data_root: str, teacher_ckpt: str, bf16: bool, repeats: int = 3
     import torch
 
     from kdlab.data.augment import normalize, random_crop_flip
-    from kdlab.data.cifar import read_cifar_batch
     from kdlab.models import build_model
 
-    raw = read_cifar_batch(Path(data_root) / "cifar-100-python" / "train")
-    n = len(raw["fine_labels"]) * 9 // 10
-    images = torch.from_numpy(raw["data"].reshape(-1, 3, 32, 32))[:n]
+    images, _ = kdlab_train_rows(data_root)
+    n = len(images)
     teacher = build_model("resnet32x4", 100)
     teacher.load_state_dict(torch.load(teacher_ckpt, weights_only=True))
     teacher = teacher.to(memory_format=torch.channels_last).eval()
@@ -283,7 +291,7 @@ def main(argv=None) -> None:
     os.environ["KDLAB_CACHE_DIR"] = str(tmp / "cache")
     os.environ.setdefault("WANDB_MODE", "disabled")
 
-    # meta_fraction makes kdlab train on 90% of the images: the reference gets the same count.
+    # meta_fraction + val_fraction make kdlab train on 80% of the images: so do the other loops.
     common = ["dataset=cifar100", f"dataset.root={tmp / 'data'}", "dataset.download=false",
               "student=resnet8x4", "teacher=resnet32x4", f"teacher.ckpt={teacher_ckpt}",
               "optimizer.lr=0.05", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4",
@@ -385,8 +393,8 @@ def main(argv=None) -> None:
               f"resnet8x4 {flops['resnet8x4'] / 1e6:.0f} MFLOP, resnet32x4 "
               f"{flops['resnet32x4'] / 1e6:.0f} MFLOP (forward); training counts 3x the "
               "student forward + the teacher forward (alm_kd: its meta pass is not counted).",
-              f"Data: {args.train} generated images (kdlab trains on 90%: 10% is the meta "
-              f"split), batch {BATCH}, {args.epochs} epochs; torch "
+              f"Data: {args.train} generated images (every loop trains on 80%: kdlab's 10% "
+              f"meta and 10% val splits held out), batch {BATCH}, {args.epochs} epochs; torch "
               f"{torch.__version__}, {os.cpu_count()} CPU threads, native bf16: "
               f"{torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()}."]
     table = "\n".join(lines)
