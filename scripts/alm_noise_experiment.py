@@ -200,9 +200,10 @@ def table(done: list[dict]) -> str:
     for key in ("setting", "teachers", "row"):
         frame[key] = [r[key] for r in done]
     frame["seed"] = [str(r["seed"]) for r in done]
-    frame["teacher acc"] = [r["results"]["teachers"][0]["test"]["acc"]
-                            if r["results"]["teachers"] else float("nan") for r in done]
-    metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher acc",
+    # a dotted name: kdlab.report.summarize reads undotted metrics as test.<name>
+    frame["teacher_test.acc"] = [r["results"]["teachers"][0]["test"]["acc"]
+                                 if r["results"]["teachers"] else float("nan") for r in done]
+    metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher_test.acc",
                "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
     metrics = [m for m in metrics if m in frame]
     summary = summarize(frame, ["setting", "teachers", "row"], metrics)
@@ -210,7 +211,7 @@ def table(done: list[dict]) -> str:
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(
         ["_order", "teachers"], kind="stable")
     scale = {"val.acc": 100, "test.acc": 100, "test.ece": 100, "test.nll": 1,
-             "teacher acc": 100}
+             "teacher_test.acc": 100}
 
     def cell(row, m):
         mean, std = row[f"{m}_mean"], row[f"{m}_std"]
@@ -221,8 +222,8 @@ def table(done: list[dict]) -> str:
         return f"{k * mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {k * std:.{digits}f}")
 
     headers = {"val.acc": "val acc (%)", "test.acc": "test acc (%)", "test.ece": "ECE (%)",
-               "test.nll": "NLL",
-               "teacher acc": "teacher acc (%)", "mixing.label_weight_clean": "label w. clean",
+               "test.nll": "NLL", "teacher_test.acc": "teacher acc (%)",
+               "mixing.label_weight_clean": "label w. clean",
                "mixing.label_weight_noisy": "label w. noisy", "mixing.noise_auroc": "noise AUROC"}
     out = summary[["setting", "teachers", "row", "n"]].copy()
     for m in metrics:

@@ -358,13 +358,18 @@ class TGeoKD(Method):
         self._noise_mask = ctx.noise_mask  # for results() only
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A method that has not run setup() (e.g. DistillModule.load_from_checkpoint) takes
-        # the controller's shape from the checkpoint.
+        # A method that has not run setup() (e.g. DistillModule.load_from_checkpoint, which
+        # leaves out the unbuilt controller's weights) takes the shapes from the checkpoint.
         weight = state_dict.get(prefix + "controller.0.weight")
         if weight is not None and (self.controller is None
                                    or self.controller[0].weight.shape != weight.shape):
             c = weight.shape[1] // len(FEATURE_BLOCKS)
             self._build(c, 0, weight.device)
+        for name in ("class_means", "controller_exp_avg", "controller_exp_avg_sq"):
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype,
+                                                device=current.device))
         self._means_ready = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
