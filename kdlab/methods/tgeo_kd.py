@@ -123,9 +123,12 @@ inter-sample relations through the teacher's class-average prediction Tbar, by a
 network trained in a bilevel-optimisation manner. From the released code (read, not
 copied): the tabular controller 9C -> 32 -> 16 -> 1 with LeakyReLU and a sigmoid, the nine
 feature blocks in this order with squared differences, S and T the temperature-1 softmax,
-T^2 KL at T = 1.5, alpha on KL and 1 - alpha on CE. Not verified: the paper's CIFAR
-hyperparameters (T, the controller's optimiser and learning rate, the meta split, the
-update schedule); kdlab's defaults are its own (T = 4 as kdlab's KD, Adam 1e-3).
+T^2 KL at T = 1.5, alpha on KL and 1 - alpha on CE. Its ``cifar100/`` folder differs (a
+9C -> 128 -> 1 head inside the student over other features, trained by the training loss
+itself, class means from the test loader, KD at T = 1) and does not say what produced the
+paper's CIFAR table. Not verified: the paper's CIFAR hyperparameters (T, the controller's
+optimiser and learning rate, the meta split, the update schedule, the initial ratio);
+kdlab's defaults are its own (T = 4 as kdlab's KD, Adam 1e-3, init 0.9).
 """
 
 from __future__ import annotations
