@@ -24,13 +24,16 @@ the student's architecture) at symmetric 0.4. Rows:
   sees; ``dataset.train_on_meta``);
 - alm_kd: ALM-KD at its defaults; alm_kd paper: the authors' algorithm (``method.paper=true``:
   their step with meta_lr 1500, their kernel, no global scales), plus any
-  ``--alm-variant NAME=OVERRIDES`` rows.
+  ``--alm-variant NAME=OVERRIDES`` rows;
+- tgeo_kd: TGeo-KD at its defaults, ALM-KD's closest rival (a per-example KD/CE ratio from an
+  MLP over student / teacher / label geometry, trained on the same clean meta split).
 
 Columns: test acc, ECE, NLL (best-on-val epoch; mean ± std over seeds), and for ALM-KD the
 mean label weight on clean / noisy training examples and the noise AUROC (how well a low
-label weight picks out the noisy labels). Runs go through ``kdlab.train.run`` in-process (in
-``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs in ``--work``
-are reused. Tables: stdout, ``scripts/results/alm_noise.md``; every run:
+label weight picks out the noisy labels); for TGeo-KD the label weight is 1 - alpha, each
+example's ratio the last time it was trained on. Runs go through ``kdlab.train.run``
+in-process (in ``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs
+in ``--work`` are reused. Tables: stdout, ``scripts/results/alm_noise.md``; every run:
 ``scripts/results/alm_noise.json``.
 """
 
@@ -77,6 +80,9 @@ ROWS = {  # name: (overrides, needs a teacher)
     "kd": (["method=kd"], True),
     "alm_kd": (["method=alm_kd"], True),
     "alm_kd paper": (["method=alm_kd", "method.paper=true"], True),
+    # ALM-KD's closest rival: a per-example ratio from an MLP over the student / teacher /
+    # label geometry, meta-learned on the same clean split (label weight = 1 - alpha)
+    "tgeo_kd": (["method=tgeo_kd"], True),
 }
 
 

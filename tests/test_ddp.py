@@ -13,6 +13,8 @@ METHODS = {
     # every rank updates the rows of its chunks and the table is merged
     "alm_kd": ["method=alm_kd", "method.meta_start=1", "method.meta_every=1",
                "noise=symmetric", "noise.rate=0.3"],
+    # a controller update after every step: hypergradients averaged over the ranks
+    "tgeo_kd": ["method=tgeo_kd"],
 }
 
 
@@ -29,7 +31,8 @@ def test_two_process_cpu_ddp(method, tmp_path):
                              "PYTHONPATH": str(TESTS)})
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # weights, BN statistics and method state (ALM-KD's table) after training, per rank
+    # weights, BN statistics and method state (ALM-KD's table, TGeo-KD's controller and its
+    # optimiser state) after training, per rank
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
     assert ranks[0]["val"] == ranks[1]["val"] and "val/acc" in ranks[0]["val"]
     results = json.loads((run_dir / "results.json").read_text())

@@ -227,19 +227,20 @@ def simulated_step(step_scale: str, lr: float, batch_size: int, num_classes: int
 # -- meta-gradients ------------------------------------------------------------------------
 
 
-def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
+def last_layer_meta_loss(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
                          weight: Tensor, bias: Tensor | None, h_meta: Tensor,
                          target_meta: Tensor, step: float, temperature: float,
-                         kernel: str = "raw", kernel_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the last layer.
+                         kernel: str = "raw", kernel_scale: float = 1.0) -> Tensor:
+    """The meta loss after one simulated SGD step of the last layer, differentiable in
+    ``lam`` (whatever its leaves: ALM-KD's table rows, or a network that outputs them).
 
     ``lam`` (n, K+1), ``h`` (n, d) penultimate features of the chunk, ``teacher_logits``
     (K, n, C), ``weight`` (C, d), ``bias`` (C,) or None, ``h_meta`` (m, d) meta features,
     ``step`` the per-example step s (W' = W - s sum_i (..) h_i^T). ``kernel="centered"``:
     the step moves W in the coordinates h - mu (mu = mean of ``h_meta``) and not the class
     biases, with the centred kernel normalised to mean diagonal ``kernel_scale`` over the
-    meta batch. Per-example gradients are closed-form; autograd only differentiates the
-    small graph lambda -> stepped layer -> meta CE, which is exact.
+    meta batch. Per-example gradients are closed-form (constants); the only graph is
+    lam -> stepped layer -> meta CE, so differentiating it is exact.
     """
     weight, h, h_meta = weight.detach(), h.detach(), h_meta.detach()
     logits = h @ weight.T + (0 if bias is None else bias.detach())
@@ -253,7 +254,6 @@ def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits:
     elif kernel != "raw":
         raise ConfigError(f"method.kernel must be one of {KERNELS}, got {kernel!r}")
     with torch.enable_grad():
-        lam = lam.detach().requires_grad_(True)
         mixed = torch.einsum("nk,knc->nc", lam, g)  # d(mixed loss of i)/d(logits of i)
         if kernel == "raw":
             stepped_w = weight - step * (mixed.T @ h)
@@ -262,20 +262,33 @@ def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits:
                 meta_logits = meta_logits + (bias.detach() - step * mixed.sum(0))
         else:
             meta_logits = meta_logits0 - step * (hmc @ (mixed.T @ hc).T)
-        meta_loss = F.cross_entropy(meta_logits, target_meta)
+        return F.cross_entropy(meta_logits, target_meta)
+
+
+def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
+                         weight: Tensor, bias: Tensor | None, h_meta: Tensor,
+                         target_meta: Tensor, step: float, temperature: float,
+                         kernel: str = "raw", kernel_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the last layer
+    (:func:`last_layer_meta_loss` with ``lam`` as the leaf)."""
+    with torch.enable_grad():
+        lam = lam.detach().requires_grad_(True)
+        meta_loss = last_layer_meta_loss(lam, h, target, teacher_logits, weight, bias, h_meta,
+                                         target_meta, step, temperature, kernel, kernel_scale)
         (grad,) = torch.autograd.grad(meta_loss, lam)
     return meta_loss.detach(), grad
 
 
-def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
+def full_lookahead_meta_loss(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
                              teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             step: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the whole student.
+                             step: float, temperature: float) -> Tensor:
+    """The meta loss after one simulated SGD step of the whole student, differentiable in
+    ``lam`` (whatever its leaves).
 
     theta' = theta - step * grad_theta sum_i sum_j l_ij l_ij(theta) (``step`` per example),
-    evaluated functionally (``torch.func.functional_call``) and differentiated with
-    ``create_graph=True``. The model runs in eval mode: BN uses and never updates its
-    running statistics.
+    evaluated functionally (``torch.func.functional_call``) with ``create_graph=True``. The
+    model runs in eval mode (restored after): BN uses and never updates its running
+    statistics; the model's own parameters are never changed.
     """
     was_training = model.training
     model.eval()
@@ -284,7 +297,6 @@ def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: T
             names = [n for n, p in model.named_parameters() if p.requires_grad]
             params = dict(model.named_parameters())
             buffers = dict(model.named_buffers())
-            lam = lam.detach().requires_grad_(True)
             logits = functional_call(model, (params, buffers), (x,))
             terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
             loss = (lam * terms).sum()
@@ -295,10 +307,21 @@ def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: T
                 if g is not None:
                     stepped[n] = params[n] - step * g
             meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
-            meta_loss = F.cross_entropy(meta_logits, target_meta)
-            (grad,) = torch.autograd.grad(meta_loss, lam)
+            return F.cross_entropy(meta_logits, target_meta)
     finally:
         model.train(was_training)
+
+
+def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
+                             teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
+                             step: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the whole student
+    (:func:`full_lookahead_meta_loss` with ``lam`` as the leaf)."""
+    with torch.enable_grad():
+        lam = lam.detach().requires_grad_(True)
+        meta_loss = full_lookahead_meta_loss(model, lam, x, target, teacher_logits, x_meta,
+                                             target_meta, step, temperature)
+        (grad,) = torch.autograd.grad(meta_loss, lam)
     return meta_loss.detach(), grad
 
 

@@ -1,5 +1,6 @@
 """State methods resume exactly: PS-KD's memory, TAID's schedule, DKD's warm-up epoch, CRD's
-memory banks, ND's class means (computed once, not again on resume), CTKD's temperature.
+memory banks, ND's class means (computed once, not again on resume), CTKD's temperature,
+TGeo-KD's controller with its own optimiser's state and its class means.
 
 For each: an uninterrupted 2-epoch fit; the same configuration interrupted after epoch 1
 (its run dir's ``checkpoints/last.ckpt``), whose method state a fresh module restores; and a
@@ -32,6 +33,8 @@ STATE = {
     "crd": ("memory_student", "memory_teacher", "normalizers", "embed_student.weight"),
     "nd": ("class_means", "has_class_means", "epoch", "projector.2.weight"),
     "ctkd": ("theta", "reversal"),
+    "tgeo_kd": ("controller.4.weight", "controller_exp_avg", "controller_exp_avg_sq",
+                "controller_steps", "class_means", "has_class_means"),
 }
 
 
