@@ -108,29 +108,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_dir_name(overrides: list[str]) -> str:
+def run_key(cfg) -> str:
+    """A run's directory name: a hash of its whole resolved config, so a changed default
+    never reuses a run made with the old one."""
     import hashlib
 
-    return hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:16]
+    from omegaconf import OmegaConf
+
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
 
 
 def run_one(overrides: list[str], work: str) -> dict:
     """One run in this process (a worker): reuse it if it finished before."""
     os.environ["KDLAB_CACHE_DIR"] = str(Path(work) / "cache")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    run_dir = Path(work) / "runs" / run_dir_name(overrides)
+    from kdlab.config import compose
+
+    cfg = compose(overrides)
+    run_dir = Path(work) / "runs" / run_key(cfg)
     done = run_dir / "results.json"
     if not done.exists():
         import shutil
 
-        from kdlab.config import compose
         from kdlab.train import run
 
         if run_dir.exists():  # an interrupted attempt: start it again
             shutil.rmtree(run_dir)
         with open(Path(work) / "runs.log", "a") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            run(compose(overrides), run_dir)
+            run(cfg, run_dir)
     results = json.loads(done.read_text())
     return {"overrides": overrides, "run_dir": str(run_dir), "results": results}
 
