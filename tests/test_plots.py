@@ -1,0 +1,90 @@
+"""The report and run plots are readable: no title runs into another panel, no legend covers
+data, every colour drawn is in the legend, and a bin's weight shows how many examples it
+holds (issue 12's report-plot traps). Figures are inspected as saved, through savefig."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+
+from kdlab import plots
+from kdlab.report import plot_acc_vs_ece
+
+
+@pytest.fixture
+def saved(monkeypatch):
+    """(figure, renderer) of every figure savefig wrote, as drawn (text extents final)."""
+    figures = []
+    original = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        original(fig, *args, **kwargs)
+        figures.append((fig, fig.canvas.get_renderer()))
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def extent(artist, renderer):
+    return artist.get_window_extent(renderer)
+
+
+def bins(count, correct, confidence):
+    return {"n_bins": len(count), "count": count, "correct": correct, "confidence": confidence}
+
+
+# one bin of 1 example, one of 267 over-confident, one under-confident
+BINS = bins([0, 0, 1, 0, 0, 0, 0, 267, 0, 40], [0, 0, 1, 0, 0, 0, 0, 150, 0, 39],
+            [0, 0, 0.25, 0, 0, 0, 0, 200.0, 0, 37.0])
+LONG = "method=alm_kd, noise.rate=0.4, method.meta_lr=1500, teacher.label_noise=none, seed 0"
+
+
+def test_reliability_panels_titles_and_legend_never_overlap(saved, tmp_path):
+    plots.reliability_grid([(f"{LONG} #{i}", BINS) for i in range(6)], tmp_path / "r.png",
+                           "reliability on the test set", cols=4)
+    fig, renderer = saved[-1]
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == 6
+    # each panel with its (wrapped) title, labels and tick labels
+    boxes = [ax.get_tightbbox(renderer) for ax in axes]
+    for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
+        assert not a.overlaps(b), (i, j)
+    (legend,) = fig.legends
+    frame = extent(legend, renderer)
+    figure = fig.bbox
+    assert figure.x0 <= frame.x0 and frame.x1 <= figure.x1 and figure.y0 <= frame.y0
+    assert not any(frame.overlaps(box) for box in boxes)
+
+
+def test_reliability_colours_are_in_the_legend_and_bins_are_weighted_by_count(saved, tmp_path):
+    plots.reliability_diagram(BINS, tmp_path / "one.png", "a run")
+    fig, _ = saved[-1]
+    ax = fig.axes[0]
+    bars = list(ax.patches)
+    legend_colours = {to_hex(h.get_facecolor()[:3]) for h in fig.legends[0].get_patches()}
+    drawn = {to_hex(b.get_facecolor()[:3]) for b in bars}
+    assert drawn <= legend_colours  # accuracy, over- and under-confident gaps all explained
+    assert {plots.OVER.lower(), plots.UNDER.lower()} <= drawn  # both gaps occur in BINS
+    accuracy = [b for b in bars if to_hex(b.get_facecolor()[:3]) == plots.ACCURACY.lower()]
+    alpha = {round(b.get_x() + b.get_width() / 2, 3): b.get_alpha() for b in accuracy}
+    # bins 2 (1 example), 7 (267), 9 (40): opacity follows the count, and each count is shown
+    assert alpha[0.25] < alpha[0.95] < alpha[0.75] == 1.0
+    assert {t.get_text() for t in ax.texts} >= {"1", "267", "40"}
+
+
+def test_accuracy_vs_ece_legend_sits_beside_the_points(saved, tmp_path):
+    summary = pd.DataFrame({
+        "method": [f"{LONG} variant {i}" for i in range(8)],
+        "test.acc_mean": [0.9 + 0.01 * i for i in range(8)], "test.acc_std": [0.01] * 8,
+        "test.ece_mean": [0.05 + 0.01 * i for i in range(8)], "test.ece_std": [0.005] * 8})
+    path = plot_acc_vs_ece(summary, ["method"], tmp_path / "acc.png")
+    assert path is not None and path.stat().st_size > 10_000
+    fig, renderer = saved[-1]
+    (ax,) = fig.axes
+    legend = extent(ax.get_legend(), renderer)
+    assert legend.x0 >= ax.bbox.x1  # entirely right of the plotting area: covers no point
+    assert len(ax.get_legend().get_texts()) == 8
