@@ -82,3 +82,15 @@ def trainable_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     teacher = build_model("cnn", 10, (1, 8, 8), width=8).eval()
     teacher.requires_grad_(True)
     return student, teacher
+
+
+def tiny_bn_model(d: int, hidden: int, c: int) -> nn.Module:
+    """A float64 Linear-BatchNorm-Tanh-Linear student in train mode with non-trivial running
+    statistics: for lookahead tests that differentiate through a whole (BN) network."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.Tanh(),
+                          nn.Linear(hidden, c)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.train()

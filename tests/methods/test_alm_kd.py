@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.context import FakeContext
+from helpers.context import FakeContext, tiny_bn_model
 from torch import nn
 
 from kdlab.errors import ConfigError
@@ -138,18 +138,8 @@ def test_last_layer_meta_grad_matches_functional_step(k, with_bias):
 # -- (b) the full lookahead ----------------------------------------------------------------
 
 
-def _tiny_model(d=4, c=3):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, c))
-    model = model.double()
-    with torch.no_grad():  # non-trivial running statistics
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
-    return model.train()
-
-
 def test_full_lookahead_matches_finite_differences():
-    model = _tiny_model()
+    model = tiny_bn_model(4, 5, 3)
     g = torch.Generator().manual_seed(1)
     n, m, k = 6, 7, 2
     x, x_meta = torch.randn(n, 4, generator=g, dtype=D64), torch.randn(m, 4, generator=g, dtype=D64)

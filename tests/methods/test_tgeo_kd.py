@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.context import FakeContext
+from helpers.context import FakeContext, tiny_bn_model
 from loss_cases import CASES, make_inputs
 from torch import nn
 
@@ -294,19 +294,9 @@ def test_last_layer_hypergradient_matches_an_explicit_functional_step(seed):
     assert all(not q.requires_grad for q in net.parameters())  # the module is left frozen
 
 
-def _tiny_bn_model(d=5, c=4):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, c))
-    model = model.double()
-    with torch.no_grad():  # non-trivial running statistics
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
-    return model.train()
-
-
 def test_full_lookahead_hypergradient_matches_finite_differences():
     p = _lookahead_problem(seed=2)
-    model, net = _tiny_bn_model(), _controller(4, 2)
+    model, net = tiny_bn_model(5, 6, 4), _controller(4, 2)
     g = torch.Generator().manual_seed(3)
     x, x_meta = (torch.randn(7, 5, generator=g, dtype=D64),
                  torch.randn(6, 5, generator=g, dtype=D64))
