@@ -16,8 +16,12 @@ their outputs during training.
   deterministic, and for a method's own passes over the clean train examples (e.g. ALM-KD's
   meta pass) always (built on first use). ``teacher_cache``: auto (when it fits in 4 GiB) |
   memory | disk (also saved under ``paths.cache_dir/teacher_logits``, named by the teachers'
-  weights, the train inputs, the precision and the kdlab version) | off. Methods that need
-  teacher features always run the teachers.
+  weights, the train inputs, the precision and the kdlab version) | views | off.
+* ``views`` (and ``auto`` when more epochs will read it than it costs): the teachers' logits
+  for every (example, augmented view) of an enumerable augmentation (CIFAR's crop + flip: 162
+  views), a memory-mapped :class:`ViewCache` built once (resumable, under a lock) and looked
+  up by the view each example got. Methods that need teacher features or transform the
+  batch always run the teachers.
 """
 
 from __future__ import annotations
