@@ -34,8 +34,8 @@ mean label weight on clean / noisy training examples and the noise AUROC (how we
 label weight picks out the noisy labels); for TGeo-KD the label weight is 1 - alpha, each
 example's ratio the last time it was trained on. Runs go through ``kdlab.train.run``
 in-process (in ``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs
-in ``--work`` are reused. Tables: stdout, ``scripts/results/alm_noise.md``; every run:
-``scripts/results/alm_noise.json``.
+in ``--work`` are reused. Tables: stdout, ``scripts/results/alm_noise.md``; a bar chart:
+``alm_noise.png``; every run: ``scripts/results/alm_noise.json``.
 """
 
 from __future__ import annotations
@@ -277,12 +277,58 @@ def main(argv=None) -> None:
         "out the noisy labels. teachers: clean = trained on the clean labels of the train "
         "split (the authors' setting), noisy = on the noisy labels. Rows: see the script's "
         "docstring.\n\n" + text + "\n")
-    (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(
-        [{k: v for k, v in r.items() if k != "results"} | {
-            "test": r["results"]["test"], "val": r["results"]["val"],
-            "best_epoch": r["results"]["best_epoch"], "mixing": r["results"].get("mixing"),
-            "teacher_test": [t["test"] for t in r["results"]["teachers"]]} for r in done],
-        indent=1))
+    records = [{k: v for k, v in r.items() if k != "results"} | {
+        "test": r["results"]["test"], "val": r["results"]["val"],
+        "best_epoch": r["results"]["best_epoch"], "mixing": r["results"].get("mixing"),
+        "teacher_test": [t["test"] for t in r["results"]["teachers"]]} for r in done]
+    (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
+    plot(records, args.out / f"alm_noise{suffix}.png")
+
+
+PLOT_ROWS = ["ce", "ce +meta", "kd", "kd tuned", "kd tuned +meta", "tgeo_kd", "alm_kd paper",
+             "alm_kd"]
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Test accuracy (mean ± std over seeds) of every row, per setting: one panel for the
+    clean-label teachers and one for the noisy-label ones (CE rows, which have no teacher,
+    in both)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def family(row: str) -> str:  # "kd tuned (0.5 / 4)" -> "kd tuned"
+        return row.split(" (")[0]
+
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in records)]
+    rows = [f for f in PLOT_ROWS if any(family(r["row"]) == f for r in records)]
+    fig, axes = plt.subplots(2, 1, figsize=(13, 8), sharex=True)
+    width = 0.8 / len(rows)
+    colors = plt.get_cmap("tab10").colors
+    for ax, kind in zip(axes, ("clean", "noisy"), strict=True):
+        for j, row in enumerate(rows):
+            means, stds = [], []
+            for setting in settings:
+                accs = [100 * r["test"]["acc"] for r in records
+                        if r["setting"] == setting and family(r["row"]) == row
+                        and r["teachers"] in (kind, "-")]
+                means.append(np.mean(accs) if accs else np.nan)
+                stds.append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
+            x = np.arange(len(settings)) + (j - (len(rows) - 1) / 2) * width
+            ax.bar(x, means, width, yerr=stds, capsize=2, label=row,
+                   color="black" if row == "alm_kd" else colors[j % len(colors)])
+        finite = [100 * r["test"]["acc"] for r in records if r["teachers"] in (kind, "-")]
+        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"teachers trained on the {kind} labels (mean ± std over seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(np.arange(len(settings)), settings, rotation=15)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
