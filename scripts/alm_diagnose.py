@@ -107,19 +107,12 @@ def record(seeds, extra, tag):
 
 
 def auroc(score_pos, score_neg):
-    """P(score of a positive > score of a negative) + 1/2 P(tie)."""
-    s = torch.cat([score_pos, score_neg]).double()
-    lab = torch.cat([torch.ones(len(score_pos)), torch.zeros(len(score_neg))])
-    order = s.argsort()
-    ranks = torch.empty_like(s)
-    sorted_s = s[order]
-    # average ranks for ties
-    r = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    uniq, inv, counts = torch.unique(sorted_s, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, r)
-    ranks[order] = (sums / counts)[inv]
-    n_pos, n_neg = len(score_pos), len(score_neg)
-    return float((ranks[lab == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """P(score of a positive > score of a negative) + 1/2 P(tie): ALM-KD's noise AUROC with
+    the score as a negated weight."""
+    from kdlab.methods.alm_kd_report import noise_auroc
+
+    mask = torch.cat([torch.ones(len(score_pos)), torch.zeros(len(score_neg))]).bool()
+    return noise_auroc(-torch.cat([score_pos, score_neg]), mask)
 
 
 def recorded(seed, tag):

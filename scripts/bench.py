@@ -235,18 +235,9 @@ def in_fresh_process(fn, *args) -> dict:
 
 
 def model_flops_per_image() -> dict[str, float]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from reproduce_cifar100 import forward_flops  # a sibling script: the same FLOP count
 
-    from kdlab.models import build_model
-
-    flops = {}
-    for name in ("resnet8x4", "resnet32x4"):
-        model = build_model(name, 100).eval()
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, 3, 32, 32))
-        flops[name] = float(counter.get_total_flops())
-    return flops
+    return {name: float(forward_flops(name)) for name in ("resnet8x4", "resnet32x4")}
 
 
 def measured_peak_flops(dtype_name: str, n: int = 2048, reps: int = 20) -> float:
