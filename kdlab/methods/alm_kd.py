@@ -165,7 +165,7 @@ from torch.func import functional_call
 from ..errors import ConfigError
 from ..models.features import find_classifier
 from . import alm_kd_report as report
-from .base import Method, MethodContext, Outputs, kd_kl, kl_divergence, require_teachers
+from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
 
 COMBINATIONS = ("free", "convex")
 LOOKAHEADS = ("last_layer", "full")
@@ -178,23 +178,15 @@ AUTHORS_BATCH = 128
 AUTHORS_CHUNK_BATCHES = 3
 AUTHORS_CLASSES = 100
 
-# Re-exported: the summaries used to live here.
-GROUPS, STATS, column_summary, noise_auroc = (report.GROUPS, report.STATS,
-                                              report.column_summary, report.noise_auroc)
-
-
 # -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------
 
 
 def per_example_terms(logits: Tensor, target: Tensor, teacher_logits: Tensor,
                       temperature: float) -> Tensor:
     """(n, K+1): CE_i and T^2 KL(softmax(t_m,i/T) || softmax(s_i/T)) for each teacher m."""
-    t = float(temperature)
     ce = F.cross_entropy(logits, target, reduction="none")
-    log_p_s = F.log_softmax(logits / t, dim=-1)  # (n, C)
-    log_p_t = F.log_softmax(teacher_logits / t, dim=-1)  # (K, n, C)
-    kl = kl_divergence(log_p_t, log_p_s) * t * t  # (K, n)
-    return torch.cat([ce[:, None], kl.T], dim=1)
+    kl = kd_kl(logits, teacher_logits, temperature, reduction="none")  # (K, n)
+    return torch.cat([ce[:, None].to(kl.dtype), kl.T], dim=1)
 
 
 def term_logit_grads(logits: Tensor, target: Tensor, teacher_logits: Tensor,

@@ -217,19 +217,28 @@ def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor,
           reduction: str = "mean") -> Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes.
 
-    ``reduction="mean"`` averages over the batch, ``"none"`` returns one value per example.
-    The dtype of float64 inputs is kept (the tests use it); lower precisions go to float32.
+    ``reduction="mean"`` averages over the batch, ``"none"`` returns one value per example
+    (teacher logits of shape (K, n, C) give (K, n)). The dtype of float64 inputs is kept (the
+    tests use it); lower precisions go to float32. A tensor ``temperature`` stays in the graph
+    (a learned temperature).
     """
-    t = float(temperature)
+    t = temperature if isinstance(temperature, Tensor) else float(temperature)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
     per_example = kl_divergence(log_p_t, log_p_s) * t * t
     return per_example if reduction == "none" else per_example.mean()
+
+
+def linear_warmup(epoch: Tensor, warmup_epochs: int) -> Tensor:
+    """min(1, epoch / warmup_epochs) as a tensor on ``epoch``'s device (no host sync)."""
+    if warmup_epochs <= 0:
+        return torch.ones((), device=epoch.device)
+    return (epoch.float() / warmup_epochs).clamp(max=1.0)
 
 
 def gather_from_ranks(ctx: MethodContext, value: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Method, Outputs, cross_entropy, kl_divergence, require_teachers
+from .base import Method, Outputs, cross_entropy, kd_kl, require_teachers
 
 
 class GradientReversal(torch.autograd.Function):
@@ -40,14 +40,6 @@ class GradientReversal(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (strength,) = ctx.saved_tensors
         return -strength.to(grad.dtype) * grad, None
-
-
-def kd_kl_learnable(student_logits: Tensor, teacher_logits: Tensor, temperature: Tensor
-                    ) -> Tensor:
-    """T^2 KL(softmax(t/T) || softmax(s/T)), batch mean, differentiable in T (float32)."""
-    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return kl_divergence(log_p_t, log_p_s).mean() * temperature * temperature
 
 
 def reversal_strength(epoch: int, epochs: int) -> float:
@@ -83,7 +75,7 @@ class CTKD(Method):
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))
         temperature = self.temperature().float()
-        kl = sum(kd_kl_learnable(student.logits, t.logits, temperature) for t in teachers)
+        kl = sum(kd_kl(student.logits, t.logits, temperature) for t in teachers)
         return {
             "ce": self.ce_weight * cross_entropy(student.logits, batch["target"]),
             "kd": self.kd_weight * kl / len(teachers),

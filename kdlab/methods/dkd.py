@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Method, Outputs, cross_entropy, kl_divergence, require_teachers
+from .base import Method, Outputs, cross_entropy, kl_divergence, linear_warmup, require_teachers
 from .kd import standardize_logits
 
 
@@ -90,10 +90,8 @@ class DKD(Method):
     def on_train_epoch_start(self, ctx) -> None:
         self.epoch.fill_(int(ctx.current_epoch) + 1)
 
-    def warmup_factor(self) -> float:
-        if self.warmup_epochs <= 0:
-            return 1.0
-        return min(float(self.epoch) / self.warmup_epochs, 1.0)
+    def warmup_factor(self) -> Tensor:
+        return linear_warmup(self.epoch, self.warmup_epochs)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models import build_model, model_config
-from .base import Method, Outputs, cross_entropy, kl_divergence
+from .base import Method, Outputs, cross_entropy, kd_kl
 
 PEER_SEED_OFFSET = 7919  # the peer's initialisation seed: run seed + this
 
@@ -42,14 +42,6 @@ PEER_SEED_OFFSET = 7919  # the peer's initialisation seed: run seed + this
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
-
-
-def mutual_kl(logits: Tensor, partner_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * mean_i KL( stopgrad(p^T(partner_i)) || p^T(logits_i) ): gradient to ``logits``
-    only."""
-    log_p = log_probs(logits, temperature)
-    log_partner = log_probs(partner_logits.detach(), temperature).to(log_p.dtype)
-    return temperature ** 2 * kl_divergence(log_partner, log_p).mean()
 
 
 def peer_spec(peer: Any) -> Any:
@@ -124,8 +116,9 @@ class DML(Method):
     def mutual_terms(self, student_logits: Tensor, peer_logits: Tensor
                      ) -> tuple[Tensor, Tensor]:
         """The two distillation terms (student's, peer's), before weighting."""
-        return (mutual_kl(student_logits, peer_logits, self.temperature),
-                mutual_kl(peer_logits, student_logits, self.temperature))
+        # T^2 KL(stopgrad(partner) || network): each term's gradient reaches one network
+        return (kd_kl(student_logits, peer_logits.detach(), self.temperature),
+                kd_kl(peer_logits, student_logits.detach(), self.temperature))
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         s, q, y = student.logits, self.peer_logits(batch), batch["target"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, feature_shapes
-from .base import Method, Outputs, cross_entropy, kd_kl, require_teachers
+from .base import Method, Outputs, cross_entropy, kd_kl, linear_warmup, require_teachers
 from .crd import epoch_seed
 from .dkd import nckd, tckd
 
@@ -173,10 +173,7 @@ class ND(Method):
             self.projector[1].generator = generator
 
     def warmup_factor(self) -> Tensor:
-        """min(1, e / warmup) as a tensor (no host sync on GPUs)."""
-        if self.warmup_epochs <= 0:
-            return torch.ones((), device=self.epoch.device)
-        return (self.epoch.float() / self.warmup_epochs).clamp(max=1.0)
+        return linear_warmup(self.epoch, self.warmup_epochs)
 
     # -- loss ------------------------------------------------------------------------------
     def kd_terms(self, s: Tensor, t: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..models.features import PENULTIMATE
 from .at import as_paths, check_layer_lists, matched_stages, probe_layers
-from .base import Method, Outputs, cross_entropy, require_teachers
+from .base import Method, Outputs, cross_entropy, linear_warmup, require_teachers
 
 
 class ABF(nn.Module):
@@ -166,10 +166,7 @@ class ReviewKD(Method):
         self.epoch.fill_(int(ctx.current_epoch))
 
     def warmup_factor(self) -> Tensor:
-        """min(1, e / warmup) as a tensor (no host sync on GPUs)."""
-        if self.warmup_epochs <= 0:
-            return torch.ones((), device=self.epoch.device)
-        return (self.epoch.float() / self.warmup_epochs).clamp(max=1.0)
+        return linear_warmup(self.epoch, self.warmup_epochs)
 
     def review(self, student_maps: list[Tensor]) -> list[Tensor]:
         """The ABF outputs r_1..r_n for the student maps f_s,1..f_s,n (shallow to deep)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Method, Outputs, cross_entropy, kl_divergence, require_teachers
+from .base import Method, Outputs, cross_entropy, kd_kl, require_teachers
 
 
 def softened(logits: Tensor, temperature: float) -> Tensor:
@@ -88,12 +88,10 @@ class SinkhornKD(Method):
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers), exactly=1)
         s, t = student.logits, teachers[0].logits.detach()
-        dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-        log_p_s = F.log_softmax(s.to(dtype) / self.temperature, dim=-1)
-        log_p_t = F.log_softmax(t.to(dtype) / self.temperature, dim=-1)
         sink = sinkhorn_loss(s, t, self.temperature, self.epsilon, self.iterations)
         return {
             "ce": self.ce_weight * cross_entropy(s, batch["target"]),
-            "kd": self.kd_weight * kl_divergence(log_p_t, log_p_s).mean(),
+            # the paper's KD term has no T^2 factor
+            "kd": self.kd_weight * kd_kl(s, t, self.temperature) / self.temperature ** 2,
             "sinkhorn": self.sinkhorn_weight * sink,
         }

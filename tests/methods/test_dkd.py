@@ -74,7 +74,7 @@ def test_warmup_is_epoch_state():
     for current_epoch, factor in [(0, 1 / 20), (4, 5 / 20), (19, 1.0), (50, 1.0)]:
         method.on_train_epoch_start(FakeContext(torch.nn.Identity(), current_epoch=current_epoch))
         assert int(method.epoch) == current_epoch + 1
-        assert method.warmup_factor() == pytest.approx(factor)
+        assert method.warmup_factor().item() == pytest.approx(factor)
     assert "epoch" in method.state_dict()
     fresh = DKD(warmup_epochs=20)
     fresh.load_state_dict(method.state_dict())
