@@ -3,6 +3,7 @@ method test uses (no Trainer, no DataModule)."""
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.methods.base import Outputs
+
+_SCRATCH = tempfile.TemporaryDirectory(prefix="kdlab-fake-run-")
 
 
 @dataclass
@@ -33,7 +36,8 @@ class FakeContext:
     global_rank: int = 0
     world_size: int = 1
     is_global_zero: bool = True
-    run_dir: Path = Path(".")
+    # a scratch directory removed at exit: what a method writes there never lands in the repo
+    run_dir: Path = field(default_factory=lambda: Path(_SCRATCH.name))
     noise_mask: Tensor | None = None
     logged: dict[str, Any] = field(default_factory=dict)
 
