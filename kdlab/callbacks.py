@@ -14,7 +14,7 @@ class TrainThroughput(pl.Callback):
     """Training images per second, validation excluded, first epoch excluded (warm-up).
 
     The clock starts before the module's epoch-start hooks, so per-epoch work of a method
-    (e.g. ALM-KD's meta pass) is counted.
+    (e.g. a meta-learning pass over the train split) is counted.
     """
 
     def __init__(self):

@@ -129,7 +129,7 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
     return overrides, config_dirs, multirun, other
 
 
-def hydra_error_line(error: Exception, overrides: list[str], config_dirs: list[str]) -> str:
+def hydra_error_line(error: Exception) -> str:
     """Hydra's multi-line composition errors as one line naming the problem and the fix."""
     text = str(error)
     missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
@@ -138,31 +138,8 @@ def hydra_error_line(error: Exception, overrides: list[str], config_dirs: list[s
         section = text.split("Available options", 1)[-1].split("Config search path")[0]
         options = re.findall(r"^\t(\S+)$", section, flags=re.M)
         return f"unknown {group} {name!r}; available: {', '.join(options)}"
-    unknown = re.search(r"Could not override '([^']+)'", text)
-    if unknown and "not in struct" in text:
-        return unknown_key_line(unknown.group(1), overrides, config_dirs)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(line.rstrip(".") for line in lines[:2])
-
-
-def unknown_key_line(key: str, overrides: list[str], config_dirs: list[str]) -> str:
-    """``unknown key a.b; did you mean a.c?`` from the keys the config does have there."""
-    from .config import accepted_keys, compose, import_target, suggest
-
-    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-    parent_key, _, _ = key.rpartition(".")
-    candidates: list[str] = []
-    try:
-        cfg = compose(rest, config_dirs)
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        names = list(parent.keys()) if isinstance(parent, DictConfig) else []
-        if isinstance(parent, DictConfig) and "_target_" in parent:
-            names += accepted_keys(import_target(parent._target_, parent_key)) or []
-        candidates = [f"{parent_key}.{n}" if parent_key else str(n) for n in names
-                      if not str(n).startswith("_")]
-    except Exception:  # the rest of the overrides has a problem of its own
-        pass
-    return f"unknown key {key}{suggest(key, candidates) or ': kdlab does not read it'}"
 
 
 def check_overrides(args: list[str]) -> None:
@@ -184,7 +161,7 @@ def check_overrides(args: list[str]) -> None:
     except KdlabError as e:
         fail(e)
     except Exception as e:
-        fail(ConfigError(hydra_error_line(e, overrides, config_dirs)))
+        fail(ConfigError(hydra_error_line(e)))
     try:
         validate(cfg)
     except KdlabError as e:

@@ -56,7 +56,6 @@ examples:
 SPLITS = ("test", "val", "meta", "train")
 OPTIONS = ("split", "checkpoint", "precision", "accelerator", "out")
 CONFIG_KEYS = ("dataset", "noise", "seed", "paths")
-METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
 
 
 class EvalError(KdlabError):
@@ -139,7 +138,7 @@ def _compose(overrides: list[str]) -> DictConfig:
     except Exception as e:
         from .cli import hydra_error_line
 
-        raise EvalError(hydra_error_line(e, overrides, [])) from None
+        raise EvalError(hydra_error_line(e)) from None
 
 
 def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
@@ -264,6 +263,7 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
 def _test(module, dm, precision: str, accelerator: str):
     import pytorch_lightning as pl
 
+    from .metrics import logged_metrics
     from .train import resolve_precision
 
     precision = resolve_precision(precision, accelerator)
@@ -273,7 +273,7 @@ def _test(module, dm, precision: str, accelerator: str):
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False)
     logged = trainer.test(module, datamodule=dm, verbose=False)[0]
-    metrics = {k: float(logged[f"test/{k}"]) for k in METRICS if f"test/{k}" in logged}
+    metrics = logged_metrics(logged, "test/")
     bins = {k: [float(x) for x in v] for k, v in module.reliability_bins.items()}
     return metrics, bins
 
@@ -310,13 +310,15 @@ def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset,
 
 
 def summary(report: dict[str, Any], out: Path) -> str:
+    from .metrics import RESULT_METRICS
+
     rows = [("this evaluation", report["metrics"])]
     if report["run_results_test"]:
         rows.append(("the run's results.json (test)", report["run_results_test"]))
     width = max(len(label) for label, _ in rows)
     lines = [" " * width + "".join(f"{h:>9}" for h in ("acc", "top-5", "ECE", "NLL", "Brier"))]
     for label, m in rows:
-        cells = "".join(f"{m[k]:9.4f}" if k in m else f"{'-':>9}" for k in METRICS)
+        cells = "".join(f"{m[k]:9.4f}" if k in m else f"{'-':>9}" for k in RESULT_METRICS)
         lines.append(f"{label:<{width}}{cells}")
     student = report["student"]
     epoch = f", epoch {report['epoch']}" if report["epoch"] is not None else ""

@@ -64,6 +64,15 @@ def ece_from_bins(bins: dict) -> float:
     return float((correct - confidence).abs().sum() / count.sum().clamp_min(1))
 
 
+# What results.json and eval.json report of each evaluated model.
+RESULT_METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
+
+
+def logged_metrics(logged: dict[str, float], prefix: str) -> dict[str, float]:
+    """The reported metrics out of Lightning's logged values, ``prefix`` removed."""
+    return {k: float(logged[prefix + k]) for k in RESULT_METRICS if prefix + k in logged}
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
     metrics = {
         "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),

@@ -13,8 +13,8 @@ their outputs during training.
   models (eval mode, no gradients, channels_last), run under ``inference_mode``, and the
   **teacher-logit cache**: each teacher's logits on the un-augmented train split, computed
   once and looked up by example index -- for training batches when the train transform is
-  deterministic, and for a method's own passes over the clean train examples (e.g. ALM-KD's
-  meta pass) always (built on first use). ``teacher_cache``: auto (when it fits in 4 GiB) |
+  deterministic, and for a method's own passes over the clean train examples (e.g. a
+  meta-learning pass) always (built on first use). ``teacher_cache``: auto (when it fits in 4 GiB) |
   memory | disk (also saved under ``paths.cache_dir/teacher_logits``, named by the teachers'
   weights, the train inputs, the precision and the kdlab version) | views | off.
 * ``views`` (and ``auto`` when more epochs will read it than it costs): the teachers' logits
@@ -469,7 +469,8 @@ class ViewCache:
         return complete
 
     def lookup(self, index: Tensor, views: Tensor) -> list[Outputs]:
-        rows = self.table[:, index.cpu(), views.cpu()]  # (K, B, C)
+        at = torch.stack([index, views]).cpu()  # one device-to-host copy per step
+        rows = self.table[:, at[0], at[1]]  # (K, B, C)
         return [Outputs(r.to(index.device, torch.float32)) for r in rows]
 
 

@@ -23,13 +23,12 @@ from .config import instantiate_datamodule, instantiate_method, validate
 from .data.base import SplitDataModule
 from .errors import KdlabError
 from .loggers import build_loggers, close_loggers, finalize_loggers, quiet_lightning
+from .metrics import logged_metrics
 from .module import DistillModule
 from .plots import reliability_diagram
 from .report import run_summary
 from .run_dir import AtomicCheckpointIO, RunDir, host
 from .teachers import Teachers, describe_model, load_teachers
-
-RESULT_METRICS = ("acc", "acc_top5", "ece", "nll", "brier")
 
 
 def build_module(cfg: DictConfig, dm: SplitDataModule) -> DistillModule:
@@ -141,11 +140,11 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         "selection": "best epoch by val/acc on the clean validation split; test never used",
         "best_epoch": best_epoch,
         "epochs": int(trainer.current_epoch),
-        "test": _metrics(best, "test/"),
-        "test_last": _metrics(last, "test/"),
-        "val": _metrics(val, "val/"),
+        "test": logged_metrics(best, "test/"),
+        "test_last": logged_metrics(last, "test/"),
+        "val": logged_metrics(val, "val/"),
         "teachers": [{**describe_model(s.name, model), "ckpt": s.ckpt,
-                      "test": _metrics(best, f"teacher{i}/test/"),
+                      "test": logged_metrics(best, f"teacher{i}/test/"),
                       "agreement": best.get(f"teacher{i}/test/agreement")}
                      for i, (s, model) in enumerate(zip(teachers.specs, teachers, strict=True))],
         "reliability": {"n_bins": len(bins["count"]),
@@ -159,7 +158,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
                        "teacher_cache_loaded": teachers.cache_loaded},
         "wall_time_s": round(time.time() - start, 2),
         "host": host(),
-        **({"peers": {name: _metrics(best, f"peer/{name}/test/")
+        **({"peers": {name: logged_metrics(best, f"peer/{name}/test/")
                       for name in module.method.evaluated_models()}}
            if module.method.evaluated_models() else {}),
         **module.method.results(),
@@ -172,10 +171,6 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         finalize_loggers(trainer.loggers, cfg, results, run_dir.path)
         print(run_summary(results, run_dir.path))
     return results
-
-
-def _metrics(logged: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k: float(logged[prefix + k]) for k in RESULT_METRICS if prefix + k in logged}
 
 
 __all__ = ["build_module", "build_trainer", "run"]

@@ -63,10 +63,9 @@ class BatchSampler(Sampler[list[int]]):
     batch_size). With ``drop_last`` every rank gets the same number of full batches.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 shard: bool = True):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
         self.n, self.batch_size, self.shuffle = n, int(batch_size), shuffle
-        self.seed, self.drop_last, self.epoch, self.shard = int(seed), drop_last, 0, shard
+        self.seed, self.drop_last, self.epoch = int(seed), drop_last, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -77,7 +76,7 @@ class BatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        rank, world = _distributed_rank_world() if self.shard else (0, 1)
+        rank, world = _distributed_rank_world()
         if world > 1:
             usable = self.n - self.n % world if self.drop_last else self.n
             order = order[rank:usable:world]
@@ -197,16 +196,14 @@ class SplitDataModule(pl.LightningDataModule):
         return float(self.noise_mask.float().mean()) if len(self.noise_mask) else 0.0
 
     # -- loaders ---------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool,
-                seed_offset: int = 0, shard: bool = True) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         self.setup()
         ds = self.splits[split]
-        sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed + seed_offset, drop_last,
-                               shard=shard)
+        sampler = BatchSampler(len(ds), batch_size, shuffle, self.seed, drop_last)
         # A generator of its own: a DataLoader iterator draws its base seed from it, not from
         # the global RNG, whose state at each epoch start must depend only on (seed, epoch)
         # for an exact resume (dropout, random methods).
-        generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, generator=generator)
 
@@ -218,16 +215,6 @@ class SplitDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
-
-    def train_eval_dataloader(self, batch_size: int | None = None,
-                              shard: bool = True) -> DataLoader:
-        """The train split in order, unshuffled (for per-example passes such as caches).
-
-        ``shard=False``: every DDP rank walks the whole split (e.g. to fill a cache that
-        must cover every example on every rank).
-        """
-        return self._loader("train", batch_size or self.eval_batch_size, shuffle=False,
-                            drop_last=False, shard=shard)
 
     # -- device-side preprocessing ---------------------------------------------------------
     def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
