@@ -57,11 +57,18 @@ class DistillModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Outside a training run (``load_from_checkpoint``, ``kdlab eval``) the student is
-        rebuilt complete; method parts built lazily in ``setup`` (regressors, peers) are not
-        there yet, so their saved state is left out (call ``method.setup(ctx)`` and
-        ``load_state_dict`` to restore them). In a run, setup has built them: all is loaded."""
+        rebuilt complete; method parts built lazily in ``setup`` are not there yet. The method
+        first loads its own state, so that a method that sizes such parts from the saved
+        shapes (``_load_from_state_dict``: CRD's embeddings, TGeo-KD's controller, ...) builds
+        them; the saved state of parts still missing after that (peers, regressors) is left
+        out (call ``method.setup(ctx)`` and ``load_state_dict`` to restore them). In a run,
+        setup has built them: all is loaded."""
         if self._trainer is not None:
             return
+        prefix = "method."
+        self.method.load_state_dict({k[len(prefix):]: v for k, v in
+                                     checkpoint["state_dict"].items() if k.startswith(prefix)},
+                                    strict=False)
         own = self.state_dict()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith("method.") or k in own}

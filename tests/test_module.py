@@ -88,3 +88,21 @@ def test_the_training_loss_is_the_sum_of_the_methods_terms():
     terms = module.method(forward_with_features(module.student, batch["input"], ()),
                           module.teacher_outputs(batch["input"]), batch)
     assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+
+
+def test_load_from_checkpoint_restores_method_parts_built_from_saved_shapes(tmp_path,
+                                                                            monkeypatch):
+    """TGeo-KD's controller is built in setup(); load_from_checkpoint rebuilds it from the
+    checkpoint's shapes and restores its weights."""
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    results = run(compose(["trainer=cpu", "trainer.max_epochs=1", "num_threads=1",
+                           "trainer.enable_progress_bar=false", "method=tgeo_kd",
+                           "teacher.max_epochs=1"]), tmp_path / "r")
+    path = results["checkpoints"]["best"]
+    saved = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+    module = DistillModule.load_from_checkpoint(path)
+    restored = module.state_dict()
+    controller = [k for k in saved if k.startswith("method.controller.")]
+    assert controller
+    for key in controller:
+        assert torch.equal(restored[key], saved[key]), key
