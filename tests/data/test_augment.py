@@ -193,3 +193,6 @@ def test_the_strong_view_keeps_shape_and_range_and_differs():
     out = strong_view(x, generator=torch.Generator().manual_seed(3))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert (out - x).abs().mean() > 0.05
+    # Cutout (side 16) comes last: every image has an all-zero square of at least 8 x 8
+    zero = (out == 0).all(1).float()[:, None]
+    assert (torch.nn.functional.avg_pool2d(zero, 8, stride=1) == 1).flatten(1).any(1).all()

@@ -883,8 +883,10 @@ def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
     assert (table != initial_weights(len(table), 1, 0.9, "free")).any()  # a pass happened
     # results describe the final table (the pass at epoch 1), not the best-on-val restore
     noisy = dm.noise_mask
-    assert results["mixing"]["label_weight_noisy"] == pytest.approx(
-        float(table[noisy, 0].double().mean()))
+    for key, rows, col in (("label_weight_noisy", noisy, 0), ("label_weight_clean", ~noisy, 0),
+                           ("teacher_weight_noisy", noisy, 1),
+                           ("teacher_weight_clean", ~noisy, 1)):
+        assert results["mixing"][key] == pytest.approx(float(table[rows, col].double().mean()))
     assert results["mixing"]["meta_passes"] == 1
 
     # a fresh module (setup sizes the table) restored from the checkpoint
@@ -904,14 +906,23 @@ def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
 
 
 def test_multi_teacher_experiment_end_to_end(cache_dir, tmp_path):
-    from kdlab.config import compose
+    from kdlab.config import compose, instantiate_datamodule
     from kdlab.train import run
 
     cfg = compose([*COMMON, "experiment=digits_alm_multi_teacher"])
     assert [t.model for t in cfg.teachers] == ["cnn", "mlp", "cnn"]
     results = run(cfg, tmp_path / "run")
     assert len(results["teachers"]) == 3
-    assert len(results["mixing"]["teacher_weights_clean"]) == 3
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    table = last["state_dict"]["method.mixing_weights"].double()
+    dm = instantiate_datamodule(cfg)
+    dm.setup()
+    noisy = dm.noise_mask
+    assert results["mixing"]["teacher_weights_clean"] == pytest.approx(
+        table[~noisy, 1:].mean(0).tolist())
+    assert results["mixing"]["teacher_weights_noisy"] == pytest.approx(
+        table[noisy, 1:].mean(0).tolist())
     _check_run_dir(tmp_path / "run", results, ["label", "teacher0", "teacher1", "teacher2"])
 
 

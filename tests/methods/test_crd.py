@@ -144,8 +144,19 @@ def test_one_class_batch_and_a_one_class_train_split():
     method, _ = setup_crd()
     index = torch.tensor([0, 1, 2])  # all of class 0
     student, teachers, batch = features(index)
+    m_s, m_t = method.memory_student.clone(), method.memory_teacher.clone()
+    method.reseed(5)
     terms = method.loss_terms(student, teachers, batch)
-    assert torch.isfinite(terms["crd"])
+    contrast = draw(method, index, 5)  # the same draw: negatives from the other classes
+    tau = method.nce_temperature
+    scores_s = ref_scores(m_t, ref_embed(method.embed_student, student.features[P]), contrast,
+                          tau)
+    scores_t = ref_scores(m_s, ref_embed(method.embed_teacher, teachers[0].features[P]),
+                          contrast, tau)
+    cells = len(index) * contrast.shape[1]
+    z_s, z_t = (sum(map(sum, sc)) / cells * 12 for sc in (scores_s, scores_t))
+    expected = ref_nce(scores_s, z_s, 12) + ref_nce(scores_t, z_t, 12)
+    assert terms["crd"].item() == pytest.approx(method.weight * expected, rel=1e-4)
     with pytest.raises(ConfigError, match="at least two classes"):
         setup_crd(labels=torch.zeros(12, dtype=torch.long))
 

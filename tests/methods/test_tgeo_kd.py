@@ -557,8 +557,13 @@ def test_results_report_the_ratio_by_noise_group():
     assert mixing["examples"] == 11
     assert mixing["teacher_weight_noisy"] == pytest.approx(float(alpha[noisy].mean()))
     assert mixing["label_weight_clean"] == pytest.approx(1 - float(alpha[clean].mean()))
-    # noisy rows have the smaller alphas here, so the larger label weights: AUROC < 0.5
-    assert mixing["noise_auroc"] < 0.5
+    # label weight 1 - alpha; of the 5 x 6 (noisy, clean) pairs of seen rows, 12 have the
+    # noisy weight lower (counted by hand from the linspace): AUROC 12 / 30
+    lw = 1 - alpha
+    lower = sum(float(lw[i] < lw[j]) for i in range(12) for j in range(12)
+                if noisy[i] and clean[j])
+    assert lower == 12
+    assert mixing["noise_auroc"] == pytest.approx(12 / 30)
     # the loss records each example's ratio, gathered in on_train_batch_end
     s, t, y = make_inputs(4, 2.0, 0.0, batch=6)
     method.loss_terms(Outputs(s), [Outputs(t)], {"target": y, "index": torch.arange(6, 12)})
