@@ -134,8 +134,8 @@ def pass_features(cfg, dm, recorded_pass):
     student.eval()
     head = student.classifier
     with torch.no_grad():
-        h = _penultimate(student, head, dm.splits["train"].inputs).double()
-        hm = _penultimate(student, head, dm.splits["meta"].inputs).double()
+        h = _penultimate(student, dm.splits["train"].inputs).double()
+        hm = _penultimate(student, dm.splits["meta"].inputs).double()
     return student, h, hm, head.weight.double().detach(), head.bias.double().detach()
 
 
@@ -241,9 +241,9 @@ def summary(seeds, tag):
             student.eval()
             head = student.classifier
             with torch.no_grad():
-                h = _penultimate(student, head, train.inputs).double()
-                hm = _penultimate(student, head, meta.inputs).double()
-                ht = _penultimate(student, head, test.inputs).double()
+                h = _penultimate(student, train.inputs).double()
+                hm = _penultimate(student, meta.inputs).double()
+                ht = _penultimate(student, test.inputs).double()
             w, b = head.weight.double().detach(), head.bias.double().detach()
             lam = p["before"].double()
             g = term_logit_grads(h @ w.T + b, train.targets, t_logits, 4.0)[0]

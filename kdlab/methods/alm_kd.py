@@ -163,7 +163,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import find_classifier
+from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
 from . import alm_kd_report as report
 from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
 
@@ -622,7 +622,7 @@ class ALMKD(Method):
                 chunk = run.train_batch(positions)
                 with torch.no_grad(), run.precision():
                     teacher_logits = run.teacher_logits(chunk).to(dtype)
-                    h = (_penultimate(student, head, chunk["input"]).to(dtype)
+                    h = (_penultimate(student, chunk["input"]).to(dtype)
                          if self.lookahead == "last_layer" else None)
                 pick = meta_pick(len(meta["target"]), self.meta_batch_size, run.seed,
                                  run.epoch, chunk_id).to(run.device)
@@ -669,7 +669,7 @@ class ALMKD(Method):
         for batch in run.meta_batches():
             out["target"].append(batch["target"])
             if self.lookahead == "last_layer":
-                out["h"].append(_penultimate(student, head, batch["input"]))
+                out["h"].append(_penultimate(student, batch["input"]))
             else:
                 out["input"].append(batch["input"])
         return {k: torch.cat(v) for k, v in out.items() if v}
@@ -698,15 +698,12 @@ class ALMKD(Method):
         return {"mixing": report.mixing_results(self.history, final, self.column_names, extra)}
 
 
-def _penultimate(model: nn.Module, head: nn.Linear, x: Tensor) -> Tensor:
-    """The input of the final linear layer, taken with a forward pre-hook."""
-    captured: list[Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
+def _penultimate(model: nn.Module, x: Tensor) -> Tensor:
+    """The input of the final linear layer (the pooled embedding), in the working dtype."""
+    with FeatureHooks(model, (PENULTIMATE,)) as features:
         model(x)
-    finally:
-        handle.remove()
-    return captured[0].to(_work_dtype(captured[0]))
+    h = features[PENULTIMATE]
+    return h.to(_work_dtype(h))
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:

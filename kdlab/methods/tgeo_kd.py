@@ -143,7 +143,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import find_classifier
+from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
 from .alm_kd import (
     KERNELS,
     full_lookahead_meta_loss,
@@ -484,8 +484,8 @@ class TGeoKD(Method):
         try:
             with torch.no_grad(), ctx.precision_context():
                 (teacher,) = ctx.clean_train_teacher_outputs(chunk)
-                h, logits = _penultimate_and_logits(student, head, chunk["input"])
-                h_meta = (_penultimate_and_logits(student, head, meta["input"])[0]
+                h, logits = _penultimate_and_logits(student, chunk["input"])
+                h_meta = (_penultimate_and_logits(student, meta["input"])[0]
                           if self.lookahead == "last_layer" else None)
             dtype = self.controller_exp_avg.dtype
             t_logits = teacher.logits.to(dtype)
@@ -540,14 +540,9 @@ def _full_loss_of(lam: Tensor, **kwargs) -> Tensor:
     return full_lookahead_meta_loss(model, lam, **kwargs)
 
 
-def _penultimate_and_logits(model: nn.Module, head: nn.Linear, x: Tensor
-                            ) -> tuple[Tensor, Tensor]:
+def _penultimate_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(input of the final linear layer, the model's logits), both float32 (float64 kept)."""
-    captured: list[Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
+    with FeatureHooks(model, (PENULTIMATE,)) as features:
         logits = model(x)
-    finally:
-        handle.remove()
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return captured[0].flatten(1).to(dtype), logits.to(dtype)
+    return features[PENULTIMATE].flatten(1).to(dtype), logits.to(dtype)
