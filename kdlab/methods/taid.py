@@ -84,13 +84,15 @@ class TAID(Method):
     def update(self, objective: Tensor, step: int) -> None:
         """One step of the schedule in the docstring, given J_n and n."""
         objective = objective.to(self.t.dtype)
-        if torch.isnan(self.prev_objective):
-            self.prev_objective.copy_(objective)
-            return
-        delta = (self.prev_objective - objective) / self.prev_objective.clamp_min(1e-12)
-        self.momentum.mul_(self.beta).add_((1 - self.beta) * delta)
-        ahead = self.t + self.alpha * torch.sigmoid(self.momentum) * (1 - self.t)
-        self.t.copy_(ahead.clamp_min(self.floor(step)).clamp_max(self.t_end))
+        # The first step only records J; branch-free, so no host sync on a GPU.
+        first = torch.isnan(self.prev_objective)
+        prev = torch.where(first, objective, self.prev_objective)
+        delta = (prev - objective) / prev.clamp_min(1e-12)
+        momentum = self.beta * self.momentum + (1 - self.beta) * delta
+        ahead = self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t)
+        t = ahead.clamp_min(self.floor(step)).clamp_max(self.t_end)
+        self.momentum.copy_(torch.where(first, self.momentum, momentum))
+        self.t.copy_(torch.where(first, self.t, t))
         self.prev_objective.copy_(objective)
 
     def on_train_batch_end(self, ctx, batch) -> None:
