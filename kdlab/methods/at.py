@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..models.features import (
     feature_shapes,
     feature_stages,
+    pool_to_smaller,
     require_feature_maps,
     resolution_stages,
 )
@@ -39,19 +40,9 @@ def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(q, dim=1)
 
 
-def pool_to_smaller(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average pool the larger of two (B, C, H, W) maps to the other's size."""
-    size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
-    if tuple(student.shape[2:]) != size:
-        student = F.adaptive_avg_pool2d(student.float(), size)
-    if tuple(teacher.shape[2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher.float(), size)
-    return student, teacher
-
-
 def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     """AT_j: mean squared difference of the two attention maps (after pooling to one size)."""
-    student, teacher = pool_to_smaller(student, teacher)
+    student, teacher = pool_to_smaller(student.float(), teacher.float())
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 

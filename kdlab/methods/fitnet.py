@@ -17,12 +17,11 @@ feature facing a 2-d one is global-average pooled. One teacher.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.features import FeatureHooks, middle_stage
+from ..models.features import middle_stage, pool_to_smaller, probe_features
 from .base import Method, Outputs, cross_entropy, require_teachers
 
 
@@ -37,11 +36,7 @@ def align_features(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     if student.dim() == 2 and teacher.dim() == 4:
         return student, teacher.mean((2, 3))
     if student.dim() == 4:
-        size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
-        if tuple(student.shape[2:]) != size:
-            student = F.adaptive_avg_pool2d(student, size)
-        if tuple(teacher.shape[2:]) != size:
-            teacher = F.adaptive_avg_pool2d(teacher, size)
+        return pool_to_smaller(student, teacher)
     return student, teacher
 
 
@@ -53,23 +48,14 @@ def make_regressor(student: Tensor, teacher: Tensor) -> nn.Module:
     return nn.Linear(student.shape[1], teacher.shape[1])
 
 
-@torch.no_grad()
 def probe_feature(model: nn.Module, path: str, input_shape: tuple[int, ...],
                   option: str = "layer") -> Tensor:
     """The output of ``model``'s module at ``path`` for a zeros batch of two, in eval mode
-    (so BatchNorm running statistics are left untouched)."""
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
+    (:func:`probe_features`); an unknown path names the option to fix."""
     try:
-        with FeatureHooks(model, (path,)) as feats:
-            model(torch.zeros((2, *input_shape), device=device))
-    except ValueError as e:  # an unknown path: say which option to fix
+        return probe_features(model, (path,), input_shape)[path].float()
+    except ValueError as e:
         raise ConfigError(f"{option}={path!r}: {e}") from None
-    finally:
-        model.train(was_training)
-    return feats[path].float()
 
 
 class FitNet(Method):

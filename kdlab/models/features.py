@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -92,21 +93,36 @@ def middle_stage(model: nn.Module, option: str = "layer") -> str:
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, paths: Iterable[str], input_shape: tuple[int, ...]
-                   ) -> dict[str, tuple[int, ...]]:
-    """The output shape at each path (batch dimension dropped) for a zeros batch of two,
-    run in eval mode so BatchNorm running statistics are left untouched."""
-    paths = tuple(paths)
+def probe_features(model: nn.Module, paths: Iterable[str], input_shape: tuple[int, ...]
+                   ) -> dict[str, Tensor]:
+    """The output at each path for a zeros batch of two, run in eval mode so BatchNorm
+    running statistics are left untouched (ValueError for an unknown path)."""
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
-        with FeatureHooks(model, paths) as feats:
+        with FeatureHooks(model, tuple(paths)) as feats:
             model(torch.zeros((2, *input_shape), device=device))
     finally:
         model.train(was_training)
-    return {p: tuple(feats[p].shape[1:]) for p in paths}
+    return feats
+
+
+def feature_shapes(model: nn.Module, paths: Iterable[str], input_shape: tuple[int, ...]
+                   ) -> dict[str, tuple[int, ...]]:
+    """The output shape at each path, batch dimension dropped (:func:`probe_features`)."""
+    return {p: tuple(f.shape[1:]) for p, f in probe_features(model, paths, input_shape).items()}
+
+
+def pool_to_smaller(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average pool the larger of two (B, C, H, W) maps to the other's size."""
+    size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+    if tuple(student.shape[2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
 
 
 def resolution_stages(model: nn.Module, input_shape: tuple[int, ...],
