@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import instantiate_method
 from .errors import NonFiniteLossError
-from .methods.base import Batch, Outputs
+from .methods.base import Batch, Outputs, derived_seed
 from .metrics import Agreement, ReliabilityBins, classification_metrics
 from .models import build_model
 from .teachers import Teachers, channels_last, data_key, forward_with_features
@@ -196,7 +196,7 @@ class DistillModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Each epoch's randomness depends only on (seed, epoch, rank): exact resume.
-        torch.manual_seed((self.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank)
+        torch.manual_seed(derived_seed(self.seed, self.current_epoch, self.global_rank))
         self.method.on_train_epoch_start(self)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

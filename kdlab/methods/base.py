@@ -234,6 +234,19 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float | T
     return per_example if reduction == "none" else per_example.mean()
 
 
+def derived_seed(seed: int, counter: int, rank: int = 0) -> int:
+    """A seed from (run seed, a counter such as the epoch or step, DDP rank): a function of
+    where the run is, so a resumed run draws what the uninterrupted run drew."""
+    return (int(seed) * 1_000_003 + int(counter)) * 1009 + int(rank)
+
+
+def epoch_seed(ctx: MethodContext, salt: int) -> int:
+    """A seed for a method's own draws in this epoch, from (run seed, epoch, rank) and a
+    per-method ``salt`` (the global RNG at a step is not reproducible across a resume; see
+    docs/methods.md)."""
+    return (derived_seed(ctx.seed, ctx.current_epoch, ctx.global_rank) * 7919 + salt) % 2**63
+
+
 def linear_warmup(epoch: Tensor, warmup_epochs: int) -> Tensor:
     """min(1, epoch / warmup_epochs) as a tensor on ``epoch``'s device (no host sync)."""
     if warmup_epochs <= 0:

@@ -45,17 +45,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, feature_shapes
-from .base import Method, Outputs, cross_entropy, gather_from_ranks, require_teachers
+from .base import Method, Outputs, cross_entropy, epoch_seed, gather_from_ranks, require_teachers
 
 NCE_EPS = 1e-7
-
-
-def epoch_seed(ctx, salt: int) -> int:
-    """A seed for a method's own draws in this epoch, from (run seed, epoch, rank): a run
-    resumed from an epoch-end checkpoint draws what the uninterrupted run drew (the global
-    RNG at a step is not reproducible across a resume; see docs/methods.md)."""
-    return (((int(ctx.seed) * 1_000_003 + int(ctx.current_epoch)) * 1009
-             + int(ctx.global_rank)) * 7919 + salt) % 2**63
 
 
 def embed(head: nn.Linear, feature: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Method, Outputs, kl_divergence, require_teachers
+from .base import Method, Outputs, derived_seed, kl_divergence, require_teachers
 
 PARTIAL_MODES = ("stated", "released")
 STD_FLOOR = 1e-6  # a constant logit vector has sigma = 0: keep the division finite
@@ -104,7 +104,7 @@ def partial_mixup(inputs: Tensor, targets: Tensor, num_classes: int, mixed_fract
 
 def mixing_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one training step's mixup draws."""
-    return ((int(seed) * 1_000_003 + int(step)) * 1009 + int(rank)) % (2 ** 63 - 1)
+    return derived_seed(seed, step, rank) % (2 ** 63 - 1)
 
 
 def soft_label_loss(student_logits: Tensor, soft_target: Tensor) -> Tensor:

@@ -35,8 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, feature_shapes
-from .base import Method, Outputs, cross_entropy, kd_kl, linear_warmup, require_teachers
-from .crd import epoch_seed
+from .base import Method, Outputs, cross_entropy, epoch_seed, kd_kl, linear_warmup, require_teachers
 from .dkd import nckd, tckd
 
 BASES = ("kd", "dkd")
