@@ -436,6 +436,10 @@ def run_summary(results: dict[str, Any], output_dir: Path) -> str:
     width = max(len(name) for name, _ in rows)
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left",
                            formatters={"test set": lambda name: name.ljust(width)})
+    selection = results.get("selection")
+    if isinstance(selection, dict):  # which epoch is "best on val", and why
+        body += (f"\nselected epoch {selection['epoch']} of {results['epochs']} "
+                 f"({selection['rule']}): {selection['reason']}")
     return f"{head}\n{body}\nrun directory: {output_dir}"
 
 

@@ -32,7 +32,7 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
     n_cols = table.shape[1]
     noisy = (torch.zeros(len(table), dtype=torch.bool) if noise_mask is None
              else noise_mask.cpu().bool())
-    labels = [("init" if r.epoch < 0 else f"e{r.epoch}")
+    labels = [("init" if r.epoch < 0 else f"e{r.shown_epoch}")
               + ("" if math.isnan(r.noise_auroc) else f"\nAUC {r.noise_auroc:.2f}")
               for r in history]
     x = list(range(len(history)))
@@ -53,7 +53,7 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=7, rotation=45 if len(x) > 12 else 0)
         ax.set_ylabel(f"{column_names[j]} weight")
-        ax.set_xlabel("meta pass (epoch)")
+        ax.set_xlabel("meta pass (before epoch)")
         if j == 0:
             ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
         col = table[:, j].double()
