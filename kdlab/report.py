@@ -21,12 +21,19 @@ section and never averaged in. Written to ``--out`` (default: the first PATH):
 and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight); with ``--html`` also
 ``report.html``, one self-contained page with the tables and every plot inlined (ALM-KD runs'
 own weight plots included; :mod:`kdlab.report_html`).
+
+``--baseline METHOD`` adds, for every group, its difference from the baseline method's group
+with the same values of the other grouping keys, per metric, with a 95 % interval over
+seeds: paired by seed when the two groups share at least two seeds (the per-seed
+differences over the shared seeds: mean +/- t_{0.975, n-1} sd / sqrt(n)), Welch's unpaired
+interval otherwise (:func:`seed_difference`). Intervals that exclude 0 are marked ``*``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -220,6 +227,126 @@ def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -
                                                              disable_numparse=True)
 
 
+# -- differences from a baseline --------------------------------------------------------------
+
+
+def t_quantile(df: float, level: float = 0.975) -> float:
+    """The ``level`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(level, df))
+
+
+def seed_difference(values: pd.Series, baseline: pd.Series) -> dict[str, Any] | None:
+    """Mean difference ``values - baseline`` (metric values indexed by seed) with a 95 %
+    interval: ``diff``, ``lo``, ``hi``, ``paired``, ``n``, ``df``.
+
+    Paired when the two share at least two seeds and neither repeats one: d_s = values_s -
+    baseline_s over the shared seeds s, diff = mean(d), interval diff +/- t_{0.975, n-1}
+    sd(d) / sqrt(n), n = the shared seeds. Otherwise Welch: diff = mean(values) -
+    mean(baseline), se^2 = var_a / n_a + var_b / n_b, Welch-Satterthwaite df, n = the runs of
+    ``values``; with fewer than two runs on either side, the difference alone (no interval).
+    Zero spread gives the interval [diff, diff]. None when either side has no value."""
+    values, baseline = values.dropna().astype(float), baseline.dropna().astype(float)
+    if values.empty or baseline.empty:
+        return None
+    shared = sorted(set(values.index) & set(baseline.index))
+    unique = values.index.is_unique and baseline.index.is_unique
+    if unique and len(shared) >= 2:
+        d = values[shared] - baseline[shared]
+        n, diff, df = len(d), float(d.mean()), float(len(d) - 1)
+        se = float(d.std(ddof=1)) / math.sqrt(n)
+        paired = True
+    else:
+        n, paired = len(values), False
+        diff = float(values.mean() - baseline.mean())
+        if len(values) < 2 or len(baseline) < 2:
+            return {"diff": diff, "lo": math.nan, "hi": math.nan, "paired": False, "n": n,
+                    "df": math.nan}
+        var_a, var_b = values.var(ddof=1) / len(values), baseline.var(ddof=1) / len(baseline)
+        se = math.sqrt(var_a + var_b)
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(values) - 1)
+                                     + var_b ** 2 / (len(baseline) - 1)) if se > 0 else math.nan
+    half = t_quantile(df) * se if se > 0 else 0.0
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "paired": paired, "n": n,
+            "df": df}
+
+
+def resolved(lo: float, hi: float) -> bool:
+    """The interval excludes 0."""
+    return lo > 0 or hi < 0
+
+
+def baseline_differences(frame: pd.DataFrame, summary: pd.DataFrame, keys: list[str],
+                         metrics: list[str], baseline: str) -> pd.DataFrame:
+    """``summary`` plus, per metric m, ``m_diff``, ``m_diff_lo``, ``m_diff_hi``,
+    ``m_diff_paired``, ``m_diff_n``, ``m_diff_df`` (:func:`seed_difference`) against the row
+    of method ``baseline`` with the same values of the other keys; empty (NaN) for the
+    baseline rows themselves and for rows without such a baseline row."""
+    others = [k for k in keys if k != "method"]
+    groups = {key if isinstance(key, tuple) else (key,): rows
+              for key, rows in frame.groupby(keys, sort=False, dropna=False)}
+    base_rows = {tuple(row[k] for k in others): tuple(row[k] for k in keys)
+                 for _, row in summary.iterrows() if row["method"] == baseline}
+    out = summary.copy()
+    for m in metrics:
+        column = metric_column(frame, m)
+        found = []
+        for _, row in summary.iterrows():
+            group = tuple(row[k] for k in keys)
+            base = base_rows.get(tuple(row[k] for k in others))
+            if column not in frame or base is None or base == group:
+                found.append(None)
+                continue
+            found.append(seed_difference(_by_seed(groups[group], column),
+                                         _by_seed(groups[base], column)))
+        for field_name in ("diff", "lo", "hi", "paired", "n", "df"):
+            name = f"{m}_diff" if field_name == "diff" else f"{m}_diff_{field_name}"
+            dtype = {"paired": "boolean", "n": "Int64"}.get(field_name, "float64")
+            out[name] = pd.array([None if f is None else f[field_name] for f in found],
+                                 dtype=dtype)
+    return out
+
+
+def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
+    return pd.Series(pd.to_numeric(rows[column], errors="coerce").to_numpy(),
+                     index=rows["seed"].to_numpy())
+
+
+def difference_table(diffs: pd.DataFrame, keys: list[str], metrics: list[str],
+                     baseline: str) -> pd.DataFrame:
+    """The differences as shown: ``+diff [lo, hi]`` with ``*`` when the interval excludes 0
+    and how it was computed; ``baseline`` on the baseline rows, empty without a baseline."""
+    def cell(row, m):
+        diff = row[f"{m}_diff"]
+        if row["method"] == baseline:
+            return "baseline"
+        if pd.isna(diff):
+            return ""
+        lo, hi, n = row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], int(row[f"{m}_diff_n"])
+        how = f"paired, n={n}" if row[f"{m}_diff_paired"] else f"Welch, n={n}"
+        if pd.isna(lo):
+            return f"{diff:+.4f} ({how}: no interval)"
+        mark = "*" if resolved(lo, hi) else ""
+        return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark} ({how})"
+
+    table = diffs[[*keys, "n", "seeds"]].copy()
+    for m in metrics:
+        table[f"Δ {HEADERS.get(m, m)}"] = [cell(row, m) for _, row in diffs.iterrows()]
+    return table
+
+
+def difference_legend(baseline: str, others: list[str]) -> list[str]:
+    same = f" with the same {', '.join(others)}" if others else ""
+    return [f"Δ = group − the `method={baseline}` group{same}, with a 95 % interval over "
+            "seeds. paired: over the seeds both groups have (at least two), the per-seed "
+            "differences' mean ± t(0.975, n−1) · sd / √n, n = shared seeds; Welch: unpaired "
+            "(the groups share fewer than two seeds), mean difference ± t(0.975, df) · "
+            "√(var₁/n₁ + var₂/n₂) with Welch–Satterthwaite df, n = this group's runs.",
+            "`*`: the interval excludes 0, the difference is resolved at 95 %; no `*`: it is "
+            "not. Empty: no baseline group with the same other keys."]
+
+
 def default_keys(runs: list[Run]) -> list[str]:
     """``method`` plus every override key whose value differs between runs (never the seed)."""
     keys: list[str] = ["method"]
@@ -347,6 +474,9 @@ class Report:
     notes: list[str]
     plots: list[Path]                   # report_*.png in the output directory
     run_plots: list[tuple[str, Path]]   # per-run figures worth showing (ALM-KD weights)
+    baseline: str | None = None         # --baseline METHOD
+    differences: pd.DataFrame | None = None  # the difference table as shown (--baseline)
+    difference_notes: list[str] = field(default_factory=list)  # its legend
 
     @property
     def intro(self) -> list[str]:
@@ -365,6 +495,11 @@ class Report:
             lines += [self.table.to_markdown(index=False, tablefmt="pipe",
                                              disable_numparse=True), ""]
         lines += [f"- note: {n}" for n in self.notes]
+        if self.differences is not None:
+            lines += ["", f"## Difference from the baseline `method={self.baseline}`", "",
+                      self.differences.to_markdown(index=False, tablefmt="pipe",
+                                                   disable_numparse=True), ""]
+            lines += [f"- {n}" for n in self.difference_notes]
         if self.failed is not None:
             lines += ["", "## Failed or unfinished runs", "",
                       self.failed.to_markdown(index=False, tablefmt="pipe",
@@ -375,7 +510,9 @@ class Report:
 
 
 def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
-                 sources: list[Path]) -> Report:
+                 sources: list[Path], baseline: str | None = None) -> Report:
+    """The report; with ``baseline`` (a method some finished run has, ``method`` among the
+    keys) ``summary`` also holds the differences (:func:`baseline_differences`)."""
     finished = [r for r in runs if r.status == "finished"]
     others = [r for r in runs if r.status != "finished"]
     frame = results_frame(runs, keys)
@@ -406,11 +543,18 @@ def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path
              plot_mixing(frame, keys, out / "report_mixing.png")]
     run_plots = [(f"{_relative(r.path, out)} (seed {r.seed})", r.path / RUN_MIXING_PLOT)
                  for r in finished if (r.path / RUN_MIXING_PLOT).is_file()]
+    differences = None
+    if baseline is not None and finished:
+        summary = baseline_differences(frame, summary, keys, metrics, baseline)
+        differences = difference_table(summary, keys, metrics, baseline)
     return Report(sources=list(sources), finished=len(finished), others=others, keys=keys,
                   metrics=metrics, summary=summary,
                   table=display_table(summary, keys, metrics) if finished else None,
                   failed=failed, notes=notes, plots=[p for p in plots if p is not None],
-                  run_plots=run_plots)
+                  run_plots=run_plots, baseline=baseline, differences=differences,
+                  difference_notes=difference_legend(baseline, [k for k in keys
+                                                                if k != "method"])
+                  if differences is not None else [])
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -469,6 +613,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--html", action="store_true",
                         help="also write report.html: one self-contained page (tables and "
                              "plots inlined) to open in a browser")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="also show every group's difference from the METHOD group with "
+                             "the same other keys (e.g. the same noise.rate), per metric, with "
+                             "a 95%% interval over seeds: paired by seed where the two share "
+                             "at least two seeds, Welch's unpaired interval otherwise; '*' "
+                             "marks intervals that exclude 0. In report.md/.html and as "
+                             "<metric>_diff, _diff_lo, _diff_hi, _diff_paired, _diff_n, "
+                             "_diff_df columns in report.csv")
     return parser.parse_args(argv)
 
 
@@ -485,10 +637,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [k for k in keys if all(r.value(k) == "-" for r in runs)]
     if unknown:
         _fail(f"--by {unknown[0]}: no run has this config key or group")
+    if args.baseline is not None:
+        check_baseline(runs, keys, args.baseline)
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        built = build_report(runs, keys, args.metric, out, args.paths)
+        built = build_report(runs, keys, args.metric, out, args.paths, args.baseline)
     except ReportError as e:
         _fail(str(e))
     text = built.markdown()
@@ -502,6 +656,17 @@ def main(argv: list[str] | None = None) -> None:
         written.append(out / "report.html")
     print(text)
     print(f"wrote {', '.join(map(str, written))}")
+
+
+def check_baseline(runs: list[Run], keys: list[str], baseline: str) -> None:
+    """--baseline must name a method of a finished run, and ``method`` must be a key."""
+    if "method" not in keys:
+        _fail(f"--baseline compares methods, but the grouping keys ({','.join(keys)}) leave "
+              f"out method: add it to --by")
+    methods = sorted({r.value("method") for r in runs if r.status == "finished"})
+    if baseline not in methods:
+        _fail(f"--baseline {baseline}: no finished run has method={baseline} (methods: "
+              f"{', '.join(methods) or 'none'})")
 
 
 def _fail(message: str) -> None:
