@@ -70,9 +70,9 @@ def test_reliability_colours_are_in_the_legend_and_bins_are_weighted_by_count(sa
     assert drawn <= legend_colours  # accuracy, over- and under-confident gaps all explained
     assert {plots.OVER.lower(), plots.UNDER.lower()} <= drawn  # both gaps occur in BINS
     accuracy = [b for b in bars if to_hex(b.get_facecolor()[:3]) == plots.ACCURACY.lower()]
-    alpha = {round(b.get_x() + b.get_width() / 2, 3): b.get_alpha() for b in accuracy}
+    alpha = {round(b.get_x() * 10): b.get_alpha() for b in accuracy}  # 10 bins: bin index
     # bins 2 (1 example), 7 (267), 9 (40): opacity follows the count, and each count is shown
-    assert alpha[0.25] < alpha[0.95] < alpha[0.75] == 1.0
+    assert alpha[2] < alpha[9] < alpha[7] == 1.0
     assert {t.get_text() for t in ax.texts} >= {"1", "267", "40"}
 
 
@@ -88,3 +88,44 @@ def test_accuracy_vs_ece_legend_sits_beside_the_points(saved, tmp_path):
     legend = extent(ax.get_legend(), renderer)
     assert legend.x0 >= ax.bbox.x1  # entirely right of the plotting area: covers no point
     assert len(ax.get_legend().get_texts()) == 8
+
+
+def rectangle(bar) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1) of a drawn bar, whatever the sign of its height."""
+    x, y, w, h = bar.get_x(), bar.get_y(), bar.get_width(), bar.get_height()
+    return x, x + w, min(y, y + h), max(y, y + h)
+
+
+def intersection_area(a, b) -> float:
+    return (max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+            * max(0.0, min(a[3], b[3]) - max(a[2], b[2])))
+
+
+def test_reliability_accuracy_and_gap_bars_never_hide_each_other(saved, tmp_path):
+    """Bin 7 is over-confident (150 of 267 right at mean confidence 200/267), bins 2 and 9
+    under-confident (1/1 at 0.25; 39/40 at 37/40): each accuracy bar shows its whole height,
+    each gap bar spans exactly [min(acc, conf), max(acc, conf)] beside it, and a black tick
+    marks the confidence."""
+    plots.reliability_diagram(BINS, tmp_path / "one.png", "a run")
+    fig, _ = saved[-1]
+    ax = fig.axes[0]
+    expected = {2: (1 / 1, 0.25 / 1, plots.UNDER), 7: (150 / 267, 200 / 267, plots.OVER),
+                9: (39 / 40, 37 / 40, plots.UNDER)}
+    bars = list(ax.patches)
+    accuracy = {round(b.get_x() * 10): b for b in bars
+                if to_hex(b.get_facecolor()[:3]) == plots.ACCURACY.lower()}
+    gaps = {int(b.get_x() * 10): b for b in bars if b not in accuracy.values()}
+    assert set(accuracy) == set(gaps) == set(expected)
+    ticks = [seg for c in ax.collections for seg in c.get_segments()]
+    for i, (acc, conf, colour) in expected.items():
+        x0, x1, y0, y1 = rectangle(accuracy[i])
+        assert (y0, y1) == pytest.approx((0.0, acc)), i
+        # nothing drawn covers any part of the accuracy bar
+        assert all(intersection_area(rectangle(accuracy[i]), rectangle(other)) == 0
+                   for other in bars if other is not accuracy[i]), i
+        gx0, gx1, gy0, gy1 = rectangle(gaps[i])
+        assert (gy0, gy1) == pytest.approx((min(acc, conf), max(acc, conf))), i
+        assert 0.1 * i <= x0 < x1 <= gx0 < gx1 <= 0.1 * (i + 1) + 1e-9, i  # within the bin
+        assert to_hex(gaps[i].get_facecolor()[:3]) == colour.lower() and gaps[i].get_hatch()
+        tick = [seg for seg in ticks if gx0 - 1e-9 <= seg[0][0] < seg[1][0] <= gx1 + 1e-9]
+        assert len(tick) == 1 and tick[0][0][1] == tick[0][1][1] == pytest.approx(conf), i
