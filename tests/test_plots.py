@@ -5,13 +5,17 @@ holds (issue 12's report-plot traps). Figures are inspected as saved, through sa
 from __future__ import annotations
 
 import itertools
+import json
 
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from PIL import Image
 
-from kdlab import plots
+from kdlab import plots, report
 from kdlab.report import plot_acc_vs_ece
 
 
@@ -129,3 +133,54 @@ def test_reliability_accuracy_and_gap_bars_never_hide_each_other(saved, tmp_path
         assert to_hex(gaps[i].get_facecolor()[:3]) == colour.lower() and gaps[i].get_hatch()
         tick = [seg for seg in ticks if gx0 - 1e-9 <= seg[0][0] < seg[1][0] <= gx1 + 1e-9]
         assert len(tick) == 1 and tick[0][0][1] == tick[0][1][1] == pytest.approx(conf), i
+
+
+def long_named_runs(root, methods):
+    """One finished ALM-KD-like run per method, grouped by six keys: labels of ~90 chars."""
+    for i, method in enumerate(methods):
+        d = root / method
+        d.mkdir(parents=True)
+        config = {"seed": 0, "choices": {"method": method},
+                  "noise": {"type": "symmetric", "rate": 0.4},
+                  "method": {"meta_lr": 1500}, "teacher": {"label_noise": "none"},
+                  "optimizer": {"lr": 0.05}, "dataset": {"val_fraction": 0.1}}
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        results = {"status": "finished", "method": method, "seed": 0,
+                   "test": {"acc": 0.7 + 0.02 * i, "ece": 0.05 + 0.01 * i},
+                   "test_last": {"acc": 0.7, "ece": 0.1},
+                   "teachers": [{"name": "cnn", "test": {"acc": 0.9}}],
+                   "reliability": {"n_bins": 3, "count": [1, 2, 3],
+                                   "confidence": [0.2, 1.1, 2.7], "correct": [0, 1, 3]},
+                   "mixing": {"label_weight_clean": 0.8, "label_weight_noisy": 0.3 + 0.01 * i}}
+        (d / "results.json").write_text(json.dumps(results))
+    return "method,noise.rate,method.meta_lr,teacher.label_noise,optimizer.lr,dataset.val_fraction"
+
+
+def test_report_plots_with_long_group_names_stay_small_and_show_every_word(saved, tmp_path):
+    methods = ["alm_kd", "guided_self_distill", "multi_teacher_kd", "sinkhorn_kd",
+               "tgeo_kd", "kd_ls"]
+    keys = long_named_runs(tmp_path / "runs", methods)
+    report.main([str(tmp_path / "runs"), "--by", keys])
+    names = ["report_acc_vs_ece.png", "report_reliability.png", "report_mixing.png"]
+    assert len(saved) == len(names)
+    for name, (fig, renderer) in zip(names, saved, strict=True):
+        width, height = Image.open(tmp_path / "runs" / name).size
+        assert width <= 1400 and height <= 1400, (name, width, height)
+        # every title, label, tick label and legend lies inside the saved figure
+        page = fig.bbox.padded(1)
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.axison]
+        boxes += [extent(legend, renderer) for legend in fig.legends]
+        boxes += [extent(fig._suptitle, renderer)] if fig._suptitle else []
+        for box in boxes:
+            assert page.x0 <= box.x0 and box.x1 <= page.x1, name
+            assert page.y0 <= box.y0 and box.y1 <= page.y1, name
+        # every group's whole label is shown (wrapped, never cut short)
+        shown = " ".join(t.get_text() for t in fig.findobj(Text)).replace("\n", " ")
+        for method in methods:
+            assert f"method={method}, noise.rate=0.4, method.meta_lr=1500, " \
+                   "teacher.label_noise=none, optimizer.lr=0.05, dataset.val_fraction=0.1" \
+                   in shown, (name, method)
+        # legends beside the data, never on it
+        for ax in fig.axes:
+            if ax.get_legend():
+                assert not extent(ax.get_legend(), renderer).overlaps(ax.bbox), name
