@@ -7,8 +7,10 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
@@ -16,6 +18,8 @@ from matplotlib.text import Text
 from PIL import Image
 
 from kdlab import plots, report
+from kdlab.methods.alm_kd_plots import plot_mixing_history
+from kdlab.methods.alm_kd_report import summarise
 from kdlab.report import plot_acc_vs_ece
 
 
@@ -184,3 +188,63 @@ def test_report_plots_with_long_group_names_stay_small_and_show_every_word(saved
         for ax in fig.axes:
             if ax.get_legend():
                 assert not extent(ax.get_legend(), renderer).overlaps(ax.bbox), name
+
+
+LOW, HIGH = 1e-7, 2.0
+
+
+def bimodal_label_weights() -> torch.Tensor:
+    """100 examples, the first 40 noisy: 28 noisy and 12 clean at the lower bound, 10 noisy
+    and 40 clean at the upper one, the rest in between."""
+    noisy = [LOW] * 28 + [0.5] * 2 + [HIGH] * 10
+    clean = [LOW] * 12 + [0.3 + 0.1 * i for i in range(8)] + [HIGH] * 40
+    return torch.tensor(noisy + clean, dtype=torch.float32)
+
+
+def test_alm_kd_weight_plot_shows_weights_piled_at_the_bounds(saved, tmp_path):
+    noise = torch.arange(100) < 40
+    label = {-1: torch.full((100,), 0.1), 0: torch.linspace(0.05, 1.0, 100),
+             1: bimodal_label_weights()}
+    tables = {e: torch.stack([w, 1.0 - w / 2], 1).float() for e, w in label.items()}
+    history = [summarise(e, t, noise) for e, t in tables.items()]
+    plot_mixing_history(history, tables[1], noise, ["label", "teacher"], tmp_path / "w.png",
+                        bounds=(LOW, HIGH))
+    fig, renderer = saved[-1]
+    ax, ax_hist = fig.axes[0], fig.axes[1]  # the label weight's row
+    boxes = {name: [p for p in ax.patches if p.get_gid() == f"{name} q25-q75"]
+             for name in ("clean", "noisy")}
+    medians = {name: [c for c in ax.collections if c.get_gid() == f"{name} median"]
+               for name in ("clean", "noisy")}
+    for p, w in enumerate(label.values()):
+        w = w.float().double().numpy()
+        for name, part in (("clean", w[40:]), ("noisy", w[:40])):
+            box = boxes[name][p]
+            assert (box.get_y(), box.get_y() + box.get_height()) == pytest.approx(
+                tuple(np.quantile(part, [0.25, 0.75]))), (p, name)
+            (segment,) = [s for s in medians[name][0].get_segments()
+                          if s[0][0] < box.get_x() + box.get_width() / 2 < s[1][0]]
+            assert segment[0][1] == pytest.approx(np.median(part)), (p, name)
+        # clean and noisy side by side at each pass, neither drawn over the other
+        clean, noisy = boxes["clean"][p], boxes["noisy"][p]
+        assert clean.get_x() + clean.get_width() <= noisy.get_x()
+        assert p - 0.5 < clean.get_x() and noisy.get_x() + noisy.get_width() < p + 0.5
+    # at the last pass: noisy q25 (and median) sit on the lower bound, clean q75 on the upper
+    piled = {line.get_gid(): np.asarray(line.get_xdata()) for line in ax.lines
+             if "quarter at" in str(line.get_gid())}
+    last = 2
+    assert np.isclose(piled[f"noisy quarter at {LOW:g}"], last + 0.2).any()
+    assert np.isclose(piled[f"clean quarter at {HIGH:g}"], last - 0.2).any()
+    assert not np.isclose(piled[f"clean quarter at {LOW:g}"], last - 0.2).any()
+    assert not np.isclose(piled[f"noisy quarter at {HIGH:g}"], last + 0.2).any()
+    # the current weights: fractions at each bound by hand count, histogram in fractions
+    assert ax_hist.get_title().splitlines() == [f"at {LOW:g}: clean 20%, noisy 70%",
+                                                f"at {HIGH:g}: clean 67%, noisy 25%"]
+    tallest = {p.get_gid(): p.get_path().vertices[:, 1].max() for p in ax_hist.patches}
+    assert tallest == pytest.approx({"clean": 40 / 60, "noisy": 28 / 40})
+    # the legend names the median and sits outside every panel and the title
+    (legend,) = fig.legends
+    assert "median" in [t.get_text() for t in legend.get_texts()]
+    frame = extent(legend, renderer)
+    assert fig.bbox.x0 <= frame.x0 and frame.x1 <= fig.bbox.x1 and fig.bbox.y0 <= frame.y0
+    assert not any(frame.overlaps(a.get_tightbbox(renderer)) for a in fig.axes)
+    assert not frame.overlaps(extent(fig._suptitle, renderer))
