@@ -221,15 +221,16 @@ def list_methods(config_dirs: list[str] = ()) -> str:
     for root in [conf_dir(), *map(Path, config_dirs)]:
         for path in sorted((root / "method").glob("*.yaml")):
             found[path.stem] = path  # a user's config of the same name wins, as in Hydra
-    lines = []
+    lines, width = [], max(map(len, found), default=0)
     for name, path in sorted(found.items()):
-        target = str(OmegaConf.load(path).get("_target_", ""))
+        config = OmegaConf.load(path)
+        target = str(config.get("_target_", ""))
         try:
-            description = import_target(target, f"method {name}").description
+            description = import_target(target, f"method {name}").describe(config)
         except KdlabError as e:
             description = f"(cannot import: {e})"
         origin = "" if path.parent.parent == conf_dir() else f"  [{path}]"
-        lines.append(f"  {name:<18} {description}{origin}")
+        lines.append(f"  {name:<{width}}  {description}{origin}")
     return "methods (kdlab train method=NAME):\n" + "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,24 +381,36 @@ def _label(row, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys)
 
 
+LABEL_WIDTH = 40  # characters per line of a group's label in a plot legend or axis
+MARKERS = "osD^vP*Xhp"  # a new marker for every 10 groups (the colour cycle's length)
+
+
+def _plot_label(row, keys: list[str]) -> str:
+    """A group's label wrapped at its commas, so a long one grows down, not across."""
+    return textwrap.fill(_label(row, keys), LABEL_WIDTH, break_on_hyphens=False)
+
+
 def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
     points = summary.dropna(subset=["test.acc_mean", "test.ece_mean"]) \
         if "test.acc_mean" in summary and "test.ece_mean" in summary else summary.iloc[0:0]
     if points.empty:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for _, row in points.iterrows():
+    labels = [_plot_label(row, keys) for _, row in points.iterrows()]
+    # the legend beside the axes, never on a point: the figure is as tall as the legend needs
+    legend_inches = sum(0.12 * (label.count("\n") + 1) + 0.06 for label in labels) + 0.6
+    fig, ax = plt.subplots(figsize=(9.5, max(4.5, legend_inches)), layout="constrained")
+    for i, ((_, row), label) in enumerate(zip(points.iterrows(), labels, strict=True)):
         ax.errorbar(row["test.ece_mean"], row["test.acc_mean"],
                     xerr=0 if pd.isna(row["test.ece_std"]) else row["test.ece_std"],
                     yerr=0 if pd.isna(row["test.acc_std"]) else row["test.acc_std"],
-                    fmt="o", capsize=3, label=_label(row, keys))
+                    fmt=MARKERS[i // 10 % len(MARKERS)], capsize=3, label=label)
     ax.set_xlabel("test ECE (best on val; lower is better)")
     ax.set_ylabel("test accuracy (best on val)")
     ax.set_title("accuracy vs calibration: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the axes, never on it
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -421,8 +434,8 @@ def pooled_reliability(runs: list[Run]) -> dict[str, list[float]] | None:
 def plot_reliability(groups: list[tuple[str, list[Run]]], path: Path) -> Path | None:
     from .plots import reliability_grid
 
-    panels = [(f"{label} ({len(runs)} runs)", bins) for label, runs in groups
-              if (bins := pooled_reliability(runs)) is not None]
+    panels = [(f"{label} ({len(runs)} {'run' if len(runs) == 1 else 'runs'})", bins)
+              for label, runs in groups if (bins := pooled_reliability(runs)) is not None]
     if not panels:
         return None
     return reliability_grid(panels, path, "reliability on test (best on val), bins pooled "
@@ -438,20 +451,23 @@ def plot_mixing(frame: pd.DataFrame, keys: list[str], path: Path) -> Path | None
     if rows.empty:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 2), 4))
-    x = range(len(rows))
-    for offset, col, name, color in ((-0.2, cols[0], "clean examples", "#55A868"),
-                                     (0.2, cols[1], "noisy examples", "#C44E52")):
-        ax.bar([i + offset for i in x], rows[f"{col}_mean"].fillna(0), width=0.4,
-               yerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([_label(r, keys) for _, r in rows.iterrows()], fontsize=7, rotation=15,
-                       ha="right")
-    ax.set_ylabel("mean weight on the given label")
+    # one row of bars per group, its wrapped label beside it: long labels grow down
+    labels = [_plot_label(r, keys) for _, r in rows.iterrows()]
+    heights = [max(0.55, 0.13 * (label.count("\n") + 1) + 0.2) for label in labels]
+    fig, ax = plt.subplots(figsize=(9.0, sum(heights) + 1.3), layout="constrained")
+    y = [sum(heights[:i]) + h / 2 for i, h in enumerate(heights)]
+    for offset, col, name, color in ((-0.12, cols[0], "clean examples", "#55A868"),
+                                     (0.12, cols[1], "noisy examples", "#C44E52")):
+        ax.barh([v + offset for v in y], rows[f"{col}_mean"].fillna(0), height=0.24,
+                xerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(sum(heights), 0)  # the first group on top, as in the table
+    ax.set_xlabel("mean weight on the given label")
     ax.set_title("ALM-KD mixing: label weight, clean vs noisy (mean ± std over seeds)",
                  fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -34,7 +34,9 @@ CAPTIONS = {
     "report_acc_vs_ece": "Test accuracy against test ECE (best-on-val checkpoint), mean ± std "
                          "over seeds per group.",
     "report_reliability": "Reliability diagrams on the test set, bins pooled over the seeds "
-                          "of each group.",
+                          "of each group: in each bin the accuracy bar and, beside it, the "
+                          "hatched gap to the bin's mean confidence (red: over-confident, "
+                          "green: under-confident).",
     "report_mixing": "ALM-KD: mean weight on the given label for clean and noisy examples.",
 }
 

@@ -112,6 +112,24 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path):
     assert filled == list(range(162))
 
 
+def test_a_resumed_build_shows_its_progress_in_views_from_where_it_stopped(tmp_path, capsys):
+    def stop_at_40(v, table):
+        if v == 40:
+            raise KeyboardInterrupt
+
+    cache = ViewCache(tmp_path / "t.bin", (1, 2, 162, 3), torch.float32)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(stop_at_40, show_progress=False)
+    ViewCache(tmp_path / "t.bin", (1, 2, 162, 3), torch.float32).build(
+        lambda v, table: None, show_progress=True)
+    err = capsys.readouterr().err
+    steps = [s for s in err.rstrip("\n").split("\r") if s]
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert " 40/162 [" in steps[0]  # the first line drawn: the 40 views done before
+    assert steps[-1].startswith("teacher logits (every augmented view, once): 100%")
+    assert " 162/162 [" in steps[-1] and "view/s" in steps[-1]
+
+
 def test_auto_uses_the_view_cache_when_more_epochs_read_it_than_it_costs():
     teachers = Teachers([torch.nn.Linear(2, 2)])
     assert not teachers.use_views(100, 162, False, False)
