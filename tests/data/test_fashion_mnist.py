@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.cifar import LocalServer
 from helpers.cli import cli
 from helpers.fashion_mnist import NAMES, make_fashion_mnist, use_checksums, write_gz
 
@@ -21,15 +20,6 @@ from kdlab.errors import ConfigError
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot"]
-
-
-@pytest.fixture
-def server(tmp_path, request):
-    served = tmp_path / "served"
-    served.mkdir()
-    srv = LocalServer(served)
-    request.addfinalizer(srv.close)
-    return srv
 
 
 def module(root, system_root=None, **kwargs) -> FashionMnistDataModule:
