@@ -136,7 +136,8 @@ def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
 def weights_cache_dir(teacher_cfg: DictConfig) -> Path:
     """Cache entry keyed by everything that determines a CE-trained teacher."""
     dataset = OmegaConf.to_container(teacher_cfg.dataset, resolve=True)
-    for k in ("root", "download", "num_workers"):  # where/how data is read changes nothing
+    # where/how the data is read changes nothing (its content is the same or refused)
+    for k in ("root", "system_root", "url", "download", "num_workers"):
         dataset.pop(k, None)
     dataset.get("recipe", {}).pop("num_threads", None)
     key_source = {

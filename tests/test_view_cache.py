@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.cifar import make_cifar10
+from helpers.fashion_mnist import make_fashion_mnist, use_checksums
 
 from kdlab.config import compose
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, crop_flip_views
 from kdlab.data.cifar import Cifar10DataModule
+from kdlab.data.fashion_mnist import FashionMnistDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
 from kdlab.teachers import Teachers, ViewCache
@@ -82,6 +84,37 @@ def test_every_view_of_a_few_images_matches_a_teacher_forward(cifar_root, tmp_pa
             fresh = teacher(by_hand(images, top, left, bool(flip)))
         table = teachers.views.lookup(index, torch.full_like(index, v))[0].logits
         torch.testing.assert_close(table, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_every_fashion_mnist_view_matches_a_teacher_forward(tmp_path, monkeypatch):
+    """One channel, 28 x 28, padding 2: 5 x 5 offsets x 2 flips = 50 views."""
+    checksums, _ = make_fashion_mnist(tmp_path / "data", n_train=40, n_test=10)
+    use_checksums(monkeypatch, checksums)
+    dm = FashionMnistDataModule(root=str(tmp_path / "data"), system_root=None, download=False,
+                                batch_size=16)
+    dm.setup()
+    torch.manual_seed(0)
+    teacher = freeze(build_model("cnn", 10, (1, 28, 28), width=4))
+    teachers = build(dm, teacher, tmp_path)
+    assert teachers.views.table.shape == (1, dm.train_size, 50, 10)
+    images, index = dm.splits["train"].inputs[:3], torch.arange(3)
+    for v in range(50):
+        cell, flip = divmod(v, 2)
+        top, left = divmod(cell, 5)
+        crop = F.pad(images.float(), (2, 2, 2, 2))[:, :, top:top + 28, left:left + 28]
+        crop = crop.flip(-1) if flip else crop
+        with torch.no_grad():
+            fresh = teacher((crop / 255 - 0.2860) / 0.3530)
+        table = teachers.views.lookup(index, torch.full_like(index, v))[0].logits
+        torch.testing.assert_close(table, fresh, atol=1e-5, rtol=1e-5)
+    # and the views the training path draws are looked up as the teacher sees them
+    for _ in range(10):
+        batch = dm.preprocess({"input": images, "target": torch.zeros(3), "index": index},
+                              train=True)
+        looked_up = teachers.for_training_batch(batch, (), deterministic=False)[0].logits
+        with torch.no_grad():
+            torch.testing.assert_close(looked_up, teacher(batch["input"]), atol=1e-5,
+                                       rtol=1e-5)
 
 
 def test_an_interrupted_build_continues_where_it_stopped(tmp_path):
