@@ -82,11 +82,10 @@ def train_app(cfg: DictConfig) -> float:
         if not in_sweep:
             fail(e, output_dir)
         # one line per failed job; Hydra records the job as failed and the sweep goes on
-        print(f"kdlab: error: {_shown(output_dir)}: {error_message(e, output_dir)}",
-              file=sys.stderr)
-        raise SweepJobFailed(f"kdlab: first failed job: {_shown(output_dir)}: "
-                             f"{error_message(e, output_dir)}\n{continue_hint(hc, output_dir)}"
-                             ) from None
+        message = f"{_shown(output_dir)}: {error_message(e, output_dir)}"
+        print(f"kdlab: error: {message}", file=sys.stderr)
+        raise SweepJobFailed(f"kdlab: first failed job: {message}\n"
+                             f"{continue_hint(hc, output_dir)}") from None
     return float(results["val"]["acc"])
 
 
@@ -106,20 +105,24 @@ def _shown(path: Path) -> str:
 def continue_hint(hc: DictConfig, output_dir: Path) -> str:
     """How to continue after a failure or an interruption: the sweep's command + resume=true
     (from its multirun.yaml), or the run's own resume.sh."""
-    from .run_dir import RESUME_SCRIPT, hydra_quoted, kdlab_executable
+    from .run_dir import RESUME_SCRIPT, config_dir_args, hydra_quoted, kdlab_executable
 
-    multirun = Path(str(hc.sweep.dir)) / "multirun.yaml"
-    if hc.mode == RunMode.MULTIRUN and multirun.is_file():
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = f"hydra.sweep.dir={hydra_quoted(str(hc.sweep.dir))}"
+        multirun = Path(str(hc.sweep.dir)) / "multirun.yaml"
+        if not multirun.is_file():  # a sweeper that writes none (Optuna)
+            return ("kdlab: continue the sweep (finished jobs are skipped) with the same "
+                    f"command + resume=true {shlex.quote(sweep_dir)}")
         recorded = OmegaConf.load(multirun).hydra.overrides
-        args = [kdlab_executable(), "train", "-m"]
+        args = [kdlab_executable(), "train", "-m", *config_dir_args(hc)]
         args += [o for o in recorded.task if _key(o) != "resume"]
-        args += [o for o in recorded.hydra if _key(o) not in ("hydra.mode", "hydra.sweep.dir")]
-        args += [f"hydra.sweep.dir={hydra_quoted(str(hc.sweep.dir))}", "resume=true"]
+        args += [o for o in recorded.hydra
+                 if _key(o) not in ("hydra.mode", "hydra.sweep.dir", EXCLUDE_KEYS)]
         return ("kdlab: continue the sweep (finished jobs are skipped) with: "
-                + " ".join(shlex.quote(a) for a in args))
+                + " ".join(shlex.quote(a) for a in [*args, sweep_dir, "resume=true"]))
     script = output_dir / RESUME_SCRIPT
     if script.is_file() and not (output_dir / "results.json").exists():
-        return f"kdlab: continue this run with: sh {shlex.quote(str(script))}"
+        return f"kdlab: continue this run with: sh {shlex.quote(_shown(script))}"
     return "kdlab: continue with the same command + resume=true"
 
 
@@ -299,6 +302,25 @@ def resume_sweep(args: list[str]) -> list[str]:
     return args
 
 
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def name_swept_keys(args: list[str]) -> list[str]:
+    """A sweep over keys that do not change the experiment (``logger=csv,wandb``,
+    ``num_threads=1,4``) keeps those keys in its job directory names, which would be the same
+    otherwise: the arguments + the exclude list without them."""
+    from .config import not_the_experiment
+
+    overrides, _, multirun, other = split_arguments(args)
+    parsed = parsed_overrides(overrides)
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    if not multirun or other or not swept & set(not_the_experiment()) or any(
+            o.key_or_group == EXCLUDE_KEYS for o in parsed):
+        return args
+    keep = [k for k in not_the_experiment() if k not in swept]
+    return [*args, f"{EXCLUDE_KEYS}=[{','.join(keep)}]"]
+
+
 def same_sweep_key(overrides: list[str]) -> set:
     """What makes two sweeps the same: each experiment override's key and its values (in any
     order; resume, logger, threads, paths ... aside)."""
@@ -412,7 +434,7 @@ def main() -> None:
                   "methods", file=sys.stderr)
             raise SystemExit(2)
     check_overrides(rest)
-    sys.argv = [sys.argv[0], *resume_sweep(rest)]
+    sys.argv = [sys.argv[0], *name_swept_keys(resume_sweep(rest))]
     try:
         train_app()
     except KeyboardInterrupt:

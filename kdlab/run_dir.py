@@ -224,16 +224,19 @@ def resume_command(hc: DictConfig) -> str:
     sweep job, whose config may ask for a sweep, e.g. hparams_search)."""
     from hydra.types import RunMode
 
-    args = ["train"]
-    for source in hc.runtime.config_sources:
-        if source.provider == "command-line":
-            args += ["--config-dir", source.path]
+    args = ["train", *config_dir_args(hc)]
     args += [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "resume"]
     args += [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
     if hc.mode == RunMode.MULTIRUN:
         args.append("hydra.mode=RUN")
     args += [f"hydra.run.dir={hydra_quoted(hc.runtime.output_dir)}", "resume=true"]
     return " ".join(shlex.quote(a) for a in [kdlab_executable(), *args])
+
+
+def config_dir_args(hc: DictConfig) -> list[str]:
+    """``--config-dir DIR`` for each config directory the command line gave."""
+    return [arg for source in hc.runtime.config_sources if source.provider == "command-line"
+            for arg in ("--config-dir", source.path)]
 
 
 def kdlab_executable() -> str:

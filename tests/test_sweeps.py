@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers.cli import cli, kdlab_process
 
-from kdlab.cli import launcher_strategy_error
+from kdlab.cli import launcher_strategy_error, name_swept_keys
 from kdlab.config import compose as kdlab_compose
 
 TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -85,6 +85,15 @@ def test_optuna_study_maximises_the_returned_val_acc(tmp_path):
     assert best["best_value"] == pytest.approx(max(val_acc), abs=1e-7)
     winner = params[val_acc.index(max(val_acc))]
     assert {k: float(v) for k, v in winner.items()} == pytest.approx(best["best_params"])
+    # resumed: the study samples the same trials, each skipped with its recorded val acc
+    again = cli("train", "-m", "hparams_search=kd_temperature", "hydra.sweeper.n_trials=2",
+                "seed=5", *TINY, f"hydra.sweep.dir={sweep}", "resume=true", cwd=tmp_path,
+                env={"KDLAB_CACHE_DIR": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert job_dirs(sweep) == trials
+    for trial in trials:
+        assert f"already finished: {trial}, skipped" in again.stdout
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text()) == best
 
 
 def test_submitit_local_runs_the_sweep_and_refuses_ddp(tmp_path):
@@ -153,3 +162,12 @@ def test_job_directories_are_named_by_the_experiment_alone():
                      "noise.rate=0.2"])
     assert cfg.hydra.job.override_dirname == "method=kd,noise.rate=0.2,noise=symmetric,seed=3"
     assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname
+
+
+def test_a_sweep_over_such_a_key_keeps_it_in_the_names():
+    """logger=csv,tensorboard: two runs of one experiment, told apart by their logger (the
+    other keys that do not change the experiment still stay out)."""
+    args = name_swept_keys(["-m", "logger=csv,tensorboard", "num_threads=1", "seed=0"])
+    job = ["hydra.mode=MULTIRUN", "logger=tensorboard", "num_threads=1", "seed=0", args[-1]]
+    assert hydra_cfg(job).hydra.job.override_dirname == "logger=tensorboard,seed=0"
+    assert name_swept_keys(["-m", "logger=csv", "seed=0,1"]) == ["-m", "logger=csv", "seed=0,1"]
