@@ -19,6 +19,8 @@ examples:
   kdlab train                                  # digits: cnn_small <- cnn, KD
   kdlab train method=alm_kd dataset=cifar100   # resnet8x4 <- resnet32x4 on the CIFAR recipe
   kdlab train -m method=ce,kd seed=0,1,2       # a sweep
+  kdlab train -m method=ce,kd seed=0,1,2 resume=true   # continue it after a stop
+  sh outputs/2026-11-23/18-25-14-kd/resume.sh  # continue one stopped run
   kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10
   kdlab report multirun/2026-11-23/19-00-00 --html
   python scripts/reproduce_cifar100.py --dry-run   # the README's CIFAR-100 table on a GPU

@@ -123,10 +123,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-def ctrl_c_in_kd_seed_0(monkeypatch):
-    """Once armed (``armed["now"] = True``): Ctrl-C at step 25 (in epoch 2, after epoch 1's
-    checkpoint) of the kd, seed 0 student, as a user stopping the sweep would; Lightning's
-    own SIGINT handling is undone after."""
+def ctrl_c(monkeypatch):
+    """``ctrl_c["method"] = NAME``: the next student of that method with seed 0 gets a Ctrl-C
+    at step 25 (in epoch 2, after epoch 1's checkpoint), as a user stopping it would;
+    Lightning's own SIGINT handling is undone after."""
     import signal
 
     from helpers.callbacks import StopAt
@@ -136,20 +136,40 @@ def ctrl_c_in_kd_seed_0(monkeypatch):
     build = kdlab.train.build_trainer
 
     def build_with_ctrl_c(cfg, output_dir, callbacks):
-        if armed["now"] and cfg.choices.method == "kd" and cfg.seed == 0:
-            armed["now"] = False
+        if cfg.choices.method == armed["method"] and cfg.seed == 0:
+            armed["method"] = None
             callbacks = [*callbacks, StopAt(step=25, ctrl_c=True)]
         return build(cfg, output_dir, callbacks)
 
-    armed = {"now": False}
+    armed = {"method": None}
     monkeypatch.setattr(kdlab.train, "build_trainer", build_with_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     yield armed
     signal.signal(signal.SIGINT, handler)
 
 
+def test_a_run_stopped_by_ctrl_c_says_how_to_continue_it(tmp_path, ctrl_c):
+    run_dir = tmp_path / "outputs" / "ce"
+    args = ["method=ce", "trainer=cpu", "trainer.max_epochs=2", "num_threads=1",
+            "trainer.enable_progress_bar=false", "hydra.run.dir=outputs/ce"]
+    ctrl_c["method"] = "ce"
+    stopped = cli("train", *args, cwd=tmp_path)
+    assert stopped.returncode == 130
+    assert stopped.stderr.splitlines()[-2:] == [
+        "kdlab: interrupted: outputs/ce", "kdlab: continue this run with: sh outputs/ce/resume.sh"]
+    assert json.loads((run_dir / "failed.json").read_text())["status"] == "interrupted"
+    *_, cd, command = (run_dir / "resume.sh").read_text().splitlines()
+    assert shlex.split(cd) == ["cd", str(tmp_path), "||", "exit", "1"]
+    assert shlex.split(command)[2:] == ["train", *args[:-1], f'hydra.run.dir="{run_dir}"',
+                                        "resume=true"]
+    resumed = cli(*shlex.split(command)[2:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+    assert "resuming from" in (run_dir / "train.log").read_text()
+
+
 def test_a_sweep_stopped_mid_way_and_resumed_reports_as_if_never_stopped(tmp_path, env,
-                                                                        ctrl_c_in_kd_seed_0):
+                                                                        ctrl_c):
     """method=ce,kd x seed=0,1, stopped by Ctrl-C in the third job (kd, seed 0: after its
     first epoch's checkpoint); that job continued on its own with the resume.sh it wrote,
     the rest with the sweep's command + resume=true: the same directories, and the report of
@@ -164,7 +184,7 @@ def test_a_sweep_stopped_mid_way_and_resumed_reports_as_if_never_stopped(tmp_pat
     assert names == [f"method={m},seed={s},teacher.max_epochs=1,trainer.max_epochs=2,"
                      "trainer=cpu" for m in ("ce", "kd") for s in (0, 1)]
 
-    ctrl_c_in_kd_seed_0["now"] = True
+    ctrl_c["method"] = "kd"
     stopped = cli("train", "-m", *SWEEP, cwd=tmp_path, env=run_env)  # multirun/<date>/<time>
     assert stopped.returncode == 130
     (sweep,) = (tmp_path / "multirun").glob("*/*")
