@@ -235,9 +235,9 @@ def check_overrides(args: list[str]) -> None:
     from .config import compose, instantiate_datamodule, validate
     from .run_dir import RunDir, finished_run_error
 
-    run_dir = given_value(parsed_overrides(overrides), "hydra.run.dir")
-    resume = given_value(parsed_overrides(overrides), "resume") is True
-    if run_dir is not None and not resume:  # Hydra writes .hydra/ into the run directory
+    parsed = parsed_overrides(overrides)
+    run_dir, resume = given_value(parsed, "hydra.run.dir"), given_value(parsed, "resume")
+    if run_dir is not None and resume is not True:  # Hydra writes .hydra/ into the run dir
         finished = finished_run_error(Path(str(run_dir)))
         if finished:
             fail(finished)
@@ -267,6 +267,7 @@ def resume_sweep(args: list[str]) -> list[str]:
     """``-m ... resume=true`` without hydra.sweep.dir: the arguments + the directory of the
     latest sweep under hydra.sweep.dir's root (multirun/) that ran the same overrides."""
     from .config import compose
+    from .run_dir import hydra_quoted
 
     overrides, config_dirs, multirun, other = split_arguments(args)
     parsed = parsed_overrides(overrides)
@@ -281,8 +282,9 @@ def resume_sweep(args: list[str]) -> list[str]:
         return args  # Hydra reports the error when it composes the sweep
     if "${" not in template:
         return args  # one fixed sweep directory: Hydra uses it again
-    root = Path(template[:template.index("${")].rpartition("/")[0] or ".")
-    depth = template[len(str(root)):].strip("/").count("/") + 1
+    fixed_part = template[:template.index("${")].rpartition("/")[0]  # multirun
+    root = Path(fixed_part or ".")
+    depth = template[len(fixed_part):].strip("/").count("/") + 1  # <date>/<time>: 2
     wanted = same_sweep_key(overrides)
     candidates = sorted(root.glob("/".join(["*"] * depth) + "/multirun.yaml"),
                         key=lambda f: (f.stat().st_mtime, str(f)), reverse=True)
@@ -295,8 +297,6 @@ def resume_sweep(args: list[str]) -> list[str]:
             sweep_dir = record.parent
             print(f"kdlab: resuming the sweep in {sweep_dir} (the latest under {root} with "
                   "these overrides): finished jobs are skipped", file=sys.stderr)
-            from .run_dir import hydra_quoted
-
             return [*args, f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}"]
     fail(ConfigError(f"resume=true: no sweep under {root}/ ran these overrides (resume and "
                      "keys that do not change the experiment aside); name the sweep to "
