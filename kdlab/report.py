@@ -5,8 +5,10 @@ Finds run directories under each PATH (single runs and multirun trees: a directo
 ``.hydra/config.yaml``, or ``config.yaml`` next to ``results.json``/``failed.json``), groups
 the finished runs by their configuration minus the seed and prints mean +/- std over the
 seeds of each group. Default grouping: ``method`` plus every override (from
-``.hydra/overrides.yaml``) whose value differs between runs, except ``seed``; ``--by`` names
-the keys instead (config keys such as ``noise.rate``, or config groups such as ``method``).
+``.hydra/overrides.yaml``) whose value differs between runs, except ``seed`` and the keys that
+do not change the experiment (``resume``, ``logger``, threads, paths:
+:func:`kdlab.config.not_the_experiment`); ``--by`` names the keys instead (config keys such
+as ``noise.rate``, or config groups such as ``method``).
 
 Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``, ``val.nll``,
 ``mixing.label_weight_noisy``, ``teachers.0.agreement``); ``teacher.X`` is the first
@@ -469,7 +471,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run directories or trees of them (multirun sweep dirs)")
     parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
                         help="grouping keys, comma-separated (e.g. method,noise.rate); "
-                             "default: method + the overrides that vary, minus seed")
+                             "default: method + the overrides that vary, minus seed, resume, "
+                             "logger and other keys that do not change the experiment")
     parser.add_argument("--metric", type=_comma_list, default=list(DEFAULT_METRICS),
                         metavar="NAMES", help="results.json paths, comma-separated "
                         f"(default: {','.join(DEFAULT_METRICS)})")

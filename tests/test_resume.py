@@ -216,9 +216,11 @@ def test_a_sweep_stopped_mid_way_and_resumed_reports_as_if_never_stopped(tmp_pat
     assert again.returncode == 0 and f"kdlab: already finished: {kd0}, skipped" in again.stdout
     assert (kd0 / "results.json").read_bytes() == done
 
-    # the rest: the sweep's own command + resume=true finds the sweep, skips finished jobs
+    # the rest: the sweep's own command + resume=true (overrides in any order) finds the
+    # sweep and skips the finished jobs
     finished = {d: (d / "results.json").read_bytes() for d in (ce0, ce1, kd0)}
-    resumed = cli("train", "-m", *SWEEP, "resume=true", cwd=tmp_path, env=run_env)
+    reordered = ["seed=1,0", "method=kd,ce", *SWEEP[2:][::-1]]
+    resumed = cli("train", "-m", *reordered, "resume=true", cwd=tmp_path, env=run_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"kdlab: resuming the sweep in multirun/{sweep.parent.name}/{sweep.name}" in \
         resumed.stderr
@@ -232,3 +234,10 @@ def test_a_sweep_stopped_mid_way_and_resumed_reports_as_if_never_stopped(tmp_pat
         assert cli("report", str(d), cwd=tmp_path).returncode == 0
     assert read_csv(sweep / "report.csv") == read_csv(reference_dir / "report.csv")
     assert list(read_csv(sweep / "report.csv")[0])[:3] == ["method", "n", "seeds"]
+
+    # extended with a seed: only the new job runs
+    extended = cli("train", "-m", "method=ce", "seed=0,1,2", *SWEEP[2:], "resume=true",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=run_env)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert extended.stdout.count("already finished:") == 2
+    assert (sweep / names[0].replace("seed=0", "seed=2") / "results.json").exists()
