@@ -5,8 +5,10 @@ Finds run directories under each PATH (single runs and multirun trees: a directo
 ``.hydra/config.yaml``, or ``config.yaml`` next to ``results.json``/``failed.json``), groups
 the finished runs by their configuration minus the seed and prints mean +/- std over the
 seeds of each group. Default grouping: ``method`` plus every override (from
-``.hydra/overrides.yaml``) whose value differs between runs, except ``seed``; ``--by`` names
-the keys instead (config keys such as ``noise.rate``, or config groups such as ``method``).
+``.hydra/overrides.yaml``) whose value differs between runs, except ``seed`` and the keys that
+do not change the experiment (``resume``, ``logger``, threads, paths:
+:func:`kdlab.config.not_the_experiment`); ``--by`` names the keys instead (config keys such
+as ``noise.rate``, or config groups such as ``method``).
 
 Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``, ``val.nll``,
 ``mixing.label_weight_noisy``, ``teachers.0.agreement``); ``teacher.X`` is the first
@@ -49,12 +51,13 @@ DEFAULT_METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece", "te
 HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
            "test_last.acc": "test acc (last)", "test_last.ece": "test ECE (last)",
            "teacher.acc": "teacher test acc"}
-NEVER_GROUP = ("seed",)
+NEVER_GROUP = ("seed",)  # and the keys that do not change the experiment (not_the_experiment)
 RUN_MIXING_PLOT = "alm_mixing_weights.png"  # an ALM-KD run's weights over training
 SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints", "ranks"}
-# Config parts that differ between machines or runs without changing the experiment.
-NOT_THE_EXPERIMENT = ("seed", "paths.", "num_threads", "trainer.enable_progress_bar",
-                      "dataset.num_workers", "dataset.root", "callbacks", "logger.")
+# Config parts that may differ within a group without a note: the seed, extra callbacks, and
+# every key that does not change the experiment (kdlab.config.not_the_experiment: resume,
+# logger, threads, machine paths ...; the list that also keeps them out of job dir names).
+NOT_NOTED = ("seed", "callbacks")
 
 
 class ReportError(Exception):
@@ -349,20 +352,28 @@ def difference_legend(baseline: str, others: list[str]) -> list[str]:
 
 
 def default_keys(runs: list[Run]) -> list[str]:
-    """``method`` plus every override key whose value differs between runs (never the seed)."""
+    """``method`` plus every override key whose value differs between runs (never the seed,
+    nor a key that does not change the experiment, such as resume or logger)."""
+    from .config import changes_the_experiment
+
     keys: list[str] = ["method"]
     for run in runs:
         for key in run.overrides:
-            if key not in keys and key not in NEVER_GROUP and not key.startswith("hydra"):
+            if key not in keys and key not in NEVER_GROUP and not key.startswith("hydra") \
+                    and changes_the_experiment(key):
                 keys.append(key)
     return [k for k in keys if k == "method" or len({r.value(k) for r in runs}) > 1]
 
 
 def config_differences(runs: list[Run]) -> list[str]:
-    """Config keys (other than the seed and machine paths) that differ between ``runs``."""
+    """Config keys that differ between ``runs`` (other than the seed, callbacks, and keys
+    that do not change the experiment)."""
+    from .config import changes_the_experiment
+
     flat = pd.json_normalize([r.config for r in runs], sep=".")
-    return [c for c in flat.columns if not c.startswith(NOT_THE_EXPERIMENT)
-            and flat[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in flat.columns if changes_the_experiment(c) and not any(
+        c == k or c.startswith(f"{k}.") for k in NOT_NOTED)
+        and flat[c].astype(str).nunique(dropna=False) > 1]
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -620,7 +631,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run directories or trees of them (multirun sweep dirs)")
     parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
                         help="grouping keys, comma-separated (e.g. method,noise.rate); "
-                             "default: method + the overrides that vary, minus seed")
+                             "default: method + the overrides that vary, minus seed, resume, "
+                             "logger and other keys that do not change the experiment")
     parser.add_argument("--metric", type=_comma_list, default=list(DEFAULT_METRICS),
                         metavar="NAMES", help="results.json paths, comma-separated "
                         f"(default: {','.join(DEFAULT_METRICS)})")
