@@ -19,6 +19,8 @@ examples:
   kdlab train                                  # digits: cnn_small <- cnn, KD
   kdlab train method=alm_kd dataset=cifar100   # resnet8x4 <- resnet32x4 on the CIFAR recipe
   kdlab train -m method=ce,kd seed=0,1,2       # a sweep
+  kdlab train -m method=ce,kd seed=0,1,2 resume=true   # continue it after a stop
+  sh outputs/2026-11-23/18-25-14-kd/resume.sh  # continue one stopped run
   kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10
   kdlab report multirun/2026-11-23/19-00-00 --html
   python scripts/reproduce_cifar100.py --dry-run   # the README's CIFAR-100 table on a GPU
@@ -31,12 +33,15 @@ See docs/extending.md.
 
 from __future__ import annotations
 
+import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,54 +54,115 @@ VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "
 OTHER_MODES = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve",
                "--package", "-p", "--shell-completion", "-sc", "--version")
 MULTIRUN = ("-m", "--multirun")
+log = logging.getLogger("kdlab")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdlab.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float:
     from .config import check_added_keys
+    from .run_dir import RunDir
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    in_sweep = hc.mode == RunMode.MULTIRUN
     try:
         check_added_keys(cfg, list(hc.overrides.task))
+        recorded = RunDir(output_dir).finished_results(cfg)  # resume=true: skip finished runs
+        if recorded is not None:
+            log.info("already finished: %s, skipped", output_dir)
+            return float(recorded["val"]["acc"])
         check_launcher_strategy(cfg, hc, output_dir)
         print_plan(cfg)
         from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
 
         results = run(cfg, output_dir)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into exit(1))
+        print(f"kdlab: interrupted: {_shown(output_dir)}", file=sys.stderr)
+        print(continue_hint(hc, output_dir), file=sys.stderr)
+        raise KeyboardInterrupt from None  # a sweep stops here too; main() exits 130
     except Exception as e:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # Hydra records the failed job; the sweep goes on
-        fail(e, output_dir)
+        if not in_sweep:
+            fail(e, output_dir)
+        # one line per failed job; Hydra records the job as failed and the sweep goes on
+        message = f"{_shown(output_dir)}: {error_message(e, output_dir)}"
+        print(f"kdlab: error: {message}", file=sys.stderr)
+        raise SweepJobFailed(f"kdlab: first failed job: {message}\n"
+                             f"{continue_hint(hc, output_dir)}") from None
     return float(results["val"]["acc"])
+
+
+class SweepJobFailed(CompactHydraException):
+    """A sweep job's error, already reported on one line: Hydra prints this message (once,
+    for the first failed job, when the sweep ends) instead of a traceback."""
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def continue_hint(hc: DictConfig, output_dir: Path) -> str:
+    """How to continue after a failure or an interruption: the sweep's command + resume=true
+    (from its multirun.yaml), or the run's own resume.sh."""
+    from .run_dir import RESUME_SCRIPT, config_dir_args, hydra_quoted, kdlab_executable
+
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = f"hydra.sweep.dir={hydra_quoted(str(hc.sweep.dir))}"
+        multirun = Path(str(hc.sweep.dir)) / "multirun.yaml"
+        if not multirun.is_file():  # a sweeper that writes none (Optuna)
+            return ("kdlab: continue the sweep (finished jobs are skipped) with the same "
+                    f"command + resume=true {shlex.quote(sweep_dir)}")
+        recorded = OmegaConf.load(multirun).hydra.overrides
+        args = [kdlab_executable(), "train", "-m", *config_dir_args(hc)]
+        args += [o for o in recorded.task if _key(o) != "resume"]
+        args += [o for o in recorded.hydra
+                 if _key(o) not in ("hydra.mode", "hydra.sweep.dir", EXCLUDE_KEYS)]
+        return ("kdlab: continue the sweep (finished jobs are skipped) with: "
+                + " ".join(shlex.quote(a) for a in [*args, sweep_dir, "resume=true"]))
+    script = output_dir / RESUME_SCRIPT
+    if script.is_file() and not (output_dir / "results.json").exists():
+        return f"kdlab: continue this run with: sh {shlex.quote(_shown(script))}"
+    return "kdlab: continue with the same command + resume=true"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def print_plan(cfg: DictConfig) -> None:
     """What the run will do (teachers, student, epochs, schedule): rank 0, into train.log."""
-    import logging
-
     from .plan import describe_plan
     from .run_dir import is_launching_process
 
     if is_launching_process():
-        logging.getLogger("kdlab").info(describe_plan(cfg))
+        log.info(describe_plan(cfg))
+
+
+def error_message(error: BaseException, output_dir: Path | None = None) -> str:
+    """An error as one line; an unexpected one keeps its traceback in error.log."""
+    if isinstance(error, KdlabError):
+        return str(error)
+    where = ""
+    if output_dir is not None and output_dir.is_dir():
+        import traceback
+
+        log_file = output_dir / "error.log"
+        log_file.write_text("".join(traceback.format_exception(error)))
+        where = f"; traceback in {log_file}"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"unexpected {type(error).__name__}: {first}{where}"
 
 
 def fail(error: BaseException, output_dir: Path | None = None) -> None:
-    """One line on stderr and exit 1; unexpected errors keep their traceback in error.log."""
-    if isinstance(error, KdlabError):
-        message = str(error)
-    else:
-        where = ""
-        if output_dir is not None and output_dir.is_dir():
-            import traceback
-
-            log = output_dir / "error.log"
-            log.write_text("".join(traceback.format_exception(error)))
-            where = f"; traceback in {log}"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        message = f"unexpected {type(error).__name__}: {first}{where}"
-    print(f"kdlab: error: {message}", file=sys.stderr)
+    """One line on stderr and exit 1 (and, for a run that started, how to continue it)."""
+    print(f"kdlab: error: {error_message(error, output_dir)}", file=sys.stderr)
+    if output_dir is not None and (output_dir / "failed.json").is_file():
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        if hc is not None:
+            print(continue_hint(hc, output_dir), file=sys.stderr)
     raise SystemExit(1) from None
 
 
@@ -142,20 +208,39 @@ def hydra_error_line(error: Exception) -> str:
     return "; ".join(line.rstrip(".") for line in lines[:2])
 
 
+def parsed_overrides(overrides: list[str]) -> list:
+    """Hydra's reading of the overrides (key, value, sweep or not); [] if they do not parse
+    (Hydra then reports the error itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return []
+
+
+def given_value(parsed: list, key: str) -> object:
+    """The value a (non-sweep) override gives ``key``; None if none does."""
+    found = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override()]
+    return found[-1].value() if found else None
+
+
 def check_overrides(args: list[str]) -> None:
     """Compose and validate a single run's config up front, so that bad input fails in one
-    line before Hydra writes anything."""
+    line before Hydra writes anything; the run's directory is checked (finished: refused, or
+    skipped with resume=true; unfinished: only with resume=true) and its data fetched."""
     overrides, config_dirs, multirun, other = split_arguments(args)
     if multirun or other:
         return  # sweeps: each job is validated before it starts; --help etc.: Hydra's
-    from .config import compose, validate
-    from .run_dir import finished_run_error
+    from .config import compose, instantiate_datamodule, validate
+    from .run_dir import RunDir, finished_run_error
 
-    for arg in overrides:  # Hydra writes .hydra/ into the run directory: check it first
-        if arg.startswith("hydra.run.dir="):
-            finished = finished_run_error(Path(arg.split("=", 1)[1].strip("'\"")))
-            if finished:
-                fail(finished)
+    parsed = parsed_overrides(overrides)
+    run_dir, resume = given_value(parsed, "hydra.run.dir"), given_value(parsed, "resume")
+    if run_dir is not None and resume is not True:  # Hydra writes .hydra/ into the run dir
+        finished = finished_run_error(Path(str(run_dir)))
+        if finished:
+            fail(finished)
     try:
         cfg = compose(overrides, config_dirs)
     except KdlabError as e:
@@ -164,8 +249,96 @@ def check_overrides(args: list[str]) -> None:
         fail(ConfigError(hydra_error_line(e)))
     try:
         validate(cfg)
+        if run_dir is not None:
+            directory = RunDir(Path(str(run_dir)))
+            if directory.finished_results(cfg) is not None:
+                print(f"kdlab: already finished: {run_dir}, skipped")
+                raise SystemExit(0)
+            refused = directory.refusal(cfg)
+            if refused:
+                raise refused
+        # the data, before there is a run directory: a failed download leaves none
+        instantiate_datamodule(cfg).prepare_data()
     except KdlabError as e:
         fail(e)
+
+
+def resume_sweep(args: list[str]) -> list[str]:
+    """``-m ... resume=true`` without hydra.sweep.dir: the arguments + the directory of the
+    latest sweep under hydra.sweep.dir's root (multirun/) that ran the same overrides."""
+    from .config import compose
+    from .run_dir import hydra_quoted
+
+    overrides, config_dirs, multirun, other = split_arguments(args)
+    parsed = parsed_overrides(overrides)
+    if not multirun or other or given_value(parsed, "resume") is not True or any(
+            o.key_or_group == "hydra.sweep.dir" for o in parsed):
+        return args
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    try:
+        template = OmegaConf.to_container(compose(fixed, config_dirs, keep_hydra=True).hydra,
+                                          resolve=False)["sweep"]["dir"]
+    except Exception:
+        return args  # Hydra reports the error when it composes the sweep
+    if "${" not in template:
+        return args  # one fixed sweep directory: Hydra uses it again
+    fixed_part = template[:template.index("${")].rpartition("/")[0]  # multirun
+    root = Path(fixed_part or ".")
+    depth = template[len(fixed_part):].strip("/").count("/") + 1  # <date>/<time>: 2
+    wanted = same_sweep_key(overrides)
+    candidates = sorted(root.glob("/".join(["*"] * depth) + "/multirun.yaml"),
+                        key=lambda f: (f.stat().st_mtime, str(f)), reverse=True)
+    for record in candidates:
+        try:
+            recorded = list(OmegaConf.load(record).hydra.overrides.task)
+        except Exception:
+            continue
+        if same_sweep_key(recorded) == wanted:
+            sweep_dir = record.parent
+            print(f"kdlab: resuming the sweep in {sweep_dir} (the latest under {root} with "
+                  "these overrides): finished jobs are skipped", file=sys.stderr)
+            return [*args, f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}"]
+    fail(ConfigError(f"resume=true: no sweep under {root}/ ran these overrides (resume and "
+                     "keys that do not change the experiment aside); name the sweep to "
+                     "continue with hydra.sweep.dir=<its directory>"))
+    return args
+
+
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def name_swept_keys(args: list[str]) -> list[str]:
+    """A sweep over keys that do not change the experiment (``logger=csv,wandb``,
+    ``num_threads=1,4``) keeps those keys in its job directory names, which would be the same
+    otherwise: the arguments + the exclude list without them."""
+    from .config import not_the_experiment
+
+    overrides, _, multirun, other = split_arguments(args)
+    parsed = parsed_overrides(overrides)
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    if not multirun or other or not swept & set(not_the_experiment()) or any(
+            o.key_or_group == EXCLUDE_KEYS for o in parsed):
+        return args
+    keep = [k for k in not_the_experiment() if k not in swept]
+    return [*args, f"{EXCLUDE_KEYS}=[{','.join(keep)}]"]
+
+
+def same_sweep_key(overrides: list[str]) -> set:
+    """What makes two sweeps the same: each experiment override's key and its values (in any
+    order; resume, logger, threads, paths ... aside)."""
+    from .config import changes_the_experiment
+
+    key = set()
+    for o in parsed_overrides(list(overrides)):
+        if o.key_or_group.startswith("hydra") or not changes_the_experiment(o.key_or_group):
+            continue
+        try:
+            values = tuple(sorted(o.sweep_string_iterator())) if o.is_sweep_override() \
+                else (o.get_value_element_as_str(),)
+        except Exception:  # sweeps that cannot be listed (intervals): as written
+            values = (o.input_line,)
+        key.add((o.get_key_element(), values))
+    return key
 
 
 # Sweep launchers and the multi-process strategies they can host (measured: DESIGN.md).
@@ -221,15 +394,16 @@ def list_methods(config_dirs: list[str] = ()) -> str:
     for root in [conf_dir(), *map(Path, config_dirs)]:
         for path in sorted((root / "method").glob("*.yaml")):
             found[path.stem] = path  # a user's config of the same name wins, as in Hydra
-    lines = []
+    lines, width = [], max(map(len, found), default=0)
     for name, path in sorted(found.items()):
-        target = str(OmegaConf.load(path).get("_target_", ""))
+        config = OmegaConf.load(path)
+        target = str(config.get("_target_", ""))
         try:
-            description = import_target(target, f"method {name}").description
+            description = import_target(target, f"method {name}").describe(config)
         except KdlabError as e:
             description = f"(cannot import: {e})"
         origin = "" if path.parent.parent == conf_dir() else f"  [{path}]"
-        lines.append(f"  {name:<18} {description}{origin}")
+        lines.append(f"  {name:<{width}}  {description}{origin}")
     return "methods (kdlab train method=NAME):\n" + "\n".join(lines)
 
 
@@ -263,8 +437,11 @@ def main() -> None:
                   "methods", file=sys.stderr)
             raise SystemExit(2)
     check_overrides(rest)
-    sys.argv = [sys.argv[0], *rest]
-    train_app()
+    sys.argv = [sys.argv[0], *name_swept_keys(resume_sweep(rest))]
+    try:
+        train_app()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # what was interrupted, and how to continue: above
 
 
 if __name__ == "__main__":

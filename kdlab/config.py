@@ -10,6 +10,7 @@ runs it again for configs composed in scripts and notebooks.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -41,12 +42,29 @@ def conf_dir() -> Path:
     return Path(str(resources.files(CONFIG_MODULE)))
 
 
+@functools.cache
+def not_the_experiment() -> tuple[str, ...]:
+    """Config keys that do not change what a run computes (``resume``, ``logger``, threads,
+    machine paths, ...): conf/train.yaml's ``hydra.job.config.override_dirname.exclude_keys``,
+    the one list that keeps them out of sweep job directory names, out of ``kdlab report``'s
+    grouping and out of resume's same-config check."""
+    train = OmegaConf.load(conf_dir() / "train.yaml")
+    return tuple(train.hydra.job.config.override_dirname.exclude_keys)
+
+
+def changes_the_experiment(key: str) -> bool:
+    """False for a key of :func:`not_the_experiment` or below one (``logger.wandb.tags``)."""
+    key = key.lstrip("+~")
+    return not any(key == k or key.startswith(f"{k}.") for k in not_the_experiment())
+
+
 def compose(overrides: list[str] | None = None, config_dirs: list[str | Path] = (),
-            config_name: str = "train") -> DictConfig:
+            config_name: str = "train", keep_hydra: bool = False) -> DictConfig:
     """The config ``kdlab train OVERRIDES`` would run, composed outside a Hydra app.
 
     ``config_dirs`` are extra config directories (like ``--config-dir``), searched before
     kdlab's own. ``choices`` holds the option names; ``+key`` overrides are checked.
+    ``keep_hydra``: keep Hydra's own settings under ``hydra`` (unresolved).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -75,7 +93,8 @@ def compose(overrides: list[str] | None = None, config_dirs: list[str | Path] = 
     choices = cfg.hydra.runtime.choices
     with open_dict(cfg):
         cfg.choices = {g: choices.get(g) for g in CHOICE_GROUPS}
-        del cfg["hydra"]
+        if not keep_hydra:
+            del cfg["hydra"]
     check_added_keys(cfg, overrides)
     return cfg
 

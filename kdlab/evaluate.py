@@ -10,9 +10,14 @@ ECE with 15 bins, NLL, Brier), computed by the same test step, in the run's prec
 ``precision=`` says otherwise, so a run evaluated on its own test split gives its
 results.json ``test`` numbers.
 
+The labels scored against are the split's own: on a train split with label noise, the
+noisy labels (the student's training labels when the noise is the run's); ``labels=clean``
+scores against the clean labels of the same examples instead. The printout, the diagram's
+title and eval.json (``labels``) say which.
+
 Writes ``eval.json`` and ``reliability.png`` into ``out=DIR`` (default
-``<run dir>/eval-<dataset>``; ``-<split>`` and ``-<checkpoint>`` are added when they are not
-``test`` and ``best``) and prints a small table.
+``<run dir>/eval-<dataset>``; ``-<split>``, ``-clean`` and ``-<checkpoint>`` are added when
+they are not ``test``, ``given`` and ``best``) and prints a small table.
 """
 
 from __future__ import annotations
@@ -40,21 +45,25 @@ reliability.png.
   noise=NAME, noise.rate=R, seed=S, paths.data_dir=DIR    as in kdlab train (label noise
                       only changes the train split)
   split=test          test | val | meta | train
+  labels=given        given: the split's labels (on a noisy train split: the noisy labels,
+                      the student's training labels) | clean: the labels before the noise
   checkpoint=best     best | last (for a run directory)
   precision=P         default: the run's precision (results.json), else 32-true
   accelerator=A       auto (default) | cpu | gpu
-  out=DIR             default: <run dir>/eval-<dataset>[-<split>][-<checkpoint>];
+  out=DIR             default: <run dir>/eval-<dataset>[-<split>][-clean][-<checkpoint>];
                       for a checkpoint outside a run directory, next to it:
-                      eval-<dataset>[-<split>]-<checkpoint file name>
+                      eval-<dataset>[-<split>][-clean]-<checkpoint file name>
 
 examples:
   kdlab eval outputs/2026-11-23/18-25-14-kd
   kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10 split=test
   kdlab eval path/to/best.ckpt dataset=cifar100 out=eval-c100
+  kdlab eval outputs/2026-11-23/18-25-14-kd split=train labels=clean
 """
 
 SPLITS = ("test", "val", "meta", "train")
-OPTIONS = ("split", "checkpoint", "precision", "accelerator", "out")
+OPTIONS = ("split", "labels", "checkpoint", "precision", "accelerator", "out")
+LABELS = ("given", "clean")
 CONFIG_KEYS = ("dataset", "noise", "seed", "paths")
 
 
@@ -125,6 +134,10 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     split = options.get("split", "test")
     if split not in SPLITS:
         raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    labels = options.get("labels", "given")
+    if labels not in LABELS:
+        raise EvalError(f"labels must be given (the split's own, noisy on a noisy train split) "
+                        f"or clean, got {labels!r}")
     return options, overrides
 
 
@@ -180,10 +193,12 @@ def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def default_out(ckpt: Path, run_dir: Path | None, dataset: str, split: str) -> Path:
-    """<run dir>/eval-<dataset>[-<split>][-<checkpoint>]; next to a lone checkpoint:
-    eval-<dataset>[-<split>]-<checkpoint name>."""
-    parts = [dataset] + ([split] if split != "test" else [])
+def default_out(ckpt: Path, run_dir: Path | None, dataset: str, split: str,
+                labels: str = "given") -> Path:
+    """<run dir>/eval-<dataset>[-<split>][-clean][-<checkpoint>]; next to a lone checkpoint:
+    eval-<dataset>[-<split>][-clean]-<checkpoint name>."""
+    parts = [dataset] + ([split] if split != "test" else []) + (
+        [labels] if labels != "given" else [])
     if run_dir is None or ckpt.stem != "best":
         parts.append(ckpt.stem)
     return (run_dir if run_dir is not None else ckpt.parent) / ("eval-" + "-".join(parts))
@@ -236,9 +251,10 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     run_results = (json.loads(results_file.read_text())
                    if results_file is not None and results_file.is_file() else None)
     cfg = data_config(run_cfg, overrides)
-    split = options.get("split", "test")
+    split, labels = options.get("split", "test"), options.get("labels", "given")
 
     from .config import instantiate_datamodule
+    from .data.base import ArrayDataset
     from .loggers import quiet_lightning
 
     quiet_lightning()
@@ -249,15 +265,34 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     dm.check()
     dm.setup()
     check_data_fits(module, dm, dataset)
-    if split != "test":
-        dm.splits["test"] = dm.splits[split]  # the test loop runs over the chosen split
+    chosen = dm.splits[split]
+    if labels == "clean":
+        chosen = ArrayDataset(chosen.inputs, chosen.clean_targets)
+    dm.splits["test"] = chosen  # the test loop runs over the chosen split and labels
 
     precision = options.get("precision") or (run_results or {}).get("precision") or "32-true"
     metrics, bins = _test(module, dm, precision, options.get("accelerator", "auto"))
     out = Path(options["out"]) if options.get("out") else default_out(ckpt, run_dir, dataset,
-                                                                        split)
+                                                                        split, labels)
     return _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split,
-                  dm, precision, metrics, bins)
+                  labels, dm, precision, metrics, bins)
+
+
+def describe_labels(split: str, labels: str, noise: dict[str, Any], trained_on: bool) -> str:
+    """Which labels an evaluation scores against, in words. ``noise``: the datamodule's
+    (type, rate, realised_rate); ``trained_on``: the data and noise are the run's own."""
+    if split != "train":
+        return f"{split} split, clean labels (label noise only touches the train split)"
+    if noise["type"] == "none" or not noise["rate"]:
+        return "train split, clean labels (no label noise)"
+    kind = f"{noise['type']} {noise['rate']:g} noise"
+    realised = f"realised rate {noise['realised_rate']:.3f}"
+    if labels == "clean":
+        return (f"train split, clean labels: those before the {kind}"
+                f"{' the student trained on' if trained_on else ''} ({realised})")
+    return (f"train split with {kind} ({realised})"
+            f"{': the labels the student trained on' if trained_on else ''}; "
+            "labels=clean scores against the clean ones")
 
 
 def _test(module, dm, precision: str, accelerator: str):
@@ -278,8 +313,8 @@ def _test(module, dm, precision: str, accelerator: str):
     return metrics, bins
 
 
-def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split, dm,
-           precision, metrics, bins) -> dict[str, Any]:
+def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split, labels,
+           dm, precision, metrics, bins) -> dict[str, Any]:
     from .io import atomic_write_json
     from .plots import reliability_diagram
     from .teachers import describe_model
@@ -292,12 +327,19 @@ def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset,
                  and run_results.get("dataset") == dataset
                  and OmegaConf.to_container(cfg.dataset) == OmegaConf.to_container(
                      (run_cfg or {}).get("dataset", {})))
+    keys = ("dataset", "noise", "seed")  # the student's own training labels?
+    trained_on = run_cfg is not None and OmegaConf.to_container(
+        OmegaConf.create({k: cfg.get(k) for k in keys})) == OmegaConf.to_container(
+        OmegaConf.create({k: run_cfg.get(k) for k in keys}))
+    noise = dm.describe()["noise"]
     report = {
         "checkpoint": str(ckpt), "run_dir": str(run_dir) if run_dir else None,
         # the epoch the checkpoint was written after, counted from 1 (Lightning's from 0)
         "epoch": None if data.get("epoch") is None else int(data["epoch"]) + 1,
         "student": student, "dataset": dataset, "split": split,
-        "size": len(dm.splits[split]), "noise": dm.describe()["noise"], "seed": int(cfg.seed),
+        "labels": {"kind": labels,
+                   "description": describe_labels(split, labels, noise, trained_on)},
+        "size": len(dm.splits[split]), "noise": noise, "seed": int(cfg.seed),
         "precision": str(precision), "metrics": metrics,
         "reliability": {"n_bins": len(bins["count"]), **bins},
         # the run's own numbers for this checkpoint on this data, for comparison
@@ -305,7 +347,9 @@ def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", report)
-    title = f"{student['name']} ({ckpt.name}) on {dataset} {split}"
+    title = f"{student['name']} ({ckpt.name}) on {dataset} {split}" + (
+        f", {'noisy' if labels == 'given' else 'clean'} labels"
+        if split == "train" and noise["type"] != "none" and noise["rate"] else "")
     reliability_diagram(bins, out / "reliability.png", title)
     print(summary(report, out))
     return report
@@ -326,7 +370,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
     epoch = f", epoch {report['epoch']}" if report["epoch"] is not None else ""
     head = (f"kdlab eval: student {student['name']} ({student['arch']}) from "
             f"{report['checkpoint']}{epoch}\non {report['dataset']} {report['split']} "
-            f"({report['size']} examples, precision {report['precision']})")
+            f"({report['size']} examples, precision {report['precision']})\n"
+            f"labels: {report['labels']['description']}")
     body = "\n".join(lines)
     return f"{head}\n{body}\nwrote {out / 'eval.json'} and {out / 'reliability.png'}"
 

@@ -189,7 +189,8 @@ class DistillModule(pl.LightningModule):
                 self.max_epochs, dm.augmentation_views, bool(self.method.teacher_features),
                 self.method.transforms_batch):
             self._teachers.build_view_cache(
-                dm, key=lambda: data_key(dm, str(self.trainer.precision)) + b"|views",
+                dm, key=lambda: data_key(dm, str(self.trainer.precision))
+                + f"|views:{dm.augmentation_views}".encode(),  # the crop padding's views
                 device=self.device, precision=self.precision_context,
                 dtype=torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32,
                 show_progress=self.is_global_zero and self.trainer.progress_bar_callback

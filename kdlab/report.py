@@ -5,8 +5,10 @@ Finds run directories under each PATH (single runs and multirun trees: a directo
 ``.hydra/config.yaml``, or ``config.yaml`` next to ``results.json``/``failed.json``), groups
 the finished runs by their configuration minus the seed and prints mean +/- std over the
 seeds of each group. Default grouping: ``method`` plus every override (from
-``.hydra/overrides.yaml``) whose value differs between runs, except ``seed``; ``--by`` names
-the keys instead (config keys such as ``noise.rate``, or config groups such as ``method``).
+``.hydra/overrides.yaml``) whose value differs between runs, except ``seed`` and the keys that
+do not change the experiment (``resume``, ``logger``, threads, paths:
+:func:`kdlab.config.not_the_experiment`); ``--by`` names the keys instead (config keys such
+as ``noise.rate``, or config groups such as ``method``).
 
 Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``, ``val.nll``,
 ``mixing.label_weight_noisy``, ``teachers.0.agreement``); ``teacher.X`` is the first
@@ -22,14 +24,22 @@ section and never averaged in. Written to ``--out`` (default: the first PATH):
 and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight); with ``--html`` also
 ``report.html``, one self-contained page with the tables and every plot inlined (ALM-KD runs'
 own weight plots included; :mod:`kdlab.report_html`).
+
+``--baseline METHOD`` adds, for every group, its difference from the baseline method's group
+with the same values of the other grouping keys, per metric, with a 95 % interval over
+seeds: paired by seed when the two groups share at least two seeds (the per-seed
+differences over the shared seeds: mean +/- t_{0.975, n-1} sd / sqrt(n)), Welch's unpaired
+interval otherwise (:func:`seed_difference`). Intervals that exclude 0 are marked ``*``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +52,13 @@ DEFAULT_METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece", "te
 HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
            "test_last.acc": "test acc (last)", "test_last.ece": "test ECE (last)",
            "teacher.acc": "teacher test acc"}
-NEVER_GROUP = ("seed",)
+NEVER_GROUP = ("seed",)  # and the keys that do not change the experiment (not_the_experiment)
 RUN_MIXING_PLOT = "alm_mixing_weights.png"  # an ALM-KD run's weights over training
 SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints", "ranks"}
-# Config parts that differ between machines or runs without changing the experiment.
-NOT_THE_EXPERIMENT = ("seed", "paths.", "num_threads", "trainer.enable_progress_bar",
-                      "dataset.num_workers", "dataset.root", "callbacks", "logger.")
+# Config parts that may differ within a group without a note: the seed, extra callbacks, and
+# every key that does not change the experiment (kdlab.config.not_the_experiment: resume,
+# logger, threads, machine paths ...; the list that also keeps them out of job dir names).
+NOT_NOTED = ("seed", "callbacks")
 
 
 class ReportError(Exception):
@@ -221,21 +232,149 @@ def markdown_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -
                                                              disable_numparse=True)
 
 
+# -- differences from a baseline --------------------------------------------------------------
+
+
+def t_quantile(df: float, level: float = 0.975) -> float:
+    """The ``level`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(level, df))
+
+
+def seed_difference(values: pd.Series, baseline: pd.Series) -> dict[str, Any] | None:
+    """Mean difference ``values - baseline`` (metric values indexed by seed) with a 95 %
+    interval: ``diff``, ``lo``, ``hi``, ``paired``, ``n``, ``df``.
+
+    Paired when the two share at least two seeds and neither repeats one: d_s = values_s -
+    baseline_s over the shared seeds s, diff = mean(d), interval diff +/- t_{0.975, n-1}
+    sd(d) / sqrt(n), n = the shared seeds. Otherwise Welch: diff = mean(values) -
+    mean(baseline), se^2 = var_a / n_a + var_b / n_b, Welch-Satterthwaite df, n = the runs of
+    ``values``; with fewer than two runs on either side, the difference alone (no interval).
+    Zero spread gives the interval [diff, diff]. None when either side has no value."""
+    values, baseline = values.dropna().astype(float), baseline.dropna().astype(float)
+    if values.empty or baseline.empty:
+        return None
+    shared = sorted(set(values.index) & set(baseline.index))
+    unique = values.index.is_unique and baseline.index.is_unique
+    if unique and len(shared) >= 2:
+        d = values[shared] - baseline[shared]
+        n, diff, df = len(d), float(d.mean()), float(len(d) - 1)
+        se = float(d.std(ddof=1)) / math.sqrt(n)
+        paired = True
+    else:
+        n, paired = len(values), False
+        diff = float(values.mean() - baseline.mean())
+        if len(values) < 2 or len(baseline) < 2:
+            return {"diff": diff, "lo": math.nan, "hi": math.nan, "paired": False, "n": n,
+                    "df": math.nan}
+        var_a, var_b = values.var(ddof=1) / len(values), baseline.var(ddof=1) / len(baseline)
+        se = math.sqrt(var_a + var_b)
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(values) - 1)
+                                     + var_b ** 2 / (len(baseline) - 1)) if se > 0 else math.nan
+    half = t_quantile(df) * se if se > 0 else 0.0
+    return {"diff": diff, "lo": diff - half, "hi": diff + half, "paired": paired, "n": n,
+            "df": df}
+
+
+def resolved(lo: float, hi: float) -> bool:
+    """The interval excludes 0."""
+    return lo > 0 or hi < 0
+
+
+def baseline_differences(frame: pd.DataFrame, summary: pd.DataFrame, keys: list[str],
+                         metrics: list[str], baseline: str) -> pd.DataFrame:
+    """``summary`` plus, per metric m, ``m_diff``, ``m_diff_lo``, ``m_diff_hi``,
+    ``m_diff_paired``, ``m_diff_n``, ``m_diff_df`` (:func:`seed_difference`) against the row
+    of method ``baseline`` with the same values of the other keys; empty (NaN) for the
+    baseline rows themselves and for rows without such a baseline row."""
+    others = [k for k in keys if k != "method"]
+    groups = {key if isinstance(key, tuple) else (key,): rows
+              for key, rows in frame.groupby(keys, sort=False, dropna=False)}
+    base_rows = {tuple(row[k] for k in others): tuple(row[k] for k in keys)
+                 for _, row in summary.iterrows() if row["method"] == baseline}
+    out = summary.copy()
+    for m in metrics:
+        column = metric_column(frame, m)
+        found = []
+        for _, row in summary.iterrows():
+            group = tuple(row[k] for k in keys)
+            base = base_rows.get(tuple(row[k] for k in others))
+            if column not in frame or base is None or base == group:
+                found.append(None)
+                continue
+            found.append(seed_difference(_by_seed(groups[group], column),
+                                         _by_seed(groups[base], column)))
+        for field_name in ("diff", "lo", "hi", "paired", "n", "df"):
+            name = f"{m}_diff" if field_name == "diff" else f"{m}_diff_{field_name}"
+            dtype = {"paired": "boolean", "n": "Int64"}.get(field_name, "float64")
+            out[name] = pd.array([None if f is None else f[field_name] for f in found],
+                                 dtype=dtype)
+    return out
+
+
+def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
+    return pd.Series(pd.to_numeric(rows[column], errors="coerce").to_numpy(),
+                     index=rows["seed"].to_numpy())
+
+
+def difference_table(diffs: pd.DataFrame, keys: list[str], metrics: list[str],
+                     baseline: str) -> pd.DataFrame:
+    """The differences as shown: ``+diff [lo, hi]`` with ``*`` when the interval excludes 0
+    and how it was computed; ``baseline`` on the baseline rows, empty without a baseline."""
+    def cell(row, m):
+        diff = row[f"{m}_diff"]
+        if row["method"] == baseline:
+            return "baseline"
+        if pd.isna(diff):
+            return ""
+        lo, hi, n = row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], int(row[f"{m}_diff_n"])
+        how = f"paired, n={n}" if row[f"{m}_diff_paired"] else f"Welch, n={n}"
+        if pd.isna(lo):
+            return f"{diff:+.4f} ({how}: no interval)"
+        mark = "*" if resolved(lo, hi) else ""
+        return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark} ({how})"
+
+    table = diffs[[*keys, "n", "seeds"]].copy()
+    for m in metrics:
+        table[f"Δ {HEADERS.get(m, m)}"] = [cell(row, m) for _, row in diffs.iterrows()]
+    return table
+
+
+def difference_legend(baseline: str, others: list[str]) -> list[str]:
+    same = f" with the same {', '.join(others)}" if others else ""
+    return [f"Δ = group − the `method={baseline}` group{same}, with a 95 % interval over "
+            "seeds. paired: over the seeds both groups have (at least two), the per-seed "
+            "differences' mean ± t(0.975, n−1) · sd / √n, n = shared seeds; Welch: unpaired "
+            "(the groups share fewer than two seeds), mean difference ± t(0.975, df) · "
+            "√(var₁/n₁ + var₂/n₂) with Welch–Satterthwaite df, n = this group's runs.",
+            "`*`: the interval excludes 0, the difference is resolved at 95 %; no `*`: it is "
+            "not. Empty: no baseline group with the same other keys."]
+
+
 def default_keys(runs: list[Run]) -> list[str]:
-    """``method`` plus every override key whose value differs between runs (never the seed)."""
+    """``method`` plus every override key whose value differs between runs (never the seed,
+    nor a key that does not change the experiment, such as resume or logger)."""
+    from .config import changes_the_experiment
+
     keys: list[str] = ["method"]
     for run in runs:
         for key in run.overrides:
-            if key not in keys and key not in NEVER_GROUP and not key.startswith("hydra"):
+            if key not in keys and key not in NEVER_GROUP and not key.startswith("hydra") \
+                    and changes_the_experiment(key):
                 keys.append(key)
     return [k for k in keys if k == "method" or len({r.value(k) for r in runs}) > 1]
 
 
 def config_differences(runs: list[Run]) -> list[str]:
-    """Config keys (other than the seed and machine paths) that differ between ``runs``."""
+    """Config keys that differ between ``runs`` (other than the seed, callbacks, and keys
+    that do not change the experiment)."""
+    from .config import changes_the_experiment
+
     flat = pd.json_normalize([r.config for r in runs], sep=".")
-    return [c for c in flat.columns if not c.startswith(NOT_THE_EXPERIMENT)
-            and flat[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in flat.columns if changes_the_experiment(c) and not any(
+        c == k or c.startswith(f"{k}.") for k in NOT_NOTED)
+        and flat[c].astype(str).nunique(dropna=False) > 1]
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -254,24 +393,36 @@ def _label(row, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys)
 
 
+LABEL_WIDTH = 40  # characters per line of a group's label in a plot legend or axis
+MARKERS = "osD^vP*Xhp"  # a new marker for every 10 groups (the colour cycle's length)
+
+
+def _plot_label(row, keys: list[str]) -> str:
+    """A group's label wrapped at its commas, so a long one grows down, not across."""
+    return textwrap.fill(_label(row, keys), LABEL_WIDTH, break_on_hyphens=False)
+
+
 def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
     points = summary.dropna(subset=["test.acc_mean", "test.ece_mean"]) \
         if "test.acc_mean" in summary and "test.ece_mean" in summary else summary.iloc[0:0]
     if points.empty:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for _, row in points.iterrows():
+    labels = [_plot_label(row, keys) for _, row in points.iterrows()]
+    # the legend beside the axes, never on a point: the figure is as tall as the legend needs
+    legend_inches = sum(0.12 * (label.count("\n") + 1) + 0.06 for label in labels) + 0.6
+    fig, ax = plt.subplots(figsize=(9.5, max(4.5, legend_inches)), layout="constrained")
+    for i, ((_, row), label) in enumerate(zip(points.iterrows(), labels, strict=True)):
         ax.errorbar(row["test.ece_mean"], row["test.acc_mean"],
                     xerr=0 if pd.isna(row["test.ece_std"]) else row["test.ece_std"],
                     yerr=0 if pd.isna(row["test.acc_std"]) else row["test.acc_std"],
-                    fmt="o", capsize=3, label=_label(row, keys))
+                    fmt=MARKERS[i // 10 % len(MARKERS)], capsize=3, label=label)
     ax.set_xlabel("test ECE (best on val; lower is better)")
     ax.set_ylabel("test accuracy (best on val)")
     ax.set_title("accuracy vs calibration: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the axes, never on it
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -295,8 +446,8 @@ def pooled_reliability(runs: list[Run]) -> dict[str, list[float]] | None:
 def plot_reliability(groups: list[tuple[str, list[Run]]], path: Path) -> Path | None:
     from .plots import reliability_grid
 
-    panels = [(f"{label} ({len(runs)} runs)", bins) for label, runs in groups
-              if (bins := pooled_reliability(runs)) is not None]
+    panels = [(f"{label} ({len(runs)} {'run' if len(runs) == 1 else 'runs'})", bins)
+              for label, runs in groups if (bins := pooled_reliability(runs)) is not None]
     if not panels:
         return None
     return reliability_grid(panels, path, "reliability on test (best on val), bins pooled "
@@ -312,20 +463,23 @@ def plot_mixing(frame: pd.DataFrame, keys: list[str], path: Path) -> Path | None
     if rows.empty:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 2), 4))
-    x = range(len(rows))
-    for offset, col, name, color in ((-0.2, cols[0], "clean examples", "#55A868"),
-                                     (0.2, cols[1], "noisy examples", "#C44E52")):
-        ax.bar([i + offset for i in x], rows[f"{col}_mean"].fillna(0), width=0.4,
-               yerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([_label(r, keys) for _, r in rows.iterrows()], fontsize=7, rotation=15,
-                       ha="right")
-    ax.set_ylabel("mean weight on the given label")
+    # one row of bars per group, its wrapped label beside it: long labels grow down
+    labels = [_plot_label(r, keys) for _, r in rows.iterrows()]
+    heights = [max(0.55, 0.13 * (label.count("\n") + 1) + 0.2) for label in labels]
+    fig, ax = plt.subplots(figsize=(9.0, sum(heights) + 1.3), layout="constrained")
+    y = [sum(heights[:i]) + h / 2 for i, h in enumerate(heights)]
+    for offset, col, name, color in ((-0.12, cols[0], "clean examples", "#55A868"),
+                                     (0.12, cols[1], "noisy examples", "#C44E52")):
+        ax.barh([v + offset for v in y], rows[f"{col}_mean"].fillna(0), height=0.24,
+                xerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(sum(heights), 0)  # the first group on top, as in the table
+    ax.set_xlabel("mean weight on the given label")
     ax.set_title("ALM-KD mixing: label weight, clean vs noisy (mean ± std over seeds)",
                  fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -348,6 +502,9 @@ class Report:
     notes: list[str]
     plots: list[Path]                   # report_*.png in the output directory
     run_plots: list[tuple[str, Path]]   # per-run figures worth showing (ALM-KD weights)
+    baseline: str | None = None         # --baseline METHOD
+    differences: pd.DataFrame | None = None  # the difference table as shown (--baseline)
+    difference_notes: list[str] = field(default_factory=list)  # its legend
 
     @property
     def intro(self) -> list[str]:
@@ -367,6 +524,11 @@ class Report:
             lines += [self.table.to_markdown(index=False, tablefmt="pipe",
                                              disable_numparse=True), ""]
         lines += [f"- note: {n}" for n in self.notes]
+        if self.differences is not None:
+            lines += ["", f"## Difference from the baseline `method={self.baseline}`", "",
+                      self.differences.to_markdown(index=False, tablefmt="pipe",
+                                                   disable_numparse=True), ""]
+            lines += [f"- {n}" for n in self.difference_notes]
         if self.failed is not None:
             lines += ["", "## Failed or unfinished runs", "",
                       self.failed.to_markdown(index=False, tablefmt="pipe",
@@ -377,7 +539,9 @@ class Report:
 
 
 def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
-                 sources: list[Path]) -> Report:
+                 sources: list[Path], baseline: str | None = None) -> Report:
+    """The report; with ``baseline`` (a method some finished run has, ``method`` among the
+    keys) ``summary`` also holds the differences (:func:`baseline_differences`)."""
     finished = [r for r in runs if r.status == "finished"]
     others = [r for r in runs if r.status != "finished"]
     frame = results_frame(runs, keys)
@@ -408,11 +572,18 @@ def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path
              plot_mixing(frame, keys, out / "report_mixing.png")]
     run_plots = [(f"{_relative(r.path, out)} (seed {r.seed})", r.path / RUN_MIXING_PLOT)
                  for r in finished if (r.path / RUN_MIXING_PLOT).is_file()]
+    differences = None
+    if baseline is not None and finished:
+        summary = baseline_differences(frame, summary, keys, metrics, baseline)
+        differences = difference_table(summary, keys, metrics, baseline)
     return Report(sources=list(sources), finished=len(finished), others=others, keys=keys,
                   metrics=metrics, summary=summary,
                   table=display_table(summary, keys, metrics) if finished else None,
                   failed=failed, notes=notes, plots=[p for p in plots if p is not None],
-                  run_plots=run_plots)
+                  run_plots=run_plots, baseline=baseline, differences=differences,
+                  difference_notes=difference_legend(baseline, [k for k in keys
+                                                                if k != "method"])
+                  if differences is not None else [])
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -466,7 +637,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run directories or trees of them (multirun sweep dirs)")
     parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
                         help="grouping keys, comma-separated (e.g. method,noise.rate); "
-                             "default: method + the overrides that vary, minus seed")
+                             "default: method + the overrides that vary, minus seed, resume, "
+                             "logger and other keys that do not change the experiment")
     parser.add_argument("--metric", type=_comma_list, default=list(DEFAULT_METRICS),
                         metavar="NAMES", help="results.json paths, comma-separated "
                         f"(default: {','.join(DEFAULT_METRICS)})")
@@ -475,6 +647,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--html", action="store_true",
                         help="also write report.html: one self-contained page (tables and "
                              "plots inlined) to open in a browser")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="also show every group's difference from the METHOD group with "
+                             "the same other keys (e.g. the same noise.rate), per metric, with "
+                             "a 95%% interval over seeds: paired by seed where the two share "
+                             "at least two seeds, Welch's unpaired interval otherwise; '*' "
+                             "marks intervals that exclude 0. In report.md/.html and as "
+                             "<metric>_diff, _diff_lo, _diff_hi, _diff_paired, _diff_n, "
+                             "_diff_df columns in report.csv")
     return parser.parse_args(argv)
 
 
@@ -491,10 +671,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [k for k in keys if all(r.value(k) == "-" for r in runs)]
     if unknown:
         _fail(f"--by {unknown[0]}: no run has this config key or group")
+    if args.baseline is not None:
+        check_baseline(runs, keys, args.baseline)
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        built = build_report(runs, keys, args.metric, out, args.paths)
+        built = build_report(runs, keys, args.metric, out, args.paths, args.baseline)
     except ReportError as e:
         _fail(str(e))
     text = built.markdown()
@@ -508,6 +690,17 @@ def main(argv: list[str] | None = None) -> None:
         written.append(out / "report.html")
     print(text)
     print(f"wrote {', '.join(map(str, written))}")
+
+
+def check_baseline(runs: list[Run], keys: list[str], baseline: str) -> None:
+    """--baseline must name a method of a finished run, and ``method`` must be a key."""
+    if "method" not in keys:
+        _fail(f"--baseline compares methods, but the grouping keys ({','.join(keys)}) leave "
+              f"out method: add it to --by")
+    methods = sorted({r.value("method") for r in runs if r.status == "finished"})
+    if baseline not in methods:
+        _fail(f"--baseline {baseline}: no finished run has method={baseline} (methods: "
+              f"{', '.join(methods) or 'none'})")
 
 
 def _fail(message: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from .report import Report
@@ -33,7 +34,9 @@ CAPTIONS = {
     "report_acc_vs_ece": "Test accuracy against test ECE (best-on-val checkpoint), mean ± std "
                          "over seeds per group.",
     "report_reliability": "Reliability diagrams on the test set, bins pooled over the seeds "
-                          "of each group.",
+                          "of each group: in each bin the accuracy bar and, beside it, the "
+                          "hatched gap to the bin's mean confidence (red: over-confident, "
+                          "green: under-confident).",
     "report_mixing": "ALM-KD: mean weight on the given label for clean and noisy examples.",
 }
 
@@ -51,8 +54,14 @@ def _table(frame) -> str:
     return frame.to_html(index=False, escape=True, border=0, na_rep="-")
 
 
+def _code_spans(text: str) -> str:
+    """Markdown's `code` spans as <code> elements."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
+
+
 def render_html(report: Report) -> str:
-    """The page: summary table, notes, failed runs, plots and per-run ALM-KD plots."""
+    """The page: summary table, notes, the differences from a baseline (``--baseline``),
+    failed runs, plots and per-run ALM-KD plots."""
     e = html.escape
     parts = ["<h1>kdlab report</h1>",
              "<p>Runs under: " + ", ".join(f"<code>{e(str(p))}</code>" for p in report.sources)
@@ -63,6 +72,10 @@ def render_html(report: Report) -> str:
     if report.notes:
         parts.append("<ul>" + "".join(f'<li class="note">{e(n)}</li>' for n in report.notes)
                      + "</ul>")
+    if report.differences is not None:
+        parts += [f"<h2>Difference from the baseline <code>method={e(report.baseline)}</code>"
+                  "</h2>", _table(report.differences)]
+        parts += [f"<p>{_code_spans(e(n))}</p>" for n in report.difference_notes]
     if report.failed is not None:
         failed = report.failed.assign(error=report.failed["error"].str.replace("\\|", "|",
                                                                                regex=False))

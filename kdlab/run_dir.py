@@ -1,19 +1,26 @@
 """The run directory: which directories may be written, resume, the metrics log, results.
 
-A finished run (``results.json``) is never written into again; an unfinished one (a
-``checkpoints/last.ckpt`` without results) is continued only with ``resume=true`` and the
-same config. A run that fails leaves ``failed.json`` (the error, one line) next to what it
-wrote, so sweeps and reports can tell failed runs from finished and unfinished ones.
-Checkpoints and result files are written atomically.
+A finished run (``results.json``) is never written into again (with ``resume=true`` and the
+same config it is skipped); an unfinished one (a ``checkpoints/last.ckpt`` without results)
+is continued only with ``resume=true`` and the same config (keys that do not change the
+experiment, :func:`kdlab.config.not_the_experiment`, may differ). A run started by
+``kdlab train`` writes ``resume.sh``: the command that continues it. A run that fails
+leaves ``failed.json`` (the error, one line) next to what it wrote, so sweeps and reports
+can tell failed runs from finished and unfinished ones. Checkpoints and result files are
+written atomically.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
+import re
+import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+RESUME_SCRIPT = "resume.sh"
 
 
 def finished_run_error(path: Path) -> ConfigError | None:
@@ -60,38 +70,85 @@ class RunDir:
 
     def open(self, cfg: DictConfig) -> str | None:
         """Check the directory may be used, create it; the checkpoint to resume from."""
-        finished = finished_run_error(self.path)
-        if finished:
-            raise finished
+        refused = self.refusal(cfg)
+        if refused:
+            raise refused
         ckpt = self._resume_checkpoint(cfg)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "failed.json").unlink(missing_ok=True)
+        self._write_resume_script()
         if ckpt:
             self._keep_metrics_for_resume()
         return ckpt
 
-    def _resume_checkpoint(self, cfg: DictConfig) -> str | None:
+    def refusal(self, cfg: DictConfig) -> ConfigError | None:
+        """Why ``cfg`` may not run in this directory (None: it may)."""
+        finished = finished_run_error(self.path)
+        if finished:
+            return finished
         if not cfg.get("resume"):
             if self.last_checkpoint.exists() and is_launching_process():
-                raise ConfigError(f"{self.path} holds an unfinished run (checkpoints/last.ckpt);"
-                                  " continue it with resume=true or choose another "
-                                  "hydra.run.dir")
+                script = self.path / RESUME_SCRIPT
+                how = f"sh {script}" if script.is_file() else "resume=true"
+                return ConfigError(f"{self.path} holds an unfinished run (checkpoints/last.ckpt);"
+                                   f" continue it with {how} or choose another hydra.run.dir")
             return None
+        return self.config_change(cfg)
+
+    def config_change(self, cfg: DictConfig) -> ConfigError | None:
+        """resume=true with another experiment than the one this directory holds: refused
+        (keys that do not change the experiment, e.g. logger or num_threads, may differ)."""
+        from .config import changes_the_experiment
+
         saved = self.path / "config.yaml"
-        if saved.exists():
-            before = OmegaConf.to_container(OmegaConf.load(saved))
-            now = OmegaConf.to_container(cfg, resolve=True)
-            changed = [k for k in _differing_keys(before, now) if k != "resume"]
-            if changed:
-                raise ConfigError(f"resume=true with another config than the run in "
-                                  f"{self.path} (differs in: {', '.join(changed[:6])}); use "
-                                  "the same overrides")
+        if not saved.exists():
+            return None
+        before = OmegaConf.to_container(OmegaConf.load(saved))
+        now = OmegaConf.to_container(cfg, resolve=True)
+        changed = [k for k in _differing_keys(before, now) if changes_the_experiment(k)]
+        if not changed:
+            return None
+        return ConfigError(f"resume=true with another config than the run in {self.path} "
+                           f"(differs in: {', '.join(changed[:6])}); use the same overrides")
+
+    def finished_results(self, cfg: DictConfig) -> dict[str, Any] | None:
+        """With resume=true, a finished run's results.json (None: not finished, or no
+        resume): such a run is skipped, never written into. Another config is refused."""
+        done = self.path / "results.json"
+        if not (cfg.get("resume") and done.is_file()):
+            return None
+        changed = self.config_change(cfg)
+        if changed:
+            raise changed
+        return json.loads(done.read_text())
+
+    def _resume_checkpoint(self, cfg: DictConfig) -> str | None:
+        if not cfg.get("resume"):
+            return None
         if not self.last_checkpoint.exists():
-            log.warning("resume=true but %s has no checkpoint yet: starting from scratch",
-                        self.path)
+            log.info("resume=true: %s has no checkpoint yet, starting from the beginning",
+                     self.path)
             return None
         log.info("resuming from %s", self.last_checkpoint)
         return str(self.last_checkpoint)
+
+    def _write_resume_script(self) -> None:
+        """``resume.sh``: the command that continues this run, when it is the Hydra job's own
+        run (not an auto-trained teacher's or a generation's run inside it)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        if not (HydraConfig.initialized() and is_launching_process()):
+            return
+        hc = HydraConfig.get()
+        if Path(hc.runtime.output_dir).resolve() != self.path.resolve():
+            return
+        script = self.path / RESUME_SCRIPT
+        atomic_write_text(script, "#!/bin/sh\n"
+                          "# Continue this run from its last epoch-end checkpoint (kdlab train "
+                          "wrote this file\n# when the run started): sh resume.sh\n"
+                          f"cd {shlex.quote(hc.runtime.cwd)} || exit 1\n"
+                          f"exec {resume_command(hc)}\n")
+        script.chmod(script.stat().st_mode | 0o111)
 
     def _keep_metrics_for_resume(self) -> None:
         """Lightning's CSV logger deletes an existing metrics.csv: set the files aside (rows
@@ -147,7 +204,9 @@ class RunDir:
     def write_failed(self, error: BaseException) -> None:
         text = str(error).strip()
         atomic_write_json(self.path / "failed.json", {
-            "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+            # Ctrl-C: Lightning turns it into SystemExit
+            "status": "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit))
+            else "failed",
             "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
             "host": host()})
 
@@ -157,6 +216,42 @@ def _is_test_row(row: dict[str, str]) -> bool:
     logged after the last epoch, with its number; a resumed run logs its own."""
     return any(value and (key.startswith(("test/", "test_last/")) or "/test/" in key)
                for key, value in row.items())
+
+
+def hydra_quoted(value: str) -> str:
+    """A value in Hydra's override grammar as one quoted string (directory names of sweep
+    jobs hold ``=`` and ``,``, which Hydra would otherwise parse)."""
+    escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
+    return '"' + re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped) + '"'
+
+
+def resume_command(hc: DictConfig) -> str:
+    """``<kdlab> train <the job's overrides> hydra.run.dir=<its directory> resume=true``, quoted
+    for the shell (run from the job's working directory): a sweep job continues on its own.
+    Of Hydra's own settings only the config search path is kept (and hydra.mode=RUN for a
+    sweep job, whose config may ask for a sweep, e.g. hparams_search)."""
+    from hydra.types import RunMode
+
+    args = ["train", *config_dir_args(hc)]
+    args += [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "resume"]
+    args += [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]
+    if hc.mode == RunMode.MULTIRUN:
+        args.append("hydra.mode=RUN")
+    args += [f"hydra.run.dir={hydra_quoted(hc.runtime.output_dir)}", "resume=true"]
+    return " ".join(shlex.quote(a) for a in [kdlab_executable(), *args])
+
+
+def config_dir_args(hc: DictConfig) -> list[str]:
+    """``--config-dir DIR`` for each config directory the command line gave."""
+    return [arg for source in hc.runtime.config_sources if source.provider == "command-line"
+            for arg in ("--config-dir", source.path)]
+
+
+def kdlab_executable() -> str:
+    """The ``kdlab`` script of this Python environment (absolute: the command also works
+    where the environment is not activated), else plain ``kdlab``."""
+    script = Path(sys.executable).with_name("kdlab")
+    return str(script) if script.is_file() else "kdlab"
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:

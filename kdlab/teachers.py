@@ -146,7 +146,8 @@ def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
 def weights_cache_dir(teacher_cfg: DictConfig) -> Path:
     """Cache entry keyed by everything that determines a CE-trained teacher."""
     dataset = OmegaConf.to_container(teacher_cfg.dataset, resolve=True)
-    for k in ("root", "download", "num_workers"):  # where/how data is read changes nothing
+    # where/how the data is read changes nothing (its content is the same or refused)
+    for k in ("root", "system_root", "url", "download", "num_workers"):
         dataset.pop(k, None)
     dataset.get("recipe", {}).pop("num_threads", None)
     key_source = {
@@ -270,12 +271,18 @@ def _tensor_buffer(t: Tensor):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _progress(items: Iterable, description: str, show: bool) -> Iterable:
+@contextmanager
+def _progress(description: str, total: int, unit: str, show: bool, done: int = 0):
+    """A progress bar on stderr over ``total`` units (``done`` of them already); yields
+    ``advance(n)``. The bar ends as one finished line and a newline; when another bar holds
+    the line (a lazy build inside Lightning's epoch bar) it is cleared instead."""
     if not show:
-        return items
+        yield lambda n=1: None
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, unit="batch", leave=False)
+    with tqdm(total=total, initial=done, desc=description, unit=unit, leave=None) as bar:
+        yield bar.update
 
 
 class Teachers:
@@ -381,11 +388,14 @@ class Teachers:
         self.cache_loaded = cache is not None
         if cache is None:
             cache = [torch.empty(train_size, num_classes, device=device) for _ in self.models]
-            for batch in _progress(batches, "teacher logits (train split, once)", show_progress):
-                with precision():
-                    outs = self.forward(batch["input"])
-                for store, out in zip(cache, outs, strict=True):
-                    store[batch["index"]] = out.logits
+            with _progress("teacher logits (train split, once)", train_size, "example",
+                           show_progress) as advance:
+                for batch in batches:
+                    with precision():
+                        outs = self.forward(batch["input"])
+                    for store, out in zip(cache, outs, strict=True):
+                        store[batch["index"]] = out.logits
+                    advance(len(batch["index"]))
             if path is not None and save:
                 atomic_torch_save([c.cpu() for c in cache], path)
         self._logits = cache
@@ -489,12 +499,13 @@ class ViewCache:
             table = torch.from_file(str(self.path), shared=True, size=numel,
                                     dtype=self.dtype).view(self.shape)
             complete = meta["views_done"] == self.shape[2]
-            views = range(meta["views_done"], self.shape[2])
-            for v in _progress(views, "teacher logits (every augmented view, once)",
-                               show_progress and not complete):
-                fill_view(v, table)
-                meta["views_done"] = v + 1
-                atomic_write_json(self.meta_path, meta)
+            with _progress("teacher logits (every augmented view, once)", self.shape[2], "view",
+                           show_progress and not complete, done=meta["views_done"]) as advance:
+                for v in range(meta["views_done"], self.shape[2]):
+                    fill_view(v, table)
+                    meta["views_done"] = v + 1
+                    atomic_write_json(self.meta_path, meta)
+                    advance(1)
         self.table = table
         return complete
 

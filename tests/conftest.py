@@ -62,3 +62,16 @@ def cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KDLAB_CACHE_DIR", str(path))
         yield path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List the tests marked ``real_parts`` (they need Fashion-MNIST's files or Chromium and
+    skip without them) with their outcome, so that a CI log says whether they ran."""
+    lines = [f"{outcome.upper()} {report.nodeid}"
+             for outcome in ("passed", "failed", "error", "skipped")
+             for report in terminalreporter.stats.get(outcome, [])
+             if "real_parts" in getattr(report, "keywords", {})]
+    if lines:
+        terminalreporter.write_sep("-", "tests on real parts")
+        for line in sorted(lines, key=lambda s: s.split(" ", 1)[1]):
+            terminalreporter.write_line(line)

@@ -5,12 +5,14 @@ cache), and -- for everything a config check can see -- no run directory created
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cifar import LocalServer
 from helpers.cli import cli
 
 FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
@@ -85,6 +87,9 @@ CASES = {
         ["cifar-10-batches-py", "dataset.download=true"], True),
     "finished run directory": (["method=ce", "hydra.run.dir={finished}"],
                                ["already holds a finished run"], None),
+    "finished run directory, resumed with another config": (
+        ["method=ce", "student=mlp", "resume=true", "hydra.run.dir={finished}"],
+        ["resume=true with another config than the run in", "differs in: ", "method"], None),
     "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0",
                                                              "(epoch 1)"], False),
     "value of the wrong type": (["method=kd", "method.temperature=hot"], ["method", "hot"], True),
@@ -112,3 +117,44 @@ def test_bad_input(case, world):
     assert not marker.exists()
     if early:
         assert not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def empty_server(tmp_path_factory):
+    """An HTTP server on 127.0.0.1 that has no archive: every download fails with 404."""
+    server = LocalServer(tmp_path_factory.mktemp("no-archives"))
+    yield server
+    server.close()
+
+
+def test_a_failed_download_creates_no_run_directory(world, empty_server):
+    root, env, *_ = world
+    url = empty_server.url("cifar-10-python.tar.gz")
+    args = [*FAST, "dataset=cifar10", f"+dataset.url={url}", "method=ce"]
+    run_dir = root / "runs" / "failed_download"
+    out = cli("train", *args, f"hydra.run.dir={run_dir}", cwd=root, env=env)
+    assert out.returncode == 1 and len(out.error_lines) == 1, out.stderr[-2000:]
+    assert f"download of {url} failed: HTTP 404" in out.error_lines[0]
+    assert not run_dir.exists()
+
+
+def test_failed_downloads_in_a_sweep_are_one_line_each(world, empty_server):
+    """Each job's error on one line (recorded in its failed.json), no traceback, and the
+    sweep goes on to its next job; the sweep exits 1."""
+    root, env, *_ = world
+    url = empty_server.url("cifar-10-python.tar.gz")
+    sweep = root / "failed_download_sweep"
+    out = cli("train", "-m", *FAST, "dataset=cifar10", f"+dataset.url={url}", "method=ce",
+              "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=root, env=env)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr + out.stdout
+    assert len(out.error_lines) == 2, out.stderr[-3000:]
+    failed = sorted(sweep.rglob("failed.json"))
+    assert [[p for p in f.parent.name.split(",") if p.startswith("seed=")] for f in failed] \
+        == [["seed=0"], ["seed=1"]]
+    for line, record in zip(out.error_lines, failed, strict=True):
+        error = json.loads(record.read_text())["error"]
+        assert error == f"DatasetError: download of {url} failed: HTTP 404 File not found; " \
+            f"check the URL, or download it by hand and place it at " \
+            f"{root / 'data' / 'cifar10' / 'cifar-10-python.tar.gz'}"
+        assert line.endswith(error.removeprefix("DatasetError: "))

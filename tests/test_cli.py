@@ -21,6 +21,7 @@ from helpers.cli import cli, kdlab_process
 from helpers.metrics import hand_ece
 from helpers.runs import FAST
 
+from kdlab.config import conf_dir
 from kdlab.data.digits import DigitsDataModule
 from kdlab.metrics import RESULT_METRICS
 from kdlab.models import build_model
@@ -155,6 +156,24 @@ def test_help_lists_groups_and_methods(tmp_path):
     assert "resnet32x4" in out.stdout and "kdlab train" in out.stdout
     out = cli("methods", cwd=tmp_path)
     assert "  kd " in out.stdout and "  alm_kd " in out.stdout
+
+
+def test_every_method_config_has_its_own_line(tmp_path):
+    """kd/kd_ls, dkd/dkd_ls and nd/nd_dkd share a class; each line says which variant."""
+    out = cli("methods", cwd=tmp_path)
+    assert out.returncode == 0
+    rows = [line.split(None, 1) for line in out.stdout.splitlines()[1:]]
+    lines = dict(rows)
+    configs = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    assert set(lines) == configs and len(rows) == len(configs)
+    assert len(set(lines.values())) == len(lines)  # no two configs described alike
+    # the description starts at the same column on every line
+    assert len({line.index(lines[name]) for line, (name, _) in
+                zip(out.stdout.splitlines()[1:], rows, strict=True)}) == 1
+    for plain, variant in (("kd", "kd_ls"), ("dkd", "dkd_ls")):
+        assert "logit standardization" in lines[variant]
+        assert "logit standardization" not in lines[plain]
+    assert lines["nd"].startswith("KD++") and lines["nd_dkd"].startswith("DKD++")
 
 
 def test_the_console_script_runs_and_fails_in_one_line(tmp_path):

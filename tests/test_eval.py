@@ -27,6 +27,14 @@ def run(tmp_path_factory):
     return root, run_dir
 
 
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_noisy")
+    run_dir = root / "run"
+    out = cli("train", "method=ce", "student=cnn_small", "trainer.max_epochs=2", "seed=3",
+              "noise=symmetric", "noise.rate=0.4", f"hydra.run.dir={run_dir}", *FAST, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, run_dir
 
 
 def test_a_run_evaluated_on_its_own_data_gives_its_results(run):
@@ -45,6 +53,8 @@ def test_a_run_evaluated_on_its_own_data_gives_its_results(run):
     assert report["student"] == results["student"]
     assert (folder / "reliability.png").stat().st_size > 5000
     assert "this evaluation" in out.stdout and "the run's results.json (test)" in out.stdout
+    assert "\nlabels: test split, clean labels (label noise only touches the train split)\n" \
+        in out.stdout
     assert f"{results['test']['acc']:9.4f}" in out.stdout
     # the checkpoint's epoch, counted from 1 as in results.json
     assert report["epoch"] == results["best_epoch"]
@@ -104,6 +114,47 @@ def test_a_checkpoint_on_other_data_matches_an_independent_evaluation(run, tmp_p
     assert (tmp_path / "eval-digits-val-best" / "eval.json").is_file()
 
 
+def test_a_noisy_runs_train_split_is_scored_on_the_labels_it_names(noisy_run):
+    """split=train scores against the noisy labels the student trained on, and says so;
+    labels=clean against the same examples' clean labels. Both checked by hand on the run's
+    data rebuilt with and without the noise."""
+    root, run_dir = noisy_run
+    given = cli("eval", str(run_dir), "split=train", cwd=root)
+    clean = cli("eval", str(run_dir), "split=train", "labels=clean", cwd=root)
+    assert given.returncode == 0 and clean.returncode == 0, given.stderr + clean.stderr
+    noisy_dm = DigitsDataModule(seed=3, noise={"type": "symmetric", "rate": 0.4})
+    clean_dm = DigitsDataModule(seed=3)  # the same split, labels untouched
+    noisy_dm.setup()
+    clean_dm.setup()
+    inputs = clean_dm.splits["train"].inputs
+    assert torch.equal(noisy_dm.splits["train"].inputs, inputs)
+    noisy_labels, clean_labels = noisy_dm.splits["train"].targets, clean_dm.splits["train"].targets
+    assert (noisy_labels != clean_labels).float().mean() > 0.3
+    model = build_model("cnn_small", 10, (1, 8, 8))
+    load_weights(model, str(run_dir / "checkpoints" / "best.ckpt"))
+    with torch.no_grad():
+        logits = model.eval()(inputs)
+    rate = noisy_dm.realised_noise_rate
+    for out, folder, labels, kind, line in (
+            (given, "eval-digits-train", noisy_labels, "given",
+             f"labels: train split with symmetric 0.4 noise (realised rate {rate:.3f}): the "
+             "labels the student trained on; labels=clean scores against the clean ones"),
+            (clean, "eval-digits-train-clean", clean_labels, "clean",
+             "labels: train split, clean labels: those before the symmetric 0.4 noise the "
+             f"student trained on (realised rate {rate:.3f})")):
+        assert f"\n{line}\n" in out.stdout, out.stdout
+        report = json.loads((run_dir / folder / "eval.json").read_text())
+        assert report["labels"] == {"kind": kind, "description": line[len("labels: "):]}
+        expected = by_hand(logits, labels.numpy())
+        assert report["metrics"]["acc"] == pytest.approx(expected["acc"], abs=1e-6), kind
+        assert report["metrics"]["ece"] == pytest.approx(expected["ece"], abs=1e-5), kind
+        assert report["metrics"]["nll"] == pytest.approx(expected["nll"], rel=1e-4), kind
+    # other noise than the run's: still named, no longer "the labels the student trained on"
+    other = cli("eval", str(run_dir), "split=train", "noise.rate=0.2", "out=other", cwd=root)
+    assert "\nlabels: train split with symmetric 0.2 noise (realised rate " in other.stdout
+    assert "trained on" not in other.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["{missing}"], "no such run directory or checkpoint: {missing}"),
     (["{root}"], "{root} has no checkpoints/best.ckpt; is it a kdlab run directory?"),
@@ -116,6 +167,8 @@ def test_a_checkpoint_on_other_data_matches_an_independent_evaluation(run, tmp_p
     (["{run}", "dataset.batchsize=8"], "unknown key dataset.batchsize; did you mean "
                                        "dataset.batch_size?"),
     (["{run}", "split=holdout"], "split must be one of test, val, meta, train, got 'holdout'"),
+    (["{run}", "split=train", "labels=noisy"], "labels must be given (the split's own, noisy "
+                                               "on a noisy train split) or clean, got 'noisy'"),
     (["{run}/checkpoints/best.ckpt"], None),  # in its run directory: fine
 ])
 def test_errors_are_one_line(run, tmp_path, args, message):

@@ -74,7 +74,7 @@ def test_wandb_and_tensorboard_in_a_sweep_keep_the_csv_log(tmp_path, wandb_runs)
               f"hydra.sweep.dir={sweep}", cwd=tmp_path,
               env={**env, "KDLAB_CACHE_DIR": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-2000:]
-    wandb_job, tb_job = sorted(d for d in sweep.iterdir() if d.is_dir())
+    tb_job, wandb_job = sorted(d for d in sweep.iterdir() if d.is_dir())  # logger=tensorb...
     results = json.loads((wandb_job / "results.json").read_text())
     (record,) = runs
     init = record["init"]

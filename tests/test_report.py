@@ -29,15 +29,15 @@ def sweep(tmp_path_factory):
     env = {"KDLAB_CACHE_DIR": str(root / "cache")}
     train = cli("train", "-m", "method=ce,kd", "seed=0,1", "noise.rate=0,2", *TINY,
                 f"hydra.sweep.dir={sweep_dir}", cwd=root, env=env)
-    (first,) = sweep_dir.glob("0-*")
-    shutil.copytree(first / ".hydra", sweep_dir / "99-unfinished" / ".hydra")
+    (first,) = sweep_dir.glob("method=ce,noise.rate=0,seed=0,*")
+    shutil.copytree(first / ".hydra", sweep_dir / "unfinished" / ".hydra")
     printed = cli("report", str(sweep_dir), cwd=root)
     assert printed.returncode == 0, printed.stderr
     return sweep_dir, train, printed
 
 
 def runs_by_status(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
-    jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir() and d.name[0].isdigit())
+    jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir() and d.name.startswith("method="))
     return ([d for d in jobs if (d / "results.json").exists()],
             [d for d in jobs if (d / "failed.json").exists()])
 
@@ -96,7 +96,7 @@ def test_failed_and_unfinished_runs_are_listed_not_averaged(sweep):
     for d in failed:
         line = next(line for line in listed.splitlines() if line.startswith(f"| {d.name} "))
         assert "| failed " in line and "noise.rate must be in [0, 1], got 2.0" in line
-    line = next(line for line in listed.splitlines() if line.startswith("| 99-unfinished "))
+    line = next(line for line in listed.splitlines() if line.startswith("| unfinished "))
     assert "| unfinished " in line
 
 
@@ -187,6 +187,29 @@ def test_grouping_mixing_plot_and_mixed_config_note(tmp_path, capsys):
     # the pooled reliability bins of a group add up its runs' bins
     alm = [r for r in report.find_runs([runs]) if r.value("method") == "alm_kd"]
     assert report.pooled_reliability(alm)["count"] == [2.0, 4.0, 6.0]
+
+
+def test_keys_that_do_not_change_the_experiment_never_split_a_group(tmp_path):
+    """A job resumed with resume=true, another logger, other threads or data paths: still
+    one group per method, without a note about differing configs."""
+    runs = tmp_path / "runs"
+    extras = {0: ["resume=true", "logger=[csv,wandb]", "num_threads=1"],
+              1: ["trainer.enable_progress_bar=false", "paths.data_dir=/elsewhere"]}
+    for seed, extra in extras.items():
+        d = runs / f"kd-{seed}"
+        fake_run(d, "kd", 0.4, seed, 0.7 + seed / 10)
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        config.update(resume=seed == 0, logger={"csv": {}, **({"wandb": {}} if seed else {})})
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            ["method=kd", "noise=symmetric", "noise.rate=0.4", f"seed={seed}", *extra]))
+    report.main([str(runs)])
+    rows = list(csv.DictReader((runs / "report.csv").open()))
+    assert [(r["method"], r["n"], r["seeds"]) for r in rows] == [("kd", "2", "0,1")]
+    assert list(rows[0])[:3] == ["method", "n", "seeds"]
+    assert float(rows[0]["test.acc_mean"]) == pytest.approx(0.75)
+    assert "mixes runs" not in (runs / "report.md").read_text()
 
 
 def test_no_runs_is_an_error(tmp_path, capsys):

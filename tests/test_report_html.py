@@ -77,6 +77,7 @@ def test_the_page_holds_everything_it_shows(page):
     assert all(v.startswith("data:") for v in re.findall(r'(?:src|href)="([^"]*)"', text))
 
 
+@pytest.mark.real_parts
 def test_the_page_renders_in_headless_chromium(page, tmp_path):
     found = find_chromium()
     if found is None:

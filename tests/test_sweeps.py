@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers.cli import cli, kdlab_process
 
-from kdlab.cli import launcher_strategy_error
+from kdlab.cli import launcher_strategy_error, name_swept_keys
 from kdlab.config import compose as kdlab_compose
 
 TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -18,8 +18,11 @@ TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=fals
 
 
 def job_dirs(sweep: Path) -> list[Path]:
-    return sorted((d for d in sweep.iterdir() if (d / ".hydra").is_dir()),
-                  key=lambda d: int(d.name.split("-", 1)[0]))
+    """The jobs in their order: by trial number (Optuna), else by their overrides (the
+    directory names of a grid sweep)."""
+    jobs = [d for d in sweep.iterdir() if (d / ".hydra").is_dir()]
+    return sorted(jobs, key=lambda d: yaml.safe_load((d / ".hydra" / "hydra.yaml").read_text())
+                  ["hydra"]["job"]["num"])
 
 
 def overrides(run_dir: Path) -> list[str]:
@@ -52,7 +55,7 @@ def test_eight_jobs_two_at_a_time_one_failing_one_teacher(tmp_path):
         record = json.loads((job / "failed.json").read_text())
         assert "dataset.meta_fraction=1.5" in overrides(job) and "meta_fraction" in record["error"]
     records = [json.loads((j / "results.json").read_text()) for j in finished]
-    # job directories tell the seeds apart: "<n>-dataset.meta_fraction=0.1,seed=1"
+    # job directories tell the seeds apart: "dataset.meta_fraction=0.1,seed=1,..."
     for job, r in zip(finished, records, strict=True):
         assert f"seed={r['seed']}" in job.name.split(",") and "meta_fraction=" in job.name
         fraction = float(job.name.split("meta_fraction=")[1].split(",")[0])
@@ -82,6 +85,15 @@ def test_optuna_study_maximises_the_returned_val_acc(tmp_path):
     assert best["best_value"] == pytest.approx(max(val_acc), abs=1e-7)
     winner = params[val_acc.index(max(val_acc))]
     assert {k: float(v) for k, v in winner.items()} == pytest.approx(best["best_params"])
+    # resumed: the study samples the same trials, each skipped with its recorded val acc
+    again = cli("train", "-m", "hparams_search=kd_temperature", "hydra.sweeper.n_trials=2",
+                "seed=5", *TINY, f"hydra.sweep.dir={sweep}", "resume=true", cwd=tmp_path,
+                env={"KDLAB_CACHE_DIR": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert job_dirs(sweep) == trials
+    for trial in trials:
+        assert f"already finished: {trial}, skipped" in again.stdout
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text()) == best
 
 
 def test_submitit_local_runs_the_sweep_and_refuses_ddp(tmp_path):
@@ -136,3 +148,26 @@ def test_hparams_search_config():
     sweeper = hydra_cfg(["hparams_search=kd_temperature"]).hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"method.temperature", "method.kd_weight", "method.ce_weight"}
+
+
+def test_job_directories_are_named_by_the_experiment_alone():
+    """No job number, and none of the keys that do not change the experiment (resume,
+    loggers, threads, machine paths, caches): the same sweep run again, resumed or on
+    another machine, finds the directories of its jobs."""
+    cfg = hydra_cfg(["hydra.mode=MULTIRUN", "seed=3", "method=kd", "resume=true",
+                     "logger=wandb", "logger.wandb.project=p", "num_threads=1",
+                     "trainer.enable_progress_bar=false", "dataset.num_workers=2",
+                     "paths.data_dir=/data", "paths.cache_dir=/cache", "teacher_cache=off",
+                     "teacher_cache_runs=4", "compile=true", "noise=symmetric",
+                     "noise.rate=0.2"])
+    assert cfg.hydra.job.override_dirname == "method=kd,noise.rate=0.2,noise=symmetric,seed=3"
+    assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname
+
+
+def test_a_sweep_over_such_a_key_keeps_it_in_the_names():
+    """logger=csv,tensorboard: two runs of one experiment, told apart by their logger (the
+    other keys that do not change the experiment still stay out)."""
+    args = name_swept_keys(["-m", "logger=csv,tensorboard", "num_threads=1", "seed=0"])
+    job = ["hydra.mode=MULTIRUN", "logger=tensorboard", "num_threads=1", "seed=0", args[-1]]
+    assert hydra_cfg(job).hydra.job.override_dirname == "logger=tensorboard,seed=0"
+    assert name_swept_keys(["-m", "logger=csv", "seed=0,1"]) == ["-m", "logger=csv", "seed=0,1"]

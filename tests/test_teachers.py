@@ -194,6 +194,23 @@ def test_augmented_training_builds_the_cache_on_first_clean_pass_only():
     assert built == [1]
 
 
+def test_the_cache_progress_bar_counts_examples_and_ends_its_line(capsys):
+    """As the module builds it: from a generator of batches (no length). The bar counts
+    examples against the train split's size and ends as one finished line."""
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    n = dm.train_size
+    teachers = Teachers([frozen_teacher()])
+    teachers.build_cache((b for b in train_batches(dm, size=256)), n, 10, "cpu",
+                         key=lambda: b"", save=False, show_progress=True)
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1
+    final = err.rstrip("\n").split("\r")[-1]
+    assert final.startswith("teacher logits (train split, once): 100%")
+    assert f" {n}/{n} [" in final and "example/s" in final
+    assert "0batch" not in err and "batch" not in final
+
+
 def test_the_cache_is_too_big_for_auto_but_memory_forces_it(monkeypatch):
     monkeypatch.setattr(teachers_mod, "LOGIT_CACHE_AUTO_BYTES", 1000)
     assert not Teachers([frozen_teacher()]).plan_cache(1000, 10, True, False)

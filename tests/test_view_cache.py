@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.cifar import make_cifar10
+from helpers.fashion_mnist import make_fashion_mnist, use_checksums
 
 from kdlab.config import compose
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, crop_flip_views
 from kdlab.data.cifar import Cifar10DataModule
+from kdlab.data.fashion_mnist import FashionMnistDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
 from kdlab.teachers import Teachers, ViewCache
@@ -84,6 +86,37 @@ def test_every_view_of_a_few_images_matches_a_teacher_forward(cifar_root, tmp_pa
         torch.testing.assert_close(table, fresh, atol=1e-5, rtol=1e-5)
 
 
+def test_every_fashion_mnist_view_matches_a_teacher_forward(tmp_path, monkeypatch):
+    """One channel, 28 x 28, padding 2: 5 x 5 offsets x 2 flips = 50 views."""
+    checksums, _ = make_fashion_mnist(tmp_path / "data", n_train=40, n_test=10)
+    use_checksums(monkeypatch, checksums)
+    dm = FashionMnistDataModule(root=str(tmp_path / "data"), system_root=None, download=False,
+                                batch_size=16)
+    dm.setup()
+    torch.manual_seed(0)
+    teacher = freeze(build_model("cnn", 10, (1, 28, 28), width=4))
+    teachers = build(dm, teacher, tmp_path)
+    assert teachers.views.table.shape == (1, dm.train_size, 50, 10)
+    images, index = dm.splits["train"].inputs[:3], torch.arange(3)
+    for v in range(50):
+        cell, flip = divmod(v, 2)
+        top, left = divmod(cell, 5)
+        crop = F.pad(images.float(), (2, 2, 2, 2))[:, :, top:top + 28, left:left + 28]
+        crop = crop.flip(-1) if flip else crop
+        with torch.no_grad():
+            fresh = teacher((crop / 255 - 0.2860) / 0.3530)
+        table = teachers.views.lookup(index, torch.full_like(index, v))[0].logits
+        torch.testing.assert_close(table, fresh, atol=1e-5, rtol=1e-5)
+    # and the views the training path draws are looked up as the teacher sees them
+    for _ in range(10):
+        batch = dm.preprocess({"input": images, "target": torch.zeros(3), "index": index},
+                              train=True)
+        looked_up = teachers.for_training_batch(batch, (), deterministic=False)[0].logits
+        with torch.no_grad():
+            torch.testing.assert_close(looked_up, teacher(batch["input"]), atol=1e-5,
+                                       rtol=1e-5)
+
+
 def test_an_interrupted_build_continues_where_it_stopped(tmp_path):
     expected = torch.randn(1, 20, 162, 10, generator=torch.Generator().manual_seed(0))
     cache = ViewCache(tmp_path / "t.bin", (1, 20, 162, 10), torch.float32)
@@ -110,6 +143,24 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path):
     filled.clear()
     other.build(lambda v, table: filled.append(v), show_progress=False)
     assert filled == list(range(162))
+
+
+def test_a_resumed_build_shows_its_progress_in_views_from_where_it_stopped(tmp_path, capsys):
+    def stop_at_40(v, table):
+        if v == 40:
+            raise KeyboardInterrupt
+
+    cache = ViewCache(tmp_path / "t.bin", (1, 2, 162, 3), torch.float32)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(stop_at_40, show_progress=False)
+    ViewCache(tmp_path / "t.bin", (1, 2, 162, 3), torch.float32).build(
+        lambda v, table: None, show_progress=True)
+    err = capsys.readouterr().err
+    steps = [s for s in err.rstrip("\n").split("\r") if s]
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert " 40/162 [" in steps[0]  # the first line drawn: the 40 views done before
+    assert steps[-1].startswith("teacher logits (every augmented view, once): 100%")
+    assert " 162/162 [" in steps[-1] and "view/s" in steps[-1]
 
 
 def test_auto_uses_the_view_cache_when_more_epochs_read_it_than_it_costs():

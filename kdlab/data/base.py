@@ -152,8 +152,8 @@ class SplitDataModule(pl.LightningDataModule):
         if (self.noise.get("type") == "asymmetric" and not self.noise.get("class_map")
                 and not self.asymmetric_class_map and not self.has_coarse_labels):
             raise ConfigError(f"noise=asymmetric needs a class map for {self.name}: set "
-                              "noise.class_map={src: dst, ...} (built in for CIFAR-10 and "
-                              "CIFAR-100)")
+                              "noise.class_map={src: dst, ...} (built in for CIFAR-10, "
+                              "CIFAR-100 and Fashion-MNIST)")
 
     # -- splits ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

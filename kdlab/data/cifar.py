@@ -19,23 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    crop_flip,
-    crop_flip_views,
-    normalize,
-    random_crop_flip,
-    view_ids,
-    view_params,
-)
-from .base import SplitDataModule
+from .augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from .download import DatasetError, _one_line, download_and_extract
+from .images import UInt8ImageDataModule
 from .noise import CIFAR10_ASYMMETRIC
-
-PADDING = 4  # random crop of the zero-padded image (the standard CIFAR augmentation)
 
 
 def _resolve(module: str, name: str):
@@ -108,7 +95,7 @@ def _labels(batch: dict[str, Any], key: str) -> Tensor:
     return torch.as_tensor(np.asarray(batch[key], dtype=np.int64))
 
 
-class _CifarDataModule(SplitDataModule):
+class _CifarDataModule(UInt8ImageDataModule):
     """Shared download / read / preprocess logic; subclasses set the class attributes."""
 
     num_classes: int
@@ -125,12 +112,12 @@ class _CifarDataModule(SplitDataModule):
     title: str
 
     def __init__(self, root: str | None = None, download: bool = True, augment: bool = True,
-                 url: str | None = None, md5: str | None = None, **kwargs):
-        super().__init__(**kwargs)
+                 padding: int = 4, url: str | None = None, md5: str | None = None, **kwargs):
+        # padding 4: the standard CIFAR augmentation (random 32x32 crop of the image padded
+        # to 40x40, then a horizontal flip)
+        super().__init__(augment=augment, padding=padding, **kwargs)
         self.root = Path(root or self.default_root).expanduser()
         self.download = bool(download)
-        self.augment = bool(augment)
-        self.deterministic_train = not self.augment
         if url is not None:
             self.url = str(url)
         if md5 is not None:
@@ -196,28 +183,6 @@ class _CifarDataModule(SplitDataModule):
 
     def _extra_train_labels(self) -> dict[str, str]:
         return {}
-
-    def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
-        x = batch["input"]
-        if not (train and self.augment):
-            return {**batch, "input": normalize(x, self.mean, self.std)}
-        x, offsets, flips = random_crop_flip(x, padding=PADDING, return_params=True)
-        # which of the finitely many crop + flip outputs each example got (teacher_cache=views)
-        return {**batch, "input": normalize(x, self.mean, self.std),
-                "view": view_ids(offsets, flips, PADDING)}
-
-    @property
-    def augmentation_views(self) -> int:
-        return crop_flip_views(PADDING) if self.augment else 0
-
-    def train_view(self, index: Tensor, views: Tensor, device) -> Tensor:
-        """Model inputs of train examples ``index`` as augmented view ``views`` (each)."""
-        x = self.splits["train"].inputs[index.cpu()].to(device)
-        offsets, flips = view_params(views.to(device), PADDING)
-        return normalize(crop_flip(x, offsets, flips, PADDING), self.mean, self.std)
-
-    def from_unit_images(self, x: Tensor) -> Tensor:
-        return normalize(x * 255.0, self.mean, self.std)
 
 
 class Cifar10DataModule(_CifarDataModule):

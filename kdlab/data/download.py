@@ -1,11 +1,12 @@
 """Fetch a dataset archive over HTTP(S), check its md5 and unpack it safely.
 
-``download_and_extract`` streams the archive to a temporary file next to its final place,
-checks the md5 while it downloads, and only then renames it into place (atomically), so an
-interrupted or corrupt download never leaves a file that looks complete. Extraction goes to
-a temporary directory first and its top-level entries are renamed into ``dest_dir``, and
-members with absolute paths, ``..`` components, links leaving the tree or device files are
-refused. Every failure is a one-line ``DatasetError`` naming the URL and what to do.
+``download_file`` (and ``download_and_extract``, which uses it) streams a file to a temporary
+file next to its final place, checks the md5 while it downloads, and only then renames it
+into place (atomically), so an interrupted or corrupt download never leaves a file that
+looks complete. Extraction goes to a temporary directory first and its top-level entries
+are renamed into ``dest_dir``, and members with absolute paths, ``..`` components, links
+leaving the tree or device files are refused. Every failure is a one-line ``DatasetError``
+naming the URL and what to do.
 """
 
 from __future__ import annotations
@@ -52,23 +53,31 @@ def download_and_extract(url: str, md5: str, dest_dir: str | os.PathLike,
     verify it and extract the tar(.gz) archive into ``dest_dir``. Returns the archive path.
     """
     dest = Path(dest_dir).expanduser()
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"cannot create the data directory {dest} for {url}: {_one_line(e)}; "
-                           "choose a writable dataset.root") from None
     filename = filename or PurePosixPath(urllib.parse.urlparse(url).path).name
     if not filename:
         raise DatasetError(f"cannot infer an archive file name from {url}; pass filename=")
     archive = dest / filename
     md5 = md5.lower()
     if not (archive.is_file() and md5sum(archive) == md5):
-        _download(url, md5, archive, progress)
+        download_file(url, md5, archive, progress)
     extract_archive(archive, dest, url=url)
     return archive
 
 
 # -- download ------------------------------------------------------------------------------
+def download_file(url: str, md5: str, path: str | os.PathLike, progress: bool = True) -> Path:
+    """Download ``url`` to ``path`` (its folder is created), checking the md5 of the bytes
+    received; ``path`` appears only once they are complete and verified."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create the data directory {path.parent} for {url}: "
+                           f"{_one_line(e)}; choose a writable dataset.root") from None
+    _download(url, md5.lower(), path, progress)
+    return path
+
+
 def _download(url: str, md5: str, archive: Path, progress: bool) -> None:
     manual = f"or download it by hand and place it at {archive}"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".part",

@@ -10,7 +10,9 @@ about ``rate * (1 - 1/C)``).
 - symmetric_exclusive: with probability r, a label drawn uniformly over the other C-1 classes.
 - asymmetric: with probability r, class c -> class_map[c]. CIFAR-10: truck->automobile,
   bird->airplane, deer->horse, cat<->dog. CIFAR-100: within each superclass (from the coarse
-  labels) the next fine class, circularly. Other datasets need ``class_map``.
+  labels) the next fine class, circularly. Fashion-MNIST: T-shirt/top<->Shirt,
+  Pullover<->Coat, Sneaker<->Ankle boot (kdlab's map, below). Other datasets need
+  ``class_map``.
 - pairflip: with probability r, class c -> (c + 1) mod C.
 """
 
@@ -26,6 +28,18 @@ NOISE_TYPES = ("none", "symmetric", "symmetric_exclusive", "asymmetric", "pairfl
 # CIFAR-10 classes: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse,
 # 8 ship, 9 truck.
 CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+# Fashion-MNIST classes: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal,
+# 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot. kdlab's own map, not a published one (no
+# Fashion-MNIST map could be checked here against a paper's text or its released code): the
+# pairs of classes a trained classifier confuses most, matched greedily so that each class
+# has at most one partner, and swapped. Measured on the 10,000 test images (1,000 per class)
+# with a 3-conv CNN at 90.9 % (4 epochs, crop + flip): confusions counted in both directions,
+# T-shirt/top-Shirt 192, Shirt-Coat 133, Pullover-Coat 111, Pullover-Shirt 109, Dress-Shirt
+# 66, Sneaker-Ankle boot 59, Coat-Dress 51, Sandal-Sneaker 25; the matching keeps the first,
+# third and sixth. Trouser, Dress, Sandal and Bag keep their labels, so the realised rate is
+# about 0.6 x noise.rate.
+FASHION_MNIST_ASYMMETRIC = {0: 6, 6: 0, 2: 4, 4: 2, 7: 9, 9: 7}
 
 
 def superclass_ring(fine: Tensor, coarse: Tensor) -> dict[int, int]:
@@ -92,4 +106,5 @@ def _asymmetric_map(num_classes, coarse, labels, class_map) -> dict[int, int]:
     if coarse is not None:
         return superclass_ring(labels, coarse)
     raise ConfigError("noise=asymmetric needs a class map for this dataset: set "
-                     "noise.class_map={src: dst, ...} (built in for CIFAR-10 and CIFAR-100)")
+                     "noise.class_map={src: dst, ...} (built in for CIFAR-10, CIFAR-100 and "
+                     "Fashion-MNIST)")

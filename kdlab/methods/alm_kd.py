@@ -683,8 +683,9 @@ class ALMKD(Method):
         from .alm_kd_plots import plot_mixing_history
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        bounds = (self.clamp_min, self.clamp_max) if self.combination == "free" else (0.0, 1.0)
         plot_mixing_history(self.history, self.mixing_weights.detach().cpu(), self._noise_mask,
-                            self.column_names, path)
+                            self.column_names, path, bounds)
 
     def results(self) -> dict[str, Any]:
         passes = [r for r in self.history if r.epoch >= 0]

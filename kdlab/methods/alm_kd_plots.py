@@ -1,9 +1,15 @@
 """ALM-KD's plot: how the mixing weights of clean and noisy examples evolve.
 
-One row per weight column (label, then each teacher). Left: median and inter-quartile band
-(plus the 5-95 % range, lighter) at every meta pass, clean vs noisy examples. Right: the
-distribution of the current weights, clean vs noisy. Under each pass: the noise AUROC of the
-label weight (noisy labels flagged by a low weight; 0.5 = no separation).
+One row per weight column (label, then each teacher). Left: at every meta pass, clean and
+noisy examples side by side (never drawn over each other), each as its 5-95 % range (thin
+line), inter-quartile box and median (black tick), with the mean joined across passes.
+Dotted lines mark the bounds the weights are kept in, and a triangle on a bound says that
+a quartile sits on it (a quarter or more of the group piled up there): weights piled up at
+both bounds show as boxes reaching the bounds with those triangles, not as a band filled in
+between. Right: the current weights as the fraction of each group per bin (outlines, so
+neither group hides the other), and the fraction of each group at each bound in the
+title. Under each pass: the noise AUROC of the label weight (noisy labels flagged by a low
+weight; 0.5 = no separation). The legend sits below the panels, outside every data area.
 """
 
 from __future__ import annotations
@@ -16,56 +22,91 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .alm_kd_report import PassRecord  # noqa: E402
 
 CLEAN, NOISY = "#4C72B0", "#C44E52"
+GROUPS = ((1, "clean", CLEAN, -0.2), (2, "noisy", NOISY, 0.2))  # summary group, x offset
+BOX_WIDTH = 0.3  # of the distance between two passes
+
+
+def at_bound(weights: Tensor, bound: float) -> Tensor:
+    """Which weights sit at ``bound`` (equal up to the float32 rounding of the table)."""
+    return torch.isclose(weights.double(), torch.tensor(float(bound), dtype=torch.float64),
+                         rtol=1e-6, atol=0.0)
+
+
+def _share(part: Tensor, bound: float) -> str:
+    return f"{float(at_bound(part, bound).double().mean()):.0%}" if len(part) else "-"
 
 
 def plot_mixing_history(history: list[PassRecord], table: Tensor,
                         noise_mask: Tensor | None, column_names: list[str],
-                        path: str | Path) -> Path:
+                        path: str | Path, bounds: tuple[float, float] | None = None) -> Path:
     """``history``: one :class:`PassRecord` per meta pass (epoch -1: the initial weights),
     its summary (K+1, groups all/clean/noisy, stats mean, std, q05, q25, q50, q75, q95) and
-    the label weight's noise AUROC, shown under each pass."""
+    the label weight's noise AUROC, shown under each pass. ``bounds``: the (lower, upper)
+    bounds the weights are kept in (clamp or simplex), drawn and counted at."""
     n_cols = table.shape[1]
     noisy = (torch.zeros(len(table), dtype=torch.bool) if noise_mask is None
              else noise_mask.cpu().bool())
     labels = [("init" if r.epoch < 0 else f"e{r.shown_epoch}")
               + ("" if math.isnan(r.noise_auroc) else f"\nAUC {r.noise_auroc:.2f}")
               for r in history]
-    x = list(range(len(history)))
-    fig, axes = plt.subplots(n_cols, 2, figsize=(9, 2.6 * n_cols), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2]})
+    x = torch.arange(len(history), dtype=torch.float64)
+    fig, axes = plt.subplots(n_cols, 2, figsize=(10, 2.9 * n_cols + 1.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
     for j in range(n_cols):
         ax, ax_hist = axes[j]
-        for g, name, color in ((1, "clean", CLEAN), (2, "noisy", NOISY)):
+        col = table[:, j].double()
+        for g, name, color, offset in GROUPS:
             if not history:
                 break
-            s = torch.stack([r.summary[j, g] for r in history]).numpy()
-            if torch.isnan(torch.as_tensor(s[:, 0])).all():
+            s = torch.stack([r.summary[j, g] for r in history]).double()
+            if torch.isnan(s[:, 0]).all():
                 continue
-            ax.fill_between(x, s[:, 2], s[:, 6], color=color, alpha=0.12, lw=0)
-            ax.fill_between(x, s[:, 3], s[:, 5], color=color, alpha=0.3, lw=0)
-            ax.plot(x, s[:, 4], "-o", color=color, ms=3, label=f"{name} (median, IQR, 5-95%)")
-            ax.plot(x, s[:, 0], "--", color=color, lw=1, label=f"{name} mean")
-        ax.set_xticks(x)
+            at = x + offset
+            ax.vlines(at, s[:, 2], s[:, 6], color=color, lw=1, gid=f"{name} q05-q95")
+            ax.bar(at, s[:, 5] - s[:, 3], bottom=s[:, 3], width=BOX_WIDTH, color=color,
+                   alpha=0.45, edgecolor=color, lw=0.8, gid=f"{name} q25-q75")
+            ax.hlines(s[:, 4], at - BOX_WIDTH / 2, at + BOX_WIDTH / 2, color="black", lw=1.5,
+                      gid=f"{name} median")
+            ax.plot(at, s[:, 0], "--", color=color, lw=1, marker="o", ms=2.5,
+                    gid=f"{name} mean")
+            if bounds is not None:  # a quartile at a bound: a quarter or more piled up there
+                for q, bound, marker in ((3, bounds[0], "v"), (5, bounds[1], "^")):
+                    piled = at_bound(s[:, q], bound)
+                    ax.plot(at[piled], [bound] * int(piled.sum()), ls="none", marker=marker,
+                            color=color, ms=6, mec="black", mew=0.5,
+                            gid=f"{name} quarter at {bound:g}")
+        if bounds is not None:
+            for bound in bounds:
+                ax.axhline(bound, color="grey", ls=":", lw=1, gid="bound")
+            ax.set_ylim(bounds[0] - 0.08 * (bounds[1] - bounds[0]),
+                        bounds[1] + 0.08 * (bounds[1] - bounds[0]))
+        ax.set_xticks(x.tolist())
         ax.set_xticklabels(labels, fontsize=7, rotation=45 if len(x) > 12 else 0)
+        ax.set_xlim(-0.6, max(len(history), 1) - 0.4)
         ax.set_ylabel(f"{column_names[j]} weight")
         ax.set_xlabel("meta pass (before epoch)")
-        if j == 0:
-            ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
-        col = table[:, j].double()
-        lo, hi = float(col.min()), float(col.max())
-        bins = torch.linspace(lo, hi if hi > lo else lo + 1e-6, 41).numpy()
+        lo, hi = bounds if bounds is not None else (float(col.min()), float(col.max()))
+        edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, 41).numpy()
+        shares = []
         for part, name, color in ((col[~noisy], "clean", CLEAN), (col[noisy], "noisy", NOISY)):
             if len(part):
-                ax_hist.hist(part.numpy(), bins=bins, density=True, alpha=0.55, color=color,
-                             label=f"{name} (n={len(part)})")
+                ax_hist.hist(part.numpy(), bins=edges, histtype="step", lw=1.5, color=color,
+                             weights=torch.full((len(part),), 1.0 / len(part)).numpy(),
+                             gid=name)
+            shares.append((name, part))
         ax_hist.set_xlabel(f"{column_names[j]} weight, current")
-        ax_hist.set_ylabel("density")
-        ax_hist.legend(fontsize=7)
+        ax_hist.set_ylabel("fraction of the group")
+        if bounds is not None:
+            ax_hist.set_title("\n".join(f"at {bound:g}: " + ", ".join(
+                f"{name} {_share(part, bound)}" for name, part in shares if len(part))
+                for bound in bounds), fontsize=8)
     title = "ALM-KD mixing weights: clean vs noisy training examples"
     scales = history[-1].rebalance if history else None
     if scales is not None:
@@ -73,7 +114,17 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
                                                                        strict=True))
         title += f"\n(rows shown; loss weight = column scale x row; scales now: {now})"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles = [Patch(color=c, alpha=0.45, label=f"{name}: inter-quartile box")
+               for _, name, c, _ in GROUPS]
+    handles += [Line2D([], [], color="grey", lw=1, label="5-95 % range"),
+                Line2D([], [], color="black", lw=1.5, label="median"),
+                Line2D([], [], color="grey", ls="--", marker="o", ms=2.5, lw=1, label="mean")]
+    if bounds is not None:
+        handles += [Line2D([], [], color="grey", ls=":", lw=1, label="bounds"),
+                    Line2D([], [], ls="none", marker="v", color="grey", mec="black", mew=0.5,
+                           label="a quarter or more of the group at the bound")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7,
+               frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

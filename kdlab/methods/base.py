@@ -52,7 +52,8 @@ DataModule; ``tests/helpers`` has one fake context that serves every method test
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,23 @@ class Method(nn.Module):
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch: Batch
                    ) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any]) -> str:
+        """The line ``kdlab methods`` prints for a method config (its keys: ``config``):
+        ``description``, unless a setting changes what the method is (KD with
+        ``logit_standardization``, ND with ``base: dkd``); such a method says how here."""
+        return cls.description
+
+    @classmethod
+    def setting(cls, config: Mapping[str, Any], key: str) -> Any:
+        """``config[key]``, or the constructor's default when the config leaves it out (or
+        it refers to a key outside the method's config)."""
+        default = inspect.signature(cls).parameters[key].default
+        try:
+            return config.get(key, default)
+        except Exception:  # an interpolation that only resolves in a composed run config
+            return default
 
     def forward(self, student: Outputs, teachers: list[Outputs], batch: Batch):
         return self.loss_terms(student, teachers, batch)

@@ -74,6 +74,13 @@ class DKD(Method):
     name = "dkd"
     description = "Decoupled KD: CE + warm-up * (alpha * target-class + beta * non-target KD)"
 
+    @classmethod
+    def describe(cls, config) -> str:
+        if cls.setting(config, "logit_standardization"):
+            return ("Decoupled KD with logit standardization (Sun et al. CVPR 2024): DKD's "
+                    "target-class and non-target KD on z-scored logits")
+        return cls.description
+
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
                  warmup_epochs: int = 20, ce_weight: float = 1.0,
                  logit_standardization: bool = False):

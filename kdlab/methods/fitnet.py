@@ -6,13 +6,36 @@ ICLR 2015, arXiv 1412.6550), in the one-stage form of the common CIFAR-100 recip
 f_s is the student's output at the guided layer (``student_layer``), f_t the teacher's at
 the hint layer (``teacher_layer``), both taken with forward hooks by module path (``auto``:
 each model's middle stage -- ``layer2`` of the 3-stage CIFAR families as in the common
-recipe, ``layer3`` of the 5-stage VGGs, the first block of the small CNN); r is a
-learnable regressor -- a 1x1 convolution + BatchNorm for 4-d features (B, C, H, W), a Linear
-layer for 2-d features (B, C) -- built in ``setup`` by probing both models with one zeros
-batch of the dataset's input shape, and trained with the student (its parameters join the
-optimiser). MSE is the mean over all elements. beta = 100 at the middle stage. When the
-feature maps differ in size, the larger one is adaptive-average pooled to the smaller; a 4-d
-feature facing a 2-d one is global-average pooled. One teacher.
+recipe, ``layer3`` of the 5-stage VGGs, the first block of the small CNN). MSE is the mean
+over all elements; beta = 100 at the middle stage. One teacher.
+
+The regressor r
+---------------
+Learnable, built in ``setup`` by probing both models with one zeros batch of the dataset's
+input shape, and trained with the student (its parameters join the optimiser). For 4-d
+features (B, C, H, W) it is the CRD code's ``ConvReg`` (HobbitLong/RepDistiller
+``models/util.py``): a convolution from the student's C_s channels to the teacher's C_t
+that also resamples the student's H_s x W_s map to the teacher's H_t x W_t, then BatchNorm,
+then a ReLU:
+
+    H_s = 2 H_t:      3x3 convolution, stride 2, padding 1
+    2 H_s = H_t:      4x4 transposed convolution, stride 2, padding 1
+    H_s >= H_t:       (1 + H_s - H_t) x (1 + W_s - W_t) convolution, no padding (1x1 when
+                      the sizes agree: the paper's rule N_g - k + 1 = N_h)
+    otherwise:        (kdlab's fallback, e.g. MobileNetV2's 4x4 stage against a 16x16
+                      hint) the teacher's map is average-pooled to the student's size,
+                      then a 1x1 convolution
+
+r(f) = ReLU(BN(conv(f))) with ``regressor_relu: true`` (the default: the CRD code calls
+``ConvReg(s_shape, t_shape)`` with its default ``use_relu=True`` in ``train_student.py``,
+and the FitNets authors' own code gives the regressor the hint layer's non-linearity; the
+paper: the regressor's output and the hint must be comparable, the same non-linearity);
+``false`` drops the ReLU, so r can also reach the negative values of a pre-activation hint
+(the WRN stage outputs; the CRD code's ReLU cannot). ``spatial: pool`` replaces the learned
+resampling by kdlab's earlier choice: the larger map average-pooled to the smaller, then a
+1x1 convolution. The convolution has a bias, as ``ConvReg``'s, which BatchNorm in training
+mode cancels exactly. For 2-d features (B, C) r is a Linear layer (then the ReLU); a 4-d
+feature facing a 2-d one is global-average pooled first.
 """
 
 from __future__ import annotations
@@ -24,9 +47,14 @@ from ..errors import ConfigError
 from ..models.features import middle_stage, pool_to_smaller, probe_features
 from .base import Method, Outputs, cross_entropy, require_teachers
 
+SPATIAL = ("conv", "pool")
 
-def align_features(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Pool the two features to a common spatial layout (the smaller of the two)."""
+
+def align_features(student: Tensor, teacher: Tensor, pool_maps: bool = True
+                   ) -> tuple[Tensor, Tensor]:
+    """The two features as the regressor takes them: a 4-d one facing a 2-d one is global-
+    average pooled; two 4-d maps are pooled to the smaller size if ``pool_maps`` (else the
+    regressor resamples the student's map itself)."""
     for f, who in ((student, "student"), (teacher, "teacher")):
         if f.dim() not in (2, 4):
             raise ConfigError(f"fitnet supports (B, C) or (B, C, H, W) features; the {who} "
@@ -35,17 +63,44 @@ def align_features(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         return student.mean((2, 3)), teacher
     if student.dim() == 2 and teacher.dim() == 4:
         return student, teacher.mean((2, 3))
-    if student.dim() == 4:
+    if student.dim() == 4 and pool_maps:
         return pool_to_smaller(student, teacher)
     return student, teacher
 
 
-def make_regressor(student: Tensor, teacher: Tensor) -> nn.Module:
-    """Maps aligned student features to the teacher's channels."""
-    if student.dim() == 4:
-        return nn.Sequential(nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False),
-                             nn.BatchNorm2d(teacher.shape[1]))
-    return nn.Linear(student.shape[1], teacher.shape[1])
+def resampling_conv(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]
+                    ) -> nn.Module | None:
+    """ConvReg's convolution from a (C_s, H_s, W_s) map to a (C_t, H_t, W_t) one (the cases
+    in the module docstring); None when the student's map is smaller, and not by half."""
+    (c_s, h_s, w_s), (c_t, h_t, w_t) = student_shape, teacher_shape
+    if (h_s, w_s) == (2 * h_t, 2 * w_t):
+        return nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+    if (2 * h_s, 2 * w_s) == (h_t, w_t):
+        return nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+    if h_s >= h_t and w_s >= w_t:
+        return nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+    return None
+
+
+def make_regressor(student: Tensor, teacher: Tensor, relu: bool = True, spatial: str = "conv"
+                   ) -> tuple[nn.Module, bool]:
+    """(r, pool_maps) for these probed features: the regressor, and whether the two maps are
+    pooled to a common size before it (:func:`align_features`)."""
+    if student.dim() == 4 and teacher.dim() == 4:
+        conv = resampling_conv(tuple(student.shape[1:]), tuple(teacher.shape[1:])) \
+            if spatial == "conv" else None
+        pool_maps = conv is None
+        if pool_maps:
+            student, teacher = pool_to_smaller(student, teacher)
+            conv = nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1)
+        layers = [conv, nn.BatchNorm2d(teacher.shape[1])]
+    else:
+        pool_maps = True
+        student, teacher = align_features(student, teacher)
+        layers = [nn.Linear(student.shape[1], teacher.shape[1])]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers), pool_maps
 
 
 def probe_feature(model: nn.Module, path: str, input_shape: tuple[int, ...],
@@ -63,12 +118,18 @@ class FitNet(Method):
     description = "FitNet: CE + beta * MSE(regressor(student guided layer), teacher hint layer)"
 
     def __init__(self, student_layer: str = "auto", teacher_layer: str = "auto",
-                 beta: float = 100.0, ce_weight: float = 1.0):
+                 beta: float = 100.0, ce_weight: float = 1.0, regressor_relu: bool = True,
+                 spatial: str = "conv"):
         super().__init__()
+        if spatial not in SPATIAL:
+            raise ConfigError(f"method.spatial must be one of {SPATIAL}, got {spatial!r}")
         self.layers = {"student": str(student_layer), "teacher": str(teacher_layer)}
         self.beta = float(beta)
         self.ce_weight = float(ce_weight)
+        self.regressor_relu = bool(regressor_relu)
+        self.spatial = spatial
         self.regressor: nn.Module | None = None  # built in setup() from the feature shapes
+        self.pool_maps = True                    # decided with the regressor
 
     @property
     def student_layer(self) -> str:
@@ -106,12 +167,12 @@ class FitNet(Method):
         shape = tuple(ctx.input_shape)
         f_s = probe_feature(ctx.student, self.student_layer, shape, "method.student_layer")
         f_t = probe_feature(ctx.teachers[0], self.teacher_layer, shape, "method.teacher_layer")
-        f_s, f_t = align_features(f_s, f_t)
         device = next(ctx.student.parameters()).device
-        self.regressor = make_regressor(f_s, f_t).to(device)
+        regressor, self.pool_maps = make_regressor(f_s, f_t, self.regressor_relu, self.spatial)
+        self.regressor = regressor.to(device)
 
     def hint_loss(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-        f_s, f_t = align_features(student_feature, teacher_feature)
+        f_s, f_t = align_features(student_feature, teacher_feature, self.pool_maps)
         return F.mse_loss(self.regressor(f_s).float(), f_t.float())
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):

@@ -38,6 +38,13 @@ class KD(Method):
     name = "kd"
     description = "Hinton KD: CE on labels + T^2 KL to the teacher's softened distribution"
 
+    @classmethod
+    def describe(cls, config) -> str:
+        if cls.setting(config, "logit_standardization"):
+            return ("KD with logit standardization (Sun et al. CVPR 2024): CE + T^2 KL "
+                    "between the softened z-scored logits")
+        return cls.description
+
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  logit_standardization: bool = False):
         super().__init__()

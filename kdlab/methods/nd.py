@@ -83,6 +83,15 @@ def make_projector(student_width: int, teacher_width: int) -> nn.Module:
 class ND(Method):
     name = "nd"
     description = "KD++ / DKD++: KD or DKD + ND (embedding to the teacher's class-mean)"
+
+    @classmethod
+    def describe(cls, config) -> str:
+        base = cls.setting(config, "base")
+        name = {"kd": "KD++", "dkd": "DKD++"}.get(base)
+        if name is None:
+            return cls.description
+        return (f"{name} (Wang et al. ECCV 2024): {base.upper()} + ND, the student's "
+                "embedding pulled to the teacher's class-mean direction")
     student_features = (PENULTIMATE,)
     teacher_features = (PENULTIMATE,)
 

@@ -8,20 +8,39 @@ distribution to the teacher's as the interpolation coefficient t grows:
     p_t = softmax( (1 - t) * stopgrad(s) + t * teacher_logits )
     L   = mean_i  - sum_c p_t,ic * log softmax(s_i)_c           (CE of the student to p_t)
 
-The CE has the gradient of the paper's objective J = KL(p_t || softmax(s)) = CE - H(p_t);
-t is driven by J. After optimiser step n = 1 .. N (N = total training steps):
+t is driven by the relative decrease of an objective J. After optimiser step n = 1 .. N
+(N = total training steps), whose loss used t_{n-1} and whose objective is J_n:
 
     n = 1:     J_prev = J_1                              (nothing to compare with yet)
     n > 1:     delta_n = (J_prev - J_n) / J_prev         relative decrease of the objective
                m_n     = beta * m_{n-1} + (1 - beta) * delta_n          (momentum, m_0 = 0)
-               floor_n = t_start + (t_end - t_start) * n / N            (linear floor)
+               floor_n = t_start + (t_end - t_start) * (n - 1) / N      (linear floor)
                t_n     = min(t_end, max(floor_n, t_{n-1} + alpha * sigmoid(m_n) * (1 - t_{n-1})))
                J_prev  = J_n
 
-So t never decreases, never falls behind the linear schedule, and moves ahead of it faster
-while the objective is falling quickly. Defaults t_start = 0.4, t_end = 1.0, alpha = 5e-4,
-beta = 0.99. t, m and J_prev are buffers (saved in checkpoints, restored on resume); under
-DDP J is averaged over the ranks so every rank keeps the same t. One teacher.
+The loss of step n uses t_{n-1} (t_0 = t_1 = t_start). So t never decreases, never falls
+behind the linear schedule, and moves ahead of it faster while the objective is falling
+quickly. Defaults t_start = 0.4, t_end = 1.0, alpha = 5e-4, beta = 0.99.
+
+This is the authors' released schedule step by step (SakanaAI/TAID,
+``src/distil_losses/taid.py``: ``TAID.forward`` computes the loss with the current t, then
+calls ``update_t`` with the loss value and ``trainer.global_step``, which inside
+``training_step`` is the number of optimiser steps already taken, n - 1). Two options keep
+the other readings:
+
+- ``floor_progress: ahead``: floor_n = t_start + (t_end - t_start) * n / N (the steps taken
+  after step n; kdlab's schedule before it followed the release, one step ahead of it).
+- ``objective: kl``: J = KL(p_t || softmax(s)) = CE - H(p_t) (the divergence the paper's
+  objective is named after; kdlab's earlier choice) instead of the release's J = the loss
+  value itself, CE(s, p_t) (its ``forward_kl`` with ``teacher_probs=p_t`` returns the
+  cross-entropy). Both give the student the same gradient; their relative decreases differ
+  (H(p_t) moves with t and the student), so t moves differently.
+
+Not reproduced: the release's loss is also called in ``validation_step``, so its t, m and
+J_prev move on every validation batch too (``limit_val_batches=5`` per validation run in
+its ``train.py``); kdlab's move on training steps only. t, m and J_prev are buffers (saved
+in checkpoints, restored on resume); under DDP J is averaged over the ranks so every rank
+keeps the same t (the release keeps one t per rank). One teacher.
 """
 
 from __future__ import annotations
@@ -43,15 +62,26 @@ def interpolated_target(student_logits: Tensor, teacher_logits: Tensor, t: Tenso
     return F.softmax(mixed, dim=-1)
 
 
+FLOOR_PROGRESS = ("released", "ahead")
+OBJECTIVES = ("ce", "kl")
+
+
 class TAID(Method):
     name = "taid"
     description = "TAID: CE to an adaptive interpolation from the student to the teacher"
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
-                 beta: float = 0.99, total_steps: int | None = None):
+                 beta: float = 0.99, total_steps: int | None = None,
+                 floor_progress: str = "released", objective: str = "ce"):
         super().__init__()
         if not 0.0 <= t_start <= t_end <= 1.0:
             raise ConfigError(f"taid needs 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
+        if floor_progress not in FLOOR_PROGRESS:
+            raise ConfigError(f"method.floor_progress must be one of {FLOOR_PROGRESS}, got "
+                              f"{floor_progress!r}")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"method.objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.floor_progress, self.objective = floor_progress, objective
         self.t_start, self.t_end = float(t_start), float(t_end)
         self.alpha, self.beta = float(alpha), float(beta)
         self.total_steps = None if total_steps is None else int(total_steps)
@@ -71,18 +101,24 @@ class TAID(Method):
         require_teachers(self.name, len(teachers), exactly=1)
         p_t = interpolated_target(student.logits, teachers[0].logits, self.t)
         ce = soft_cross_entropy(student.logits, p_t)
-        entropy = -(torch.special.xlogy(p_t, p_t)).sum(-1).mean()
-        self._objective = (ce - entropy).detach()  # J = KL(p_t || softmax(s))
+        objective = ce
+        if self.objective == "kl":  # J = KL(p_t || softmax(s)) = CE - H(p_t)
+            entropy = -torch.special.xlogy(p_t, p_t).sum(-1).mean()
+            objective = ce - entropy
+        self._objective = objective.detach()
         return {"taid": ce}
 
     def floor(self, step: int) -> float:
-        """The linear schedule t_start -> t_end over the training steps."""
+        """The linear schedule t_start -> t_end for the update after optimiser step ``step``
+        (1-based): at (step - 1) / N (``released``) or step / N (``ahead``)."""
         if not math.isfinite(self._steps) or self._steps <= 0:
             return self.t_start
-        return self.t_start + (self.t_end - self.t_start) * min(step / self._steps, 1.0)
+        done = step - 1 if self.floor_progress == "released" else step
+        return self.t_start + (self.t_end - self.t_start) * min(done / self._steps, 1.0)
 
     def update(self, objective: Tensor, step: int) -> None:
-        """One step of the schedule in the docstring, given J_n and n."""
+        """One step of the schedule in the docstring, given J_n and n (the optimiser steps
+        taken, this one included)."""
         objective = objective.to(self.t.dtype)
         # The first step only records J; branch-free, so no host sync on a GPU.
         first = torch.isnan(self.prev_objective)
@@ -96,6 +132,7 @@ class TAID(Method):
         self.prev_objective.copy_(objective)
 
     def on_train_batch_end(self, ctx, batch) -> None:
+        """After optimiser step n (``ctx.global_step`` counts it already)."""
         if self._objective is None:
             return
         objective, self._objective = self._objective, None

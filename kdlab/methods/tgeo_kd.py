@@ -30,6 +30,20 @@ is trained by the two loss terms only (it cannot lower its loss by moving alpha)
 teacher never gets a gradient (its outputs come without one) and the MLP gets none from the
 training loss.
 
+CE(s_i, y_i) = -log softmax(s_i)_y, the cross-entropy of the logits (the usual reading of
+the paper's CE term, and kdlab's default). The released tabular code differs here: its
+lower-level (training) loss applies ``torch.nn.CrossEntropyLoss`` to the student's *softmax
+output* (``src/fusion_ratio_bilevel.py``: ``gt_lower_loss = loss_func(
+train_student_pred_prob, ...)`` with ``loss_func = CrossEntropyLoss`` in its ``__main__``;
+``train_student_pred_prob`` is the second output of ``Student.forward`` in
+``src/network.py``, ``nn.Softmax`` of the logits), so its CE term is
+-log softmax(softmax(s_i))_y, a double softmax: it lies in [log(e + C - 1) - 1,
+log(e + C - 1)] and its gradient is much weaker than CE's (its upper-level loss, the CE on
+the validation split, is computed the same way). ``released_double_softmax: true``
+reproduces it in the training loss; the controller's lookahead keeps CE on the logits
+either way. The repository's former ``cifar100/`` code (``lib/losses/kd_loss.py``, removed
+in a later commit) applied CE to the logits.
+
 Class means Tbar
 ----------------
 Tbar_c = mean of softmax(t(x)) over the training examples whose label is c: computed once,
@@ -217,13 +231,16 @@ def fusion_ratio(controller: nn.Module, features: Tensor,
 
 
 def tgeo_terms(logits: Tensor, target: Tensor, teacher_logits: Tensor, alpha: Tensor,
-               temperature: float) -> tuple[Tensor, Tensor]:
+               temperature: float, double_softmax: bool = False) -> tuple[Tensor, Tensor]:
     """(kd, ce) batch means of alpha_i T^2 KL(p^T(t_i) || p^T(s_i)) and (1 - alpha_i)
-    CE(s_i, y_i). float64 stays float64; other dtypes (bf16 logits) go to float32."""
+    CE(s_i, y_i) -- with ``double_softmax``, (1 - alpha_i) CE(softmax(s_i), y_i), the
+    released code's (its CrossEntropyLoss gets the softmax output). float64 stays float64;
+    other dtypes (bf16 logits) go to float32."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits, alpha = logits.to(dtype), alpha.to(dtype)
     kl = kd_kl(logits, teacher_logits.to(dtype), temperature, reduction="none")
-    ce = F.cross_entropy(logits, target, reduction="none")
+    ce = F.cross_entropy(torch.softmax(logits, dim=-1) if double_softmax else logits, target,
+                         reduction="none")
     return (alpha * kl).mean(), ((1.0 - alpha) * ce).mean()
 
 
@@ -287,7 +304,7 @@ class TGeoKD(Method):
                  meta_batch_size: int = 128, init_alpha: float | None = 0.9,
                  controller_lr: float = 1e-3, controller_betas: tuple[float, float] = (0.9, 0.999),
                  controller_eps: float = 1e-8, controller_weight_decay: float = 0.0,
-                 class_means_batch_size: int = 512):
+                 class_means_batch_size: int = 512, released_double_softmax: bool = False):
         super().__init__()
         if lookahead not in LOOKAHEADS:
             raise ConfigError(f"method.lookahead must be one of {LOOKAHEADS}, got {lookahead!r}")
@@ -316,6 +333,7 @@ class TGeoKD(Method):
         self.controller_eps = float(controller_eps)
         self.controller_weight_decay = float(controller_weight_decay)
         self.class_means_batch_size = int(class_means_batch_size)
+        self.released_double_softmax = bool(released_double_softmax)
         self.controller: nn.Sequential | None = None  # built in setup() (needs C)
         self.register_buffer("class_means", torch.zeros(0, 0))
         self.register_buffer("has_class_means", torch.tensor(False))
@@ -428,7 +446,8 @@ class TGeoKD(Method):
         require_teachers(self.name, len(teachers), exactly=1)
         logits, teacher_logits = student.logits, teachers[0].logits
         alpha = self.alpha(logits, teacher_logits, batch["target"])
-        kd, ce = tgeo_terms(logits, batch["target"], teacher_logits, alpha, self.temperature)
+        kd, ce = tgeo_terms(logits, batch["target"], teacher_logits, alpha, self.temperature,
+                            self.released_double_softmax)
         if "index" in batch:
             self._pending = (batch["index"], alpha.detach())
         return {"kd": kd, "ce": ce}

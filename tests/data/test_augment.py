@@ -12,9 +12,12 @@ from kdlab.data.augment import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     crop_flip,
+    crop_flip_views,
     normalize,
     random_crop_flip,
     sample_crop_flip,
+    view_ids,
+    view_params,
 )
 
 
@@ -57,6 +60,23 @@ def test_crop_flip_non_square_and_centre_is_identity():
     assert torch.equal(crop_flip(x, centre, torch.ones(5, dtype=torch.bool), 4), x.flip(-1))
     offsets, flips = sample_crop_flip(5, 4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(crop_flip(x, offsets, flips, 4), naive_crop_flip(x, offsets, flips, 4))
+
+
+def test_one_channel_28x28_with_padding_2_has_50_views():
+    """Fashion-MNIST's augmentation: every one of the 5 x 5 offsets x 2 flips, by id, is the
+    crop written out by hand; the ids are 0..49 and invert."""
+    x = _random_images(3, c=1, h=28, w=28)
+    assert crop_flip_views(2) == 50
+    views = torch.arange(50)
+    offsets, flips = view_params(views, 2)
+    assert torch.equal(view_ids(offsets, flips, 2), views)
+    assert sorted({(int(t), int(left)) for t, left in offsets}) == [
+        (t, left) for t in range(5) for left in range(5)]
+    for v, (top, left), flip in zip(views.tolist(), offsets.tolist(), flips.tolist(),
+                                    strict=True):
+        out = crop_flip(x, offsets[v].expand(3, 2), flips[v].expand(3), 2)
+        crop = F.pad(x, (2, 2, 2, 2))[:, :, top:top + 28, left:left + 28]
+        assert torch.equal(out, crop.flip(-1) if flip else crop)
 
 
 def test_random_crop_flip_returns_the_draws_it_used():

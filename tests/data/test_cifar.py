@@ -11,23 +11,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from helpers.cifar import LocalServer, make_cifar10, make_cifar100
+from helpers.cifar import make_cifar10, make_cifar100
 
 from kdlab.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize
 from kdlab.data.cifar import Cifar10DataModule, Cifar100DataModule
 from kdlab.data.download import DatasetError, download_and_extract, md5sum
 from kdlab.data.noise import CIFAR10_ASYMMETRIC, superclass_ring
 
-# -- a local HTTP server serving tiny archives (tests/helpers/cifar.py) ----------------------
-
-
-@pytest.fixture
-def server(tmp_path, request):
-    served = tmp_path / "served"
-    served.mkdir()
-    srv = LocalServer(served)
-    request.addfinalizer(srv.close)
-    return srv
+# `server`: a local HTTP server serving tiny archives (tests/data/conftest.py)
 
 
 def _cifar10(server, root, **kwargs):

@@ -34,19 +34,22 @@ class Interrupted(Exception):
 
 class StopAt(pl.Callback):
     """Stop training at training step ``step`` (after its optimiser step), as a failure
-    would: SIGKILL this process when ``kill``, else raise :class:`Interrupted`. The step may
-    also come from the environment (KDLAB_TEST_STOP_AT_STEP), so that the stopped run and
-    its resumption share one config; without either the callback does nothing."""
+    would: SIGKILL this process when ``kill``, a Ctrl-C (KeyboardInterrupt) when ``ctrl_c``,
+    else raise :class:`Interrupted`. The step may also come from the environment
+    (KDLAB_TEST_STOP_AT_STEP), so that the stopped run and its resumption share one config;
+    without either the callback does nothing."""
 
-    def __init__(self, step: int | None = None, kill: bool = False):
+    def __init__(self, step: int | None = None, kill: bool = False, ctrl_c: bool = False):
         env = os.environ.get("KDLAB_TEST_STOP_AT_STEP")
         self.step = int(step) if step is not None else (int(env) if env else None)
-        self.kill = kill
+        self.kill, self.ctrl_c = kill, ctrl_c
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.step is not None and trainer.global_step >= self.step:
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.ctrl_c:
+                raise KeyboardInterrupt
             raise Interrupted(f"stopped at step {trainer.global_step}")
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kdlab.config import instantiate_datamodule
@@ -46,3 +48,12 @@ def fit_checkpointed(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> Dis
     if stop_after:
         callbacks.append(StopAfter(stop_after))
     return fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)
+
+
+def write_run(d: Path, config: dict, results: dict) -> Path:
+    """A run directory as train.py leaves it (config.yaml + results.json), without Hydra or
+    training: for tests of what reads runs (kdlab report)."""
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (d / "results.json").write_text(json.dumps(results))
+    return d

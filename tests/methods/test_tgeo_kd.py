@@ -192,6 +192,26 @@ def test_loss_matches_float64_reference(case):
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-5, abs=1e-6)
 
 
+def test_released_double_softmax_is_ce_of_the_softmax_output_by_hand():
+    """The released lower-level loss: CrossEntropyLoss on softmax(s), i.e. per example
+    -p_y + log sum_c exp(p_c) with p = softmax(s); the KD term is unchanged."""
+    s, t, y = make_inputs(10, 3.0, 0.0, batch=9, teacher_offset=1)
+    method, _ = make_method(c=10, controller_scale=4.0, released_double_softmax=True)
+    terms = method.loss_terms(Outputs(s), [Outputs(t)], {"target": y})
+    sn, yn = s.double().numpy(), y.numpy()
+    alpha = method.alpha(s, t, y).double().numpy()
+    ce = 0.0
+    for i in range(len(yn)):
+        p = np.exp(sn[i] - sn[i].max())
+        p /= p.sum()
+        double = -p[yn[i]] + np.log(np.exp(p).sum())
+        assert np.log(np.e + 9) - 1 <= double <= np.log(np.e + 9)  # the bounds in the docstring
+        ce += (1 - alpha[i]) * double
+    assert terms["ce"].item() == pytest.approx(ce / len(yn), rel=1e-5, abs=1e-6)
+    kd, _ = np_loss(sn, t.double().numpy(), yn, alpha, method.temperature)
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-5, abs=1e-6)
+
+
 def test_initial_ratio_is_init_alpha_and_the_loss_is_kd():
     s, t, y = make_inputs(10, 3.0, 0.0, batch=16)
     method, _ = make_method(c=10)

@@ -1,0 +1,100 @@
+"""What the evidence scripts share: runs keyed by their resolved config, run in worker
+processes, reused when finished and resumed in place when interrupted.
+
+    from experiments import execute, Run
+    done = execute([Run({"row": "kd", "seed": 0}, ["method=kd", "seed=0"]), ...], work, jobs=2)
+
+A run's directory is ``<work>/runs/<hash of its resolved config>``: a changed default (or any
+other change of the config) never reuses a run made with the old one. A directory holding
+``results.json`` is reused as it is; one holding an unfinished run (``checkpoints/last.ckpt``)
+continues from its last epoch-end checkpoint (``resume=true``), so a script stopped halfway
+picks up where it was when started again with the same ``--work``. Every run goes through
+``kdlab.train.run`` in-process, fp32 on the CPU (``trainer=cpu``), one torch thread per worker,
+its output appended to ``<work>/runs.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Every evidence run: CPU, fp32, deterministic, no progress bar, one thread per worker.
+COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1"]
+
+
+@dataclass
+class Run:
+    """One run of a table: its labels (setting, row, seed, ...) and its overrides."""
+
+    labels: dict[str, Any]
+    overrides: list[str]
+    results: dict[str, Any] | None = field(default=None, repr=False)
+    run_dir: str = ""
+
+
+def run_key(cfg) -> str:
+    """A hash of the whole resolved config, ``resume`` left out (it does not change a run)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("resume", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
+    """Run ``overrides`` in this process, or reuse / resume it: (run dir, results.json)."""
+    os.environ["KDLAB_CACHE_DIR"] = str(Path(work) / "cache")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from kdlab.config import compose
+
+    cfg = compose([*COMMON, *overrides])
+    run_dir = Path(work) / "runs" / run_key(cfg)
+    done = run_dir / "results.json"
+    if not done.exists():
+        from kdlab.train import run
+
+        for name in ("lightning", "pytorch_lightning", "kdlab"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            cfg.resume = True  # an interrupted attempt: continue it
+        for stale in ("failed.json", "error.log"):
+            (run_dir / stale).unlink(missing_ok=True)
+        with open(Path(work) / "runs.log", "a") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            run(cfg, run_dir)
+    return str(run_dir), json.loads(done.read_text())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def execute(runs: list[Run], work: Path, jobs: int = 1) -> list[Run]:
+    """Run (or reuse) every run, ``jobs`` at a time, printing one line per finished run with
+    the time so far and an estimate of the time left; returns the runs with their results."""
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+    try:
+        outs = (pool.map(run_one, [r.overrides for r in runs], [str(work)] * len(runs))
+                if pool else (run_one(r.overrides, str(work)) for r in runs))
+        for i, (run, (run_dir, results)) in enumerate(zip(runs, outs, strict=True), start=1):
+            run.run_dir, run.results = run_dir, results
+            spent = time.time() - start
+            left = spent / i * (len(runs) - i)
+            labels = " ".join(str(v) for v in run.labels.values())
+            print(f"[{i}/{len(runs)} {_duration(spent)}, ~{_duration(left)} left] {labels}: "
+                  f"val acc {results['val']['acc']:.4f} test acc {results['test']['acc']:.4f}",
+                  flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return runs
