@@ -4,10 +4,96 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
+
+from .errors import ConfigError
+from .selection import Record, SelectionRule
 
 log = logging.getLogger("kdlab")
+
+
+class SelectionCheckpoint(Checkpoint):
+    """``checkpoints/last.ckpt`` after every epoch, and ``checkpoints/best.ckpt`` after every
+    validated epoch that the selection rule (:mod:`kdlab.selection`) puts first so far.
+
+    Every validation's val metrics are recorded (epochs from 1); the records are the
+    callback's checkpointed state, so a run resumed from last.ckpt chooses among the same
+    history as the uninterrupted run. Both files are written at the end of the training
+    epoch (validation has run by then), best before last, through the trainer's checkpoint
+    IO (atomic writes).
+    """
+
+    def __init__(self, dirpath: str | Path, rule: SelectionRule):
+        self.dirpath = Path(dirpath)
+        self.rule = rule
+        self.records: list[Record] = []
+        self._validated_epoch: int | None = None
+
+    @property
+    def best_path(self) -> str:
+        return str(self.dirpath / "best.ckpt")
+
+    @property
+    def last_path(self) -> str:
+        return str(self.dirpath / "last.ckpt")
+
+    @property
+    def chosen(self) -> Record | None:
+        """The selected epoch's record (None before any validation)."""
+        return self.rule.select(self.records) if self.records else None
+
+    def reason(self) -> str:
+        return self.rule.explain(self.records, self.chosen)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k.startswith("val/")}
+        if self.rule.metric not in values:
+            raise ConfigError(f"selection.metric {self.rule.metric} was not logged (logged: "
+                              f"{', '.join(sorted(values)) or 'no val/ metric'})")
+        epoch = trainer.current_epoch + 1
+        self.records = [r for r in self.records if r.epoch != epoch] + [Record(epoch, values)]
+        self._validated_epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self._validated_epoch == epoch and self.chosen.epoch == epoch:
+            trainer.save_checkpoint(self.best_path, weights_only=False)
+        self._validated_epoch = None
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule.as_dict(),
+                "records": [{"epoch": r.epoch, "values": dict(r.values)} for r in self.records]}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """A resumed fit continues the history saved in last.ckpt. (Testing best.ckpt loads
+        callback states too: this run's full history is kept then.)"""
+        if trainer.state.fn != "fit":
+            return
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        self.records = [Record(int(r["epoch"]), {k: float(v) for k, v in r["values"].items()})
+                        for r in state.get("records", [])]
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with epochs counted from 1 of all: ``Epoch 5/5``."""
+
+    def on_train_epoch_start(self, trainer, *_: Any) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+                            refresh=False)
+        bar.reset(total=convert_inf(self.total_train_batches))
+        bar.initial = 0
 
 
 class TrainThroughput(pl.Callback):

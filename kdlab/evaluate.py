@@ -334,7 +334,9 @@ def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset,
     noise = dm.describe()["noise"]
     report = {
         "checkpoint": str(ckpt), "run_dir": str(run_dir) if run_dir else None,
-        "epoch": data.get("epoch"), "student": student, "dataset": dataset, "split": split,
+        # the epoch the checkpoint was written after, counted from 1 (Lightning's from 0)
+        "epoch": None if data.get("epoch") is None else int(data["epoch"]) + 1,
+        "student": student, "dataset": dataset, "split": split,
         "labels": {"kind": labels,
                    "description": describe_labels(split, labels, noise, trained_on)},
         "size": len(dm.splits[split]), "noise": noise, "seed": int(cfg.seed),

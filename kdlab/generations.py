@@ -32,8 +32,8 @@ def run_generations(cfg: DictConfig, run_dir: RunDir) -> dict[str, Any]:
             done = gen_dir / "results.json"
             results = json.loads(done.read_text()) if done.exists() else run(gen_cfg, gen_dir)
             generations.append({"generation": k, "run_dir": str(gen_dir),
-                                **{key: results[key] for key in ("best_epoch", "test",
-                                                                  "test_last", "val")}})
+                                **{key: results[key] for key in ("best_epoch", "selection",
+                                                                  "test", "test_last", "val")}})
             teacher = OmegaConf.create({**OmegaConf.to_container(cfg.student, resolve=True),
                                         "ckpt": results["checkpoints"]["best"]})
         summary = {**results, "generations": generations,

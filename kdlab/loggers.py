@@ -71,6 +71,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
+def write_to_log_files(text: str) -> None:
+    """``text`` into the log files of the process (a Hydra run's ``train.log``) without a
+    second copy on the console (for what is printed there already)."""
+    record = logging.LogRecord("kdlab", logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """One Lightning logger per entry of ``cfg.logger`` (tensorboard, wandb, ...), always
     with the CSV log."""
@@ -86,13 +95,28 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
             kwargs = _wandb_kwargs(kwargs, cfg, Path(output_dir))
             _finish_stale_wandb_run()
         try:
-            loggers.append(get_class(target)(**kwargs))
+            loggers.append(_integer_epochs(get_class(target)(**kwargs)))
         except ModuleNotFoundError as e:
             extra = EXTRAS.get(target.rsplit(".", 1)[-1])
             hint = f": pip install 'kdlab[{extra}]'" if extra else ""
             raise ConfigError(f"{target} needs a package that is not installed ({e})"
                               f"{hint}") from None
     return loggers
+
+
+def _integer_epochs(logger):
+    """The module logs ``epoch`` (counted from 1) with its values, and Lightning hands every
+    logged value over as a float: the logger gets the integer it is (``3``, not ``3.0``)."""
+    log_metrics = logger.log_metrics
+
+    def log_with_integer_epoch(metrics: dict[str, Any], step: int | None = None) -> None:
+        epoch = metrics.get("epoch")
+        if isinstance(epoch, float) and epoch.is_integer():
+            metrics = {**metrics, "epoch": int(epoch)}
+        log_metrics(metrics, step)
+
+    logger.log_metrics = log_with_integer_epoch
+    return logger
 
 
 def finalize_loggers(loggers: list, cfg: DictConfig, results: dict[str, Any],

@@ -54,6 +54,14 @@ class DistillModule(pl.LightningModule):
             for i in range(len(self._teachers)))
         self.test_agreement = nn.ModuleList(Agreement() for _ in range(len(self._teachers)))
         self.reliability_bins: dict[str, Tensor] = {}
+        #: Where a test pass logs: "test" (the student, its teachers and its online peers)
+        #: or "test_last" (the student's last-epoch weights: the student only). kdlab.train
+        #: sets it before each pass.
+        self.test_key = "test"
+        # The epoch counted from 1, logged as `epoch` with every training and validation
+        # value (Lightning would log its own counter, from 0); on the device, so that logging
+        # it costs no host sync.
+        self.register_buffer("_epoch_number", torch.zeros(()), persistent=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Outside a training run (``load_from_checkpoint``, ``kdlab eval``) the student is
@@ -198,7 +206,11 @@ class DistillModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Each epoch's randomness depends only on (seed, epoch, rank): exact resume.
         torch.manual_seed(derived_seed(self.seed, self.current_epoch, self.global_rank))
+        self._epoch_number.fill_(self.current_epoch + 1)
         self.method.on_train_epoch_start(self)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("epoch", self._epoch_number, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.method.transforms_batch:  # no longer an enumerated view of stored examples
@@ -218,6 +230,7 @@ class DistillModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
         loss = loss.sum()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("epoch", self._epoch_number, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -231,7 +244,7 @@ class DistillModule(pl.LightningModule):
         value = float(values[bad].detach())
         raise NonFiniteLossError(
             f"loss term {names[bad]!r} became {value} at step {self.global_step} "
-            f"(epoch {self.current_epoch}); training stopped, the last good checkpoint is "
+            f"(epoch {self.current_epoch + 1}); training stopped, the last good checkpoint is "
             "kept (lower the learning rate or check the data)")
 
     # -- evaluation ------------------------------------------------------------------------
@@ -243,20 +256,31 @@ class DistillModule(pl.LightningModule):
         values = self.val_metrics.compute()  # torchmetrics has already synced the ranks
         self.log("val/acc", values.pop("val/acc"), prog_bar=True)
         self.log_dict(values)
+        if self.trainer.state.fn == "fit":  # the epoch it belongs to (not kdlab eval's)
+            self.log("epoch", self._epoch_number)
         self.val_metrics.reset()
+
+    @property
+    def _tests_others(self) -> bool:
+        """Whether this test pass also tests the teachers and the online peers (once per run:
+        with the selected checkpoint)."""
+        return self.test_key == "test"
 
     def on_test_start(self) -> None:
         self._teachers.to(self.device)
         # networks the method trains besides the student (online peers): tested alike
+        peers = self.method.evaluated_models() if self._tests_others else {}
         self.peer_test_metrics = nn.ModuleDict({
             name: classification_metrics(self.num_classes).clone(prefix=f"peer/{name}/test/")
-            for name in self.method.evaluated_models()}).to(self.device)
+            for name in peers}).to(self.device)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = channels_last(batch["input"]), batch["target"]
         logits = self(x).float()
         self.test_metrics.update(logits, y)
         self.test_reliability.update(logits, y)
+        if not self._tests_others:
+            return
         for i, t in enumerate(self._teachers.forward(x)):
             self.teacher_test_metrics[i].update(t.logits, y)
             self.test_agreement[i].update(logits, t.logits)
@@ -264,15 +288,19 @@ class DistillModule(pl.LightningModule):
             self.peer_test_metrics[name].update(model(x).float(), y)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        for i, metrics in enumerate(self.teacher_test_metrics):
-            self.log_dict(metrics.compute())
-            self.log(f"teacher{i}/test/agreement", self.test_agreement[i].compute())
-        for metrics in self.peer_test_metrics.values():
-            self.log_dict(metrics.compute())
+        self.log_dict({f"{self.test_key}/{k.removeprefix('test/')}": v
+                       for k, v in self.test_metrics.compute().items()})
+        tested = [self.test_metrics, self.test_reliability]
+        if self._tests_others:
+            for i, metrics in enumerate(self.teacher_test_metrics):
+                self.log_dict(metrics.compute())
+                self.log(f"teacher{i}/test/agreement", self.test_agreement[i].compute())
+            for metrics in self.peer_test_metrics.values():
+                self.log_dict(metrics.compute())
+            tested += [*self.teacher_test_metrics, *self.test_agreement,
+                       *self.peer_test_metrics.values()]
         self.reliability_bins = {k: v.cpu() for k, v in self.test_reliability.compute().items()}
-        for m in [self.test_metrics, self.test_reliability, *self.teacher_test_metrics,
-                  *self.test_agreement, *self.peer_test_metrics.values()]:
+        for m in tested:
             m.reset()
 
     # -- optimisation ----------------------------------------------------------------------

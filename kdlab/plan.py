@@ -12,6 +12,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import device_count
+from .selection import selection_rule
+
 SHORT = {"weight_decay": "wd"}  # as kdlab.teachers.recipe_line writes it
 SCHEDULES = {"CosineAnnealingLR": "cosine", "MultiStepLR": "multistep", "ConstantLR": "constant"}
 
@@ -49,7 +52,13 @@ def schedule_line(scheduler: DictConfig | None) -> str:
 
 def teacher_lines(cfg: DictConfig) -> list[str]:
     from .config import instantiate_method
-    from .teachers import recipe_line, teacher_specs, training_config, weights_cache_dir
+    from .teachers import (
+        recipe_line,
+        selected_checkpoint,
+        teacher_specs,
+        training_config,
+        weights_cache_dir,
+    )
 
     method = cfg.choices.get("method") or _short(cfg.method.get("_target_"))
     if not instantiate_method(cfg.method).needs_teacher:
@@ -62,11 +71,13 @@ def teacher_lines(cfg: DictConfig) -> list[str]:
         teacher_cfg = training_config(cfg, spec)
         entry = weights_cache_dir(teacher_cfg)
         if (entry / "teacher.pt").is_file():
+            chosen = selected_checkpoint(entry) or "its best epoch"
             lines.append(f"teacher {spec.name}: reuse the auto-trained teacher "
-                         f"{entry / 'teacher.pt'} (CE: {recipe_line(teacher_cfg)})")
+                         f"{entry / 'teacher.pt'} ({chosen}; CE: {recipe_line(teacher_cfg)})")
         else:
             lines.append(f"teacher {spec.name}: train with CE first: {recipe_line(teacher_cfg)}"
-                         f" -> {entry}")
+                         f" -> {entry}; the students learn from the epoch its selection "
+                         f"picks ({selection_rule(teacher_cfg).describe()})")
     return lines
 
 
@@ -76,10 +87,43 @@ def student_line(cfg: DictConfig) -> str:
     method = choices.get("method") or _short(cfg.method.get("_target_"))
     noise = cfg.noise
     labels = "clean labels" if noise.type == "none" else f"{noise.type} {noise.rate} noisy labels"
+    per_device = " per device" if _processes(cfg.trainer) != 1 else ""
     return (f"student {student}, method {method}: {cfg.trainer.max_epochs} epochs, "
             f"{optimizer_line(cfg.optimizer)}, {schedule_line(cfg.get('scheduler'))}, batch "
-            f"{cfg.dataset.batch_size}, on {choices.get('dataset') or 'the dataset'} "
-            f"({labels}), seed {cfg.seed}")
+            f"{cfg.dataset.batch_size}{per_device}, on {choices.get('dataset') or 'the dataset'}"
+            f" ({labels}), seed {cfg.seed}; selection: {selection_rule(cfg).describe()}")
+
+
+def _devices(trainer: DictConfig) -> int:
+    """The devices per node: ``trainer.devices``, or for auto/-1 those Lightning will find
+    (every CUDA GPU when it runs on them, else one)."""
+    import torch
+
+    devices = device_count(trainer.get("devices", 1))
+    if devices is not None:
+        return devices
+    on_gpu = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return max(torch.cuda.device_count(), 1) if on_gpu and torch.cuda.is_available() else 1
+
+
+def _processes(trainer: DictConfig) -> int:
+    """Training processes: devices x nodes."""
+    return _devices(trainer) * int(trainer.get("num_nodes", 1))
+
+
+def distributed_line(cfg: DictConfig) -> str | None:
+    """For several processes: the strategy, the global batch, and that lr is not scaled."""
+    t = cfg.trainer
+    processes = _processes(t)
+    if processes == 1:
+        return None
+    strategy = str(t.get("strategy", "auto"))
+    shown = ("ddp (Lightning's choice for strategy=auto)" if strategy == "auto" else strategy)
+    batch = int(cfg.dataset.batch_size)
+    return (f"distributed: strategy {shown}, one process per device; global batch "
+            f"{_devices(t)} devices x {t.get('num_nodes', 1)} node(s) x {batch} = "
+            f"{processes * batch}; optimizer.lr {_number(cfg.optimizer.get('lr'))} is used as "
+            "given, not scaled with the global batch (scale it yourself, e.g. linearly)")
 
 
 def trainer_line(cfg: DictConfig) -> str:
@@ -91,6 +135,9 @@ def trainer_line(cfg: DictConfig) -> str:
 def describe_plan(cfg: DictConfig) -> str:
     """The plan of the run ``cfg`` as a few lines (teachers, student, trainer)."""
     lines = [*teacher_lines(cfg), student_line(cfg), trainer_line(cfg)]
+    distributed = distributed_line(cfg)
+    if distributed:
+        lines.append(distributed)
     return "plan:\n" + "\n".join(f"  {line}" for line in lines)
 
 

@@ -13,8 +13,9 @@ as ``noise.rate``, or config groups such as ``method``).
 Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``, ``val.nll``,
 ``mixing.label_weight_noisy``, ``teachers.0.agreement``); ``teacher.X`` is the first
 teacher's ``X`` (``teacher.agreement``) or its test metric ``X`` (``teacher.acc``), and a bare
-``X`` is ``test.X``. ``test`` is the best-on-validation checkpoint, ``test_last`` the last
-epoch. std is the sample standard deviation over seeds (n - 1); with one seed there is none.
+``X`` is ``test.X``. ``test`` is the checkpoint the run's selection rule picked on the
+validation split, ``test_last`` the last epoch. std is the sample standard deviation over
+seeds (n - 1); with one seed there is none.
 
 Failed runs (``failed.json``) and unfinished ones (neither file) are listed in their own
 section and never averaged in. Written to ``--out`` (default: the first PATH):
@@ -510,8 +511,9 @@ class Report:
         groups = len(self.summary)
         return [f"{self.finished} finished runs in {groups} groups; {len(self.others)} failed "
                 f"or unfinished{' (listed below, not averaged)' if self.others else ''}.",
-                "mean ± sample std over seeds; best = checkpoint with the best val/acc, "
-                "last = last epoch; accuracy and ECE (15 bins) are fractions."]
+                "mean ± sample std over seeds; best = the epoch each run's selection rule "
+                "picked (results.json selection), last = last epoch; accuracy and ECE (15 "
+                "bins) are fractions."]
 
     def markdown(self) -> str:
         lines = ["# kdlab report", "",
@@ -607,6 +609,10 @@ def run_summary(results: dict[str, Any], output_dir: Path) -> str:
     width = max(len(name) for name, _ in rows)
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left",
                            formatters={"test set": lambda name: name.ljust(width)})
+    selection = results.get("selection")
+    if isinstance(selection, dict):  # which epoch is "best on val", and why
+        body += (f"\nselected epoch {selection['epoch']} of {results['epochs']} "
+                 f"({selection['rule']}): {selection['reason']}")
     return f"{head}\n{body}\nrun directory: {output_dir}"
 
 
@@ -624,8 +630,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "over seeds for every group of runs that differ only in the seed. Failed and "
                     "unfinished runs are listed, never averaged in. Writes report.md, report.csv "
                     "and report_*.png.",
-        epilog="Metrics are dotted paths into results.json: test.acc (best-on-val checkpoint), "
-               "test_last.ece (last epoch), val.nll, mixing.label_weight_noisy, ...; "
+        epilog="Metrics are dotted paths into results.json: test.acc (the selected "
+               "checkpoint), test_last.ece (last epoch), val.nll, mixing.label_weight_noisy, ...; "
                "teacher.X = the first teacher's X or its test.X; a bare name X = test.X.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                         help="run directories or trees of them (multirun sweep dirs)")

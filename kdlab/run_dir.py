@@ -171,17 +171,18 @@ class RunDir:
         fail on rows with columns it never logged (e.g. a run resumed after its last
         epoch logs no train/ or val/ column before testing).
         """
+        # the checkpoint's epoch is Lightning's counter (from 0); the log counts from 1
         self._resumed_epoch = torch.load(resumed_from, map_location="cpu",
-                                         weights_only=True)["epoch"]
+                                         weights_only=True)["epoch"] + 1
 
     def _join_kept_metrics(self) -> None:
-        epoch = self._resumed_epoch
+        epoch = self._resumed_epoch  # the last epoch the checkpoint completed, from 1
         if epoch is None:
             return
         for aside in self._kept_metrics:
             path = aside.with_name("metrics.csv")
             old = [r for r in _read_rows(aside) if r.get("epoch") not in (None, "")
-                   and int(r["epoch"]) <= epoch]
+                   and int(float(r["epoch"])) <= epoch and not _is_test_row(r)]
             _write_rows(path, old + (_read_rows(path) if path.exists() else []))
             aside.unlink()
         self._kept_metrics = []
@@ -208,6 +209,13 @@ class RunDir:
             else "failed",
             "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
             "host": host()})
+
+
+def _is_test_row(row: dict[str, str]) -> bool:
+    """A row of the final tests (``test/...``, ``test_last/...``, ``teacher0/test/...``):
+    logged after the last epoch, with its number; a resumed run logs its own."""
+    return any(value and (key.startswith(("test/", "test_last/")) or "/test/" in key)
+               for key, value in row.items())
 
 
 def hydra_quoted(value: str) -> str:

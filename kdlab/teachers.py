@@ -49,6 +49,7 @@ from .methods.base import Outputs
 from .models import build_model, count_parameters, model_config
 from .models.features import FeatureHooks
 from .models.loading import freeze, load_weights
+from .selection import selection_rule
 
 log = logging.getLogger("kdlab")
 
@@ -103,6 +104,10 @@ def describe_model(name: str, model: nn.Module) -> dict[str, Any]:
 
 # -- auto-training -------------------------------------------------------------------------
 
+# Trainer settings that change what an auto-trained teacher learns (part of its cache key).
+TEACHER_TRAINER_KEYS = ("limit_train_batches", "limit_val_batches", "accumulate_grad_batches",
+                        "gradient_clip_val")
+
 
 def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
     """The CE run that trains teacher ``spec``: the same data, split and seed as ``cfg``, on
@@ -113,6 +118,8 @@ def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
     for key in ("max_epochs", "lr", "weight_decay"):
         if spec.options.get(key) is not None:
             recipe[key] = spec.options[key]
+    # a shortened recipe (teacher.max_epochs) never reaches its later milestones
+    recipe.milestones = [m for m in recipe.get("milestones") or [] if m <= recipe.max_epochs]
     if str(spec.options.get("label_noise") or "same") == "none":
         teacher_cfg.noise = {"type": "none", "rate": 0.0}
     teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
@@ -124,6 +131,9 @@ def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
     teacher_cfg.optimizer = OmegaConf.load(conf_dir() / "optimizer" / "sgd.yaml")
     teacher_cfg.scheduler = OmegaConf.load(conf_dir() / "scheduler" / "recipe.yaml")
     teacher_cfg.trainer.max_epochs = "${dataset.recipe.max_epochs}"
+    # Selection sees every epoch of the teacher (its epochs need not suit the student's
+    # validation cadence).
+    teacher_cfg.trainer.check_val_every_n_epoch = 1
     # One process: a nested multi-process launch would re-run this whole script.
     teacher_cfg.trainer.strategy = "auto"
     teacher_cfg.trainer.devices = 1
@@ -148,12 +158,27 @@ def weights_cache_dir(teacher_cfg: DictConfig) -> Path:
         "scheduler": OmegaConf.to_container(teacher_cfg.scheduler, resolve=True),
         "max_epochs": teacher_cfg.trainer.max_epochs,
         "precision": teacher_cfg.trainer.precision,
+        # which batches it trains and validates on, and how steps are taken
+        "trainer": {k: teacher_cfg.trainer.get(k) for k in TEACHER_TRAINER_KEYS},
         "seed": teacher_cfg.seed,
+        # which of its epochs the students learn from
+        "selection": selection_rule(teacher_cfg).as_dict(),
     }
     digest = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
     dataset_name = teacher_cfg.choices.get("dataset") or "data"
     return (Path(teacher_cfg.paths.cache_dir) / "teachers"
             / f"{dataset_name}-{teacher_cfg.choices.student}-{digest}")
+
+
+def selected_checkpoint(entry: Path) -> str | None:
+    """Which checkpoint of the auto-trained teacher in cache ``entry`` the students learn
+    from (``epoch 27 of 30, best val/acc, ties broken by ...``), from its meta.json."""
+    try:
+        meta = json.loads((Path(entry) / "meta.json").read_text())
+        selection = meta["selection"]
+        return f"epoch {selection['epoch']} of {meta['epochs']}, {selection['rule']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def recipe_line(teacher_cfg: DictConfig) -> str:
@@ -185,7 +210,8 @@ def ensure_trained(cfg: DictConfig, spec: TeacherSpec) -> Path:
     entry = weights_cache_dir(teacher_cfg)
     weights = entry / "teacher.pt"
     if weights.is_file():
-        log.info("teacher %s: reusing %s (%s)", spec.name, weights, recipe_line(teacher_cfg))
+        log.info("teacher %s: reuse %s (%s; CE: %s)", spec.name, weights,
+                 selected_checkpoint(entry) or "its best epoch", recipe_line(teacher_cfg))
         return weights
     with file_lock(entry.parent / ".locks" / f"{entry.name}.lock"):
         if weights.is_file():  # another job trained it while we waited
@@ -198,8 +224,12 @@ def ensure_trained(cfg: DictConfig, spec: TeacherSpec) -> Path:
         atomic_write_json(entry / "meta.json", {"arch": spec.name, "run_dir": str(run_dir),
                                                 "recipe": recipe_line(teacher_cfg),
                                                 "test": results["test"],
-                                                "best_epoch": results["best_epoch"]})
+                                                "best_epoch": results["best_epoch"],
+                                                "epochs": results["epochs"],
+                                                "selection": results["selection"]})
         atomic_torch_save(best["state_dict"], weights)
+        log.info("teacher %s: trained; the students learn from %s (%s)", spec.name,
+                 selected_checkpoint(entry), results["selection"]["reason"])
     return weights
 
 

@@ -1,8 +1,10 @@
 """The one place that assembles a run from the composed config: instantiate, fit, test, write.
 
 datamodule, teachers, student + method (the :class:`DistillModule`), loggers, callbacks and
-trainer are built here; then fit, test (last epoch and best-on-val), and the run directory
-is completed with ``results.json``, the reliability diagram and a summary table.
+trainer are built here; then fit (validating each epoch; :class:`SelectionCheckpoint` keeps
+the epoch the selection rule chooses), test (the last epoch, logged as ``test_last/...``;
+the selected epoch, logged as ``test/...`` with the teachers and peers), and the run
+directory is completed with ``results.json``, the reliability diagram and a summary table.
 """
 
 from __future__ import annotations
@@ -16,18 +18,25 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ProgressBar
 
-from .callbacks import RunEstimate, TrainThroughput
+from .callbacks import EpochProgressBar, RunEstimate, SelectionCheckpoint, TrainThroughput
 from .config import instantiate_datamodule, instantiate_method, validate
 from .data.base import SplitDataModule
 from .errors import KdlabError
-from .loggers import build_loggers, close_loggers, finalize_loggers, quiet_lightning
+from .loggers import (
+    build_loggers,
+    close_loggers,
+    finalize_loggers,
+    quiet_lightning,
+    write_to_log_files,
+)
 from .metrics import logged_metrics
 from .module import DistillModule
 from .plots import reliability_diagram
 from .report import run_summary
 from .run_dir import AtomicCheckpointIO, RunDir, host
+from .selection import selection_rule
 from .teachers import Teachers, describe_model, load_teachers
 
 
@@ -63,6 +72,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> pl.Trainer:
     user_callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+            isinstance(c, ProgressBar) for c in user_callbacks):
+        user_callbacks.append(EpochProgressBar())
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     return instantiate(cfg.trainer, precision=precision,
                        logger=build_loggers(cfg, output_dir) or False,
@@ -111,9 +123,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
         for model in (module.student, *teachers):
             model.compile()
-    checkpoint = ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename="best",
-                                 monitor="val/acc", mode="max", save_last=True,
-                                 auto_insert_metric_name=False, enable_version_counter=False)
+    checkpoint = SelectionCheckpoint(run_dir.path / "checkpoints", selection_rule(cfg))
     throughput = TrainThroughput()
     label = f"{cfg.choices.method or module.method.name} / {cfg.choices.student or 'student'}"
     trainer = build_trainer(cfg, run_dir.path, [checkpoint, throughput, RunEstimate(label)])
@@ -121,28 +131,35 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         if ckpt_path and trainer.is_global_zero:
             run_dir.merge_resumed_metrics(ckpt_path)
+        chosen = checkpoint.chosen
+        if chosen is None:
+            raise KdlabError(f"no validation was recorded in {run_dir.path}, so no epoch can be "
+                             "selected (a checkpoint written by an older kdlab?); start afresh "
+                             "in a new directory")
+        module.test_key = "test_last"  # the weights of the last epoch: the student only
         last = trainer.test(module, datamodule=dm, verbose=False)[0]
-        best_path = checkpoint.best_model_path
-        best_epoch = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"])
-        best = trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True,
-                            verbose=False)[0]
+        module.test_key = "test"  # the selected epoch: student, teachers and peers
+        best = trainer.test(module, datamodule=dm, ckpt_path=checkpoint.best_path,
+                            weights_only=True, verbose=False)[0]
         bins = module.reliability_bins
-        val = trainer.validate(module, datamodule=dm, verbose=False)[0]  # best weights loaded
     except BaseException:
         close_loggers(trainer.loggers)
         raise
+    rule = checkpoint.rule
+    epochs = int(trainer.current_epoch)
     results = {
         "status": "finished",
         "method": cfg.choices.method or module.method.name,
         "dataset": cfg.choices.dataset or dm.name,
         "seed": int(cfg.seed),
         "student": describe_model(cfg.choices.student or "student", module.student),
-        "selection": "best epoch by val/acc on the clean validation split; test never used",
-        "best_epoch": best_epoch,
-        "epochs": int(trainer.current_epoch),
+        "selection": {**rule.as_dict(), "epoch": chosen.epoch, "reason": checkpoint.reason(),
+                      "rule": rule.describe()},
+        "best_epoch": chosen.epoch,
+        "epochs": epochs,
         "test": logged_metrics(best, "test/"),
-        "test_last": logged_metrics(last, "test/"),
-        "val": logged_metrics(val, "val/"),
+        "test_last": logged_metrics(last, "test_last/"),
+        "val": logged_metrics(chosen.values, "val/"),
         "teachers": [{**describe_model(s.name, model), "ckpt": s.ckpt,
                       "test": logged_metrics(best, f"teacher{i}/test/"),
                       "agreement": best.get(f"teacher{i}/test/agreement")}
@@ -151,7 +168,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
                         **{k: [float(x) for x in v] for k, v in bins.items()}},
         "noise": dm.describe()["noise"],
         "split_sizes": dm.describe()["sizes"],
-        "checkpoints": {"best": best_path, "last": checkpoint.last_model_path},
+        "checkpoints": {"best": checkpoint.best_path, "last": checkpoint.last_path},
         "precision": str(trainer.precision),
         "throughput": {**throughput.summary(),
                        "teacher_cache_s": round(teachers.cache_seconds, 3),
@@ -169,7 +186,9 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         reliability_diagram(bins, run_dir.path / "reliability_test.png", title)
         run_dir.write_results(results)
         finalize_loggers(trainer.loggers, cfg, results, run_dir.path)
-        print(run_summary(results, run_dir.path))
+        summary = run_summary(results, run_dir.path)
+        print(summary)
+        write_to_log_files(summary)  # train.log: which epoch was selected, and why
     return results
 
 

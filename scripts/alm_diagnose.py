@@ -36,7 +36,7 @@ DIAG = WORK / "diagnose"
 
 def method_overrides(dataset: str, method: str, rate: float, seed: int, extra=()) -> list[str]:
     """The issue's setting: symmetric noise, a teacher trained on the clean labels of the
-    same train split, a separate clean val split, meta passes at epochs 5, 10, .., 25."""
+    same train split, a separate clean val split, meta passes after epochs 5, 10, .., 25."""
     return [f"dataset={dataset}", f"method={method}", "noise=symmetric", f"noise.rate={rate}",
             f"seed={seed}", "teacher.label_noise=none", "dataset.val_fraction=0.1",
             "trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
@@ -88,7 +88,8 @@ def record(seeds, extra, tag):
         before = self.mixing_weights.clone()
         student = {k: v.detach().clone() for k, v in run.student.state_dict().items()}
         original(self, run)
-        state["passes"].append({"epoch": run.epoch, "lr": run.lr, "student": student,
+        # "epoch": the epoch the pass ran before, counted from 1 (run.epoch counts from 0)
+        state["passes"].append({"epoch": run.epoch + 1, "lr": run.lr, "student": student,
                                 "before": before, "after": self.mixing_weights.clone()})
 
     alm_kd.ALMKD.meta_pass = meta_pass
@@ -171,7 +172,7 @@ def analyse(seeds, tag):
                       "other val": ~same_true & ~same_label}
             lam_moves = (p["after"] - p["before"])[:, 0]
             total = contrib[0].sum(1)
-            print(f"-- pass at epoch {p['epoch']} (lr {p['lr']:.4f}): train acc on noisy "
+            print(f"-- pass before epoch {p['epoch']} (lr {p['lr']:.4f}): train acc on noisy "
                   f"labels {(logits.argmax(1) == y_noisy).float().mean():.3f}, on clean "
                   f"{(logits.argmax(1) == y_clean).float().mean():.3f}; |g_ce| clean "
                   f"{g[0][~noisy].norm(dim=1).median():.3f} noisy "
@@ -282,7 +283,7 @@ def summary(seeds, tag):
                 "|g_i0| noisy": float(g[noisy].norm(dim=1).median()),
             })
     keys = list(next(iter(rows.values()))[0])
-    print("| pass (epoch) | " + " | ".join(keys) + " |")
+    print("| pass (before epoch) | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for epoch, items in sorted(rows.items()):
         cells = [f"{sum(i[k] for i in items) / len(items):.3f}" for k in keys]
@@ -329,7 +330,8 @@ def centred_breakdown(seeds, tag):
             fits_noisy = pred == train.targets
             a_raw = auroc(out["raw"][noisy], out["raw"][~noisy])
             a_cen = auroc(out["centered"][noisy], out["centered"][~noisy])
-            print(f"seed {seed} epoch {p['epoch']}: AUROC raw {a_raw:.3f} centred {a_cen:.3f}")
+            print(f"seed {seed} pass before epoch {p['epoch']}: AUROC raw {a_raw:.3f} "
+                  f"centred {a_cen:.3f}")
             g = out["centered"]
             for name, mask in (("noisy, student right", noisy & right),
                                ("noisy, fits noisy label", noisy & fits_noisy),

@@ -90,7 +90,8 @@ CASES = {
     "finished run directory, resumed with another config": (
         ["method=ce", "student=mlp", "resume=true", "hydra.run.dir={finished}"],
         ["resume=true with another config than the run in", "differs in: ", "method"], None),
-    "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0"], False),
+    "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0",
+                                                             "(epoch 1)"], False),
     "value of the wrong type": (["method=kd", "method.temperature=hot"], ["method", "hot"], True),
     "unknown teacher cache mode": (["teacher_cache=bogus"], ["teacher_cache", "bogus", "disk"],
                                    True),

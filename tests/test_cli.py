@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from helpers.runs import FAST
 
 from kdlab.config import conf_dir
 from kdlab.data.digits import DigitsDataModule
+from kdlab.metrics import RESULT_METRICS
 from kdlab.models import build_model
 from kdlab.models.loading import load_weights
 
@@ -54,14 +56,30 @@ def test_ce_run_directory_and_results(ce_run):
     assert (run_dir / "reliability_test.png").stat().st_size > 1000
     rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
     assert {"train/loss_ce", "train/loss_epoch", "val/acc", "val/ece"} <= set(rows[0])
-    val_acc = [float(r["val/acc"]) for r in rows if r["val/acc"]]
-    # 4 epochs, then one re-validation of the best checkpoint after fit
-    assert len(val_acc) == 5
-    # best = the epoch with the highest validation accuracy (never the test set)
-    assert results["best_epoch"] == int(np.argmax(val_acc[:4]))
-    assert results["val"]["acc"] == pytest.approx(max(val_acc[:4]), abs=1e-6)
-    assert val_acc[4] == pytest.approx(max(val_acc[:4]), abs=1e-6)
-    assert "student cnn (SmallCNN), best on val" in out.stdout
+    # one clean history: one val point per epoch, epochs counted from 1 ...
+    val = [r for r in rows if r["val/acc"]]
+    assert [int(r["epoch"]) for r in val] == [1, 2, 3, 4]
+    # ... no value logged twice for one epoch (per-step values: for one step)
+    logged = Counter((key, r["step"] if key.endswith("_step") else r["epoch"])
+                     for r in rows for key, value in r.items()
+                     if value and key not in ("epoch", "step"))
+    assert max(logged.values()) == 1, [k for k, n in logged.items() if n > 1]
+    # best = the highest val acc, ties broken by the lower val NLL, then the later epoch
+    acc, nll = ([float(r[key]) for r in val] for key in ("val/acc", "val/nll"))
+    best = max(range(4), key=lambda i: (acc[i], -nll[i], i)) + 1
+    assert results["best_epoch"] == results["selection"]["epoch"] == best
+    assert results["val"]["acc"] == acc[best - 1] and results["val"]["nll"] == nll[best - 1]
+    # the final test numbers: once each, under their own keys, equal to results.json's
+    (test_row,) = [r for r in rows if r["test/acc"]]
+    (last_row,) = [r for r in rows if r["test_last/acc"]]
+    for key in RESULT_METRICS:
+        assert float(test_row[f"test/{key}"]) == results["test"][key], key
+        assert float(last_row[f"test_last/{key}"]) == results["test_last"][key], key
+    assert int(test_row["epoch"]) == int(last_row["epoch"]) == results["epochs"] == 4
+    assert f"student cnn (SmallCNN), best on val (epoch {best})" in out.stdout
+    for text in (out.stdout, (run_dir / "train.log").read_text()):
+        assert f"selected epoch {best} of 4 (best val/acc, ties broken by lower val/nll, " \
+               "then the later epoch): highest val/acc" in text
 
 
 def test_result_files_respect_the_umask(ce_run):

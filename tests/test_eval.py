@@ -56,12 +56,16 @@ def test_a_run_evaluated_on_its_own_data_gives_its_results(run):
     assert "\nlabels: test split, clean labels (label noise only touches the train split)\n" \
         in out.stdout
     assert f"{results['test']['acc']:9.4f}" in out.stdout
+    # the checkpoint's epoch, counted from 1 as in results.json
+    assert report["epoch"] == results["best_epoch"]
+    assert f"best.ckpt, epoch {results['best_epoch']}\n" in out.stdout
     # the last checkpoint: the run's test_last numbers, in a folder of its own
     last = cli("eval", str(run_dir), "checkpoint=last", cwd=root)
     assert last.returncode == 0, last.stderr[-3000:]
     report = json.loads((run_dir / "eval-digits-last" / "eval.json").read_text())
     for key, value in results["test_last"].items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert report["epoch"] == results["epochs"] == 3
 
 
 def test_a_checkpoint_on_other_data_matches_an_independent_evaluation(run, tmp_path):

@@ -84,9 +84,14 @@ def test_wandb_and_tensorboard_in_a_sweep_keep_the_csv_log(tmp_path, wandb_runs)
     assert init["config"]["method"]["_target_"] == "kdlab.methods.kd.KD"
     assert init["config"]["seed"] == 2 and init["dir"] == str(wandb_job)
     assert {"train/loss_ce", "train/loss_kd", "val/acc", "val/ece", "test/acc",
-            "teacher0/test/acc", "plots/reliability_test"} <= set(record["logged"])
+            "test_last/acc", "teacher0/test/acc", "plots/reliability_test"} <= set(
+        record["logged"])
     summary = record["summary"]
     assert summary["test"] == results["test"] and summary["method"] == "kd"
+    # the last value logged of each key, as results.json has it; epochs counted from 1
+    assert summary["test/acc"] == results["test"]["acc"]
+    assert summary["test_last/acc"] == results["test_last"]["acc"]
+    assert summary["epoch"] == results["epochs"] == 1
     assert summary["teachers"][0]["name"] == "cnn"
     assert record["exit_code"] == 0
     assert list((wandb_job / "wandb").glob("offline-run-*"))  # offline: files, no network
@@ -95,7 +100,10 @@ def test_wandb_and_tensorboard_in_a_sweep_keep_the_csv_log(tmp_path, wandb_runs)
         header = (job / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"train/loss_ce", "train/loss_kd", "val/acc", "test/acc"} <= set(header)
     tags = tensorboard_tags(tb_job / "tensorboard")
-    assert {"val/acc", "train/loss_kd", "test/acc", "hparams/test_acc"} <= set(tags["scalars"])
+    assert {"val/acc", "train/loss_kd", "test/acc", "test_last/acc",
+            "hparams/test_acc"} <= set(tags["scalars"])
+    # every value of the one epoch says epoch 1 (training, validation and the final tests)
+    assert {e.value for e in tensorboard_scalars(tb_job / "tensorboard", "epoch")} == {1.0}
     assert "plots/reliability_test" in tags["images"] and tags["hparams"]
     assert not (tb_job / "wandb").exists() and not (wandb_job / "tensorboard").exists()
     # the API key (only in the environment) is written nowhere
@@ -117,6 +125,18 @@ def tensorboard_tags(log_dir: Path) -> dict:
         with contextlib.suppress(KeyError):  # KeyError: no hparams in this event file
             tags["hparams"] |= set(acc.PluginTagToContent("hparams"))
     return tags
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += acc.Scalars(tag)
+    return events
 
 
 def test_wandb_names_outside_a_hydra_app_and_from_the_config(tmp_path, wandb_runs):

@@ -34,12 +34,15 @@ STOP = "+callbacks.stop={_target_: helpers.callbacks.StopAt, kill: %s}"
 
 def check_same_results(run_dir: Path, reference: dict) -> None:
     results = json.loads((run_dir / "results.json").read_text())
-    for key in ("test", "test_last", "val", "best_epoch"):
+    for key in ("test", "test_last", "val", "best_epoch", "selection"):
         assert results[key] == reference[key], key
     if "mixing" in reference:
         assert results["mixing"] == reference["mixing"]
     rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
-    assert sorted(int(r["epoch"]) for r in rows if r.get("val/acc")) == [0, 1, 2, 3]
+    # one val point per epoch (counted from 1), one row of each final test
+    assert sorted(int(r["epoch"]) for r in rows if r.get("val/acc")) == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows if r.get("test/acc") or r.get("test_last/acc")] == [
+        3, 3]
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +106,14 @@ def test_a_run_stopped_after_its_last_epoch_resumes_into_the_same_results(tmp_pa
     rows = list(csv.DictReader(log.open()))
     (tmp_path / "run" / "results.json").unlink()
     again = run(compose([*args, "resume=true"]), tmp_path / "run")
-    for key in ("test", "test_last", "val", "best_epoch", "epochs"):
+    for key in ("test", "test_last", "val", "best_epoch", "epochs", "selection"):
         assert again[key] == reference[key], key
     after = list(csv.DictReader(log.open()))
     assert [r for r in after if r.get("train/loss_epoch")] == [
         r for r in rows if r.get("train/loss_epoch")]
-    assert sum(1 for r in after if r.get("test/acc")) == 2  # last and best, once each
+    # the final tests once each: the selected epoch (test/) and the last (test_last/)
+    assert sum(1 for r in after if r.get("test/acc")) == 1
+    assert sum(1 for r in after if r.get("test_last/acc")) == 1
     assert not list(log.parent.glob("metrics.before-resume.csv"))
 
 

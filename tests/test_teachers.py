@@ -13,6 +13,7 @@ from kdlab.config import compose
 from kdlab.data.digits import DigitsDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
+from kdlab.plan import describe_plan
 from kdlab.teachers import Teachers, teacher_specs, training_config, weights_cache_dir
 from kdlab.train import run
 
@@ -25,7 +26,8 @@ def entry(overrides):
     return weights_cache_dir(training_config(cfg, teacher_specs(cfg)[0]))
 
 
-def test_auto_teacher_is_trained_on_the_recipe_once_then_reused(tmp_path, monkeypatch):
+def test_auto_teacher_is_trained_on_the_recipe_once_then_reused(tmp_path, monkeypatch,
+                                                                 caplog):
     monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
     trained = []
     real_run = run
@@ -49,7 +51,17 @@ def test_auto_teacher_is_trained_on_the_recipe_once_then_reused(tmp_path, monkey
     assert teacher_results["student"]["name"] == "cnn"
     weights = entry_dir / "teacher.pt"
     stamp = weights.stat().st_mtime_ns
+    # which of its epochs the students learn from: in meta.json, the plan and the log
+    meta = json.loads((entry_dir / "meta.json").read_text())
+    chosen = teacher_results["selection"]["epoch"]
+    assert meta["selection"] == teacher_results["selection"] and meta["epochs"] == 3
+    assert teacher_results["best_epoch"] == chosen and 1 <= chosen <= 3
+    said = (f"(epoch {chosen} of 3, best val/acc, ties broken by lower val/nll, then the later "
+            "epoch; CE: 3 epochs, SGD lr 0.05")
+    assert f"reuse the auto-trained teacher {weights} {said}" in describe_plan(compose(args))
+    caplog.set_level("INFO", logger="kdlab")
     second = real_run(compose(args), tmp_path / "b")
+    assert f"teacher cnn: reuse {weights} {said}" in caplog.text
     assert len(trained) == 1 and weights.stat().st_mtime_ns == stamp
     assert second["teachers"][0]["test"] == first["teachers"][0]["test"]
     meta = json.loads((entry_dir / "meta.json").read_text())
@@ -63,8 +75,15 @@ def test_cache_key_follows_the_teacher_not_the_student():
     for override in ["seed=1", "noise=symmetric", "teacher=cnn_small", "teacher.lr=0.1",
                      "teacher.max_epochs=3", "teacher.weight_decay=0",
                      "dataset.meta_fraction=0.2",
-                     "dataset.recipe.lr=0.1"]:
+                     "dataset.recipe.lr=0.1",
+                     # which epoch is kept: another rule is another teacher
+                     "selection.tie_break=[first]", "selection.metric=val/nll",
+                     "selection.mode=min",
+                     # which batches it learns from
+                     "+trainer.limit_train_batches=0.5"]:
         assert entry([override]) != key, override
+    # the same rule, spelt out
+    assert entry(["selection.mode=max", "selection.tie_break=[val/acc,val/nll,last]"]) == key
     noisy = ["noise=symmetric", "noise.rate=0.4"]
     assert entry([*noisy, "teacher.label_noise=none"]) != entry(noisy)
     # on clean data both are the same teacher

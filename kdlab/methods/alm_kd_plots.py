@@ -53,7 +53,7 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
     n_cols = table.shape[1]
     noisy = (torch.zeros(len(table), dtype=torch.bool) if noise_mask is None
              else noise_mask.cpu().bool())
-    labels = [("init" if r.epoch < 0 else f"e{r.epoch}")
+    labels = [("init" if r.epoch < 0 else f"e{r.shown_epoch}")
               + ("" if math.isnan(r.noise_auroc) else f"\nAUC {r.noise_auroc:.2f}")
               for r in history]
     x = torch.arange(len(history), dtype=torch.float64)
@@ -91,7 +91,7 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
         ax.set_xticklabels(labels, fontsize=7, rotation=45 if len(x) > 12 else 0)
         ax.set_xlim(-0.6, max(len(history), 1) - 0.4)
         ax.set_ylabel(f"{column_names[j]} weight")
-        ax.set_xlabel("meta pass (epoch)")
+        ax.set_xlabel("meta pass (before epoch)")
         lo, hi = bounds if bounds is not None else (float(col.min()), float(col.max()))
         edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, 41).numpy()
         shares = []

@@ -67,13 +67,19 @@ def column_summary(table: Tensor, noise_mask: Tensor | None) -> Tensor:
 
 @dataclass
 class PassRecord:
-    """What one meta pass left: its epoch (-1: the initial table), the column summary and
-    the label weight's noise AUROC (NaN without label noise)."""
+    """What one meta pass left: its epoch (Lightning's counter, from 0, of the epoch it ran
+    before; -1: the initial table), the column summary and the label weight's noise AUROC
+    (NaN without label noise)."""
 
     epoch: int
     summary: Tensor
     noise_auroc: float = float("nan")
     rebalance: Tensor | None = None  # the global column scales after the pass, if learned
+
+    @property
+    def shown_epoch(self) -> int:
+        """The epoch the pass ran before, counted from 1 as everything a user reads."""
+        return self.epoch + 1
 
 
 def summarise(epoch: int, table: Tensor, noise_mask: Tensor | None,
@@ -165,7 +171,8 @@ def mixing_results(history: list[PassRecord], final: PassRecord, column_names: l
         "teacher_weight_noisy": nan_to_none(teacher[2]),
         "label_weight_mean": nan_to_none(summary[0, 0, 0]),
         "noise_auroc": nan_to_none(final.noise_auroc),
-        "noise_auroc_history": {str(r.epoch): nan_to_none(r.noise_auroc) for r in passes},
+        "noise_auroc_history": {str(r.shown_epoch): nan_to_none(r.noise_auroc)
+                                for r in passes},
         "meta_passes": len(passes),
         **extra,
     }

@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
-from kdlab.io import atomic_write_json
+from kdlab.io import atomic_torch_save, atomic_write_json
 
 
 class RankDigest(pl.Callback):
@@ -50,3 +51,34 @@ class StopAt(pl.Callback):
             if self.ctrl_c:
                 raise KeyboardInterrupt
             raise Interrupted(f"stopped at step {trainer.global_step}")
+
+
+class ScriptedVal(pl.Callback):
+    """Makes the module log a scripted value for some val metrics (one value per epoch:
+    ``acc=[0.5, 0.9, ...]`` for ``val/acc``) instead of the measured one, so that a run's val
+    history ties as a test wants; and saves the student's weights after every epoch to
+    <run dir>/scripted/epoch<N>.pt (N from 1), to compare with best.ckpt."""
+
+    def __init__(self, **script: list[float]):
+        self.script = {f"val/{name}": list(values) for name, values in script.items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Runs before the module's hook, which logs what ``val_metrics.compute()`` gives."""
+        if trainer.sanity_checking:
+            return
+        metrics, epoch = pl_module.val_metrics, trainer.current_epoch
+        measured = type(metrics).compute.__get__(metrics)
+
+        def scripted():
+            values = measured()
+            values.update({k: torch.tensor(v[epoch]) for k, v in self.script.items()})
+            return values
+
+        metrics.compute = scripted  # for this validation only (see on_validation_end)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pl_module.val_metrics.__dict__.pop("compute", None)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / "scripted" / f"epoch{trainer.current_epoch + 1}.pt"
+        atomic_torch_save(pl_module.student.state_dict(), path)

@@ -278,6 +278,23 @@ def test_meta_pass_respects_constraints_and_leaves_the_student_alone(tmp_path, c
     assert mixing["label_weight_clean"] == pytest.approx(float(table[~noisy, 0].double().mean()))
 
 
+def test_the_weight_plot_counts_epochs_from_1(tmp_path, monkeypatch):
+    """The pass Lightning runs at the start of its epoch 4 is labelled e5: the log's
+    "epoch 5" (counted from 1) is the epoch it ran before."""
+    import matplotlib.figure
+
+    from kdlab.methods.alm_kd_plots import plot_mixing_history
+
+    summary = torch.rand(2, 3, 7, dtype=D64)
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kwargs: figures.append(fig))
+    plot_mixing_history([PassRecord(-1, summary), PassRecord(4, summary, 0.75)],
+                        torch.rand(10, 2), None, ["label", "teacher"], tmp_path / "plot.png")
+    labels = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    assert labels == ["init", "e5\nAUC 0.75"]
+
+
 def test_setup_keeps_a_sized_table_and_rejects_no_teacher(tmp_path):
     dm = _digits()
     method = ALMKD()
@@ -698,7 +715,8 @@ def test_the_noise_mask_is_read_for_reporting_only(variant):
     assert auroc_a != b.results()["mixing"]["noise_auroc"]  # the reports do differ
     assert ctx_a.logged["alm/noise_auroc"] == pytest.approx(auroc_a)
     history = a.results()["mixing"]["noise_auroc_history"]
-    assert list(history) == ["0", "1", "2"] and history["2"] == pytest.approx(auroc_a)
+    # keyed by the epoch each pass ran before, counted from 1
+    assert list(history) == ["1", "2", "3"] and history["3"] == pytest.approx(auroc_a)
 
 
 # -- (f) DDP: sync_rows over 2 gloo processes ----------------------------------------------
