@@ -140,7 +140,9 @@ class RunDir:
         if not (HydraConfig.initialized() and is_launching_process()):
             return
         hc = HydraConfig.get()
-        if Path(hc.runtime.output_dir).resolve() != self.path.resolve():
+        # a Hydra app that ran earlier in this process may have left its config behind
+        output_dir = OmegaConf.select(hc, "runtime.output_dir", default=None)
+        if output_dir is None or Path(output_dir).resolve() != self.path.resolve():
             return
         script = self.path / RESUME_SCRIPT
         atomic_write_text(script, "#!/bin/sh\n"
