@@ -117,7 +117,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
     dm = instantiate_datamodule(cfg)
     dm.setup()
     module = build_module(cfg, dm)
-    teachers = module.teacher_set
+    teachers = module.teachers
     if cfg.get("compile"):
         inductor = Path(cfg.paths.cache_dir) / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
