@@ -165,12 +165,14 @@ from torch.func import functional_call
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
 from . import alm_kd_report as report
+from .alm_kd_plots import LABEL_WEIGHTS, plot_mixing_history
 from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
 
 COMBINATIONS = ("free", "convex")
 LOOKAHEADS = ("last_layer", "full")
 STEP_SCALES = ("auto", "authors")
 KERNELS = ("raw", "centered")
+RUN_PLOT = "alm_mixing_weights.png"  # the weights over training, in the run directory
 
 # The authors' CIFAR-100 setting (ResNet56 -> ResNet8), where step_scale=auto is their step.
 AUTHORS_LR = 0.1
@@ -439,6 +441,8 @@ class ALMKD(Method):
     name = "alm_kd"
     description = ("ALM-KD: per-example label/teacher loss weights meta-learned on the clean "
                    "meta split (one-step lookahead)")
+    report_plots = (LABEL_WEIGHTS,)
+    run_plots = {RUN_PLOT: "ALM-KD mixing weights, run by run"}
 
     def __init__(self, temperature: float = 4.0, combination: str = "free",
                  lookahead: str = "last_layer", paper: bool = False, step_scale: str = "auto",
@@ -572,7 +576,7 @@ class ALMKD(Method):
         for key, value in report.summary_logs(record, self.column_names).items():
             ctx.log(key, value, on_step=False, on_epoch=True)
         if self.plot and ctx.is_global_zero:
-            self._write_plot(Path(ctx.run_dir) / "alm_mixing_weights.png")
+            self._write_plot(Path(ctx.run_dir) / RUN_PLOT)
 
     def _meta_pass_inputs(self, ctx: MethodContext) -> MetaPassInputs:
         world, rank = int(ctx.world_size), int(ctx.global_rank)
@@ -680,8 +684,6 @@ class ALMKD(Method):
                                 self.column_scales if self.rebalance else None)
 
     def _write_plot(self, path: Path) -> None:
-        from .alm_kd_plots import plot_mixing_history
-
         path.parent.mkdir(parents=True, exist_ok=True)
         bounds = (self.clamp_min, self.clamp_max) if self.combination == "free" else (0.0, 1.0)
         plot_mixing_history(self.history, self.mixing_weights.detach().cpu(), self._noise_mask,

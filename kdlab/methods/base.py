@@ -45,6 +45,11 @@ How the contract grows for methods that need more than a loss:
    distilled from the previous one's best checkpoint (the first from ``teacher``), in
    ``<run dir>/generation<k>/``; the run's results.json summarises them. Nothing to do in the
    method.
+7. **What a report shows** (``kdlab report``, which never names a method): class attributes
+   ``report_metrics`` (results.json keys, as dotted paths, with their column headers: added
+   to the report's default table for runs of the method), ``report_plots``
+   (:class:`ReportPlot`: a figure over the report's groups of runs) and ``run_plots`` (files
+   the method writes into its run directory that ``report.html`` shows, with a heading).
 
 A method sees the run only through :class:`MethodContext`, never the Trainer or the
 DataModule; ``tests/helpers`` has one fake context that serves every method test.
@@ -53,11 +58,11 @@ DataModule; ``tests/helpers`` has one fake context that serves every method test
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +79,30 @@ class Outputs:
 
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group of a report (runs that differ only in the seed), as a report plot gets it:
+    its label (``method=alm_kd, noise.rate=0.4``) and, per column of the plot, the mean and
+    sample standard deviation over its runs (NaN where no run has a value)."""
+
+    label: str
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ReportPlot:
+    """A figure ``kdlab report`` draws when some run's method declares it (once, however
+    many methods declare the same ``name``): ``draw(groups, path)`` with every group that
+    has a value in ``columns`` (results.json keys, dotted), into ``<out>/<name>.png``, shown
+    under ``caption`` in report.html. Drawn only when some finished run has all columns."""
+
+    name: str
+    columns: tuple[str, ...]
+    draw: Callable[[list[GroupStats], Path], Any]
+    caption: str
 
 
 class MethodContext(Protocol):
@@ -137,6 +166,12 @@ class Method(nn.Module):
     needs_teacher: bool = True
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
+    # What `kdlab report` shows for runs of this method, besides what every run has: results
+    # keys (dotted) -> column headers for its default table, figures over the groups of
+    # runs, and files in the run directory -> the heading report.html shows them under.
+    report_metrics: ClassVar[dict[str, str]] = {}
+    report_plots: ClassVar[tuple[ReportPlot, ...]] = ()
+    run_plots: ClassVar[dict[str, str]] = {}
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch: Batch
                    ) -> dict[str, Tensor]:

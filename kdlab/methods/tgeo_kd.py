@@ -164,6 +164,7 @@ from .alm_kd import (
     last_layer_meta_loss,
     meta_pick,
 )
+from .alm_kd_plots import LABEL_WEIGHTS
 from .alm_kd_report import noise_auroc
 from .base import Method, Outputs, gather_from_ranks, kd_kl, require_teachers
 
@@ -298,6 +299,7 @@ class TGeoKD(Method):
     name = "tgeo_kd"
     description = ("TGeo-KD: per-example KD/CE fusion ratio from an MLP over student-teacher-"
                    "label geometry, trained bilevel on the clean meta split")
+    report_plots = (LABEL_WEIGHTS,)  # its results' "mixing" has ALM-KD's label weights
 
     def __init__(self, temperature: float = 4.0, lookahead: str = "last_layer",
                  kernel: str = "raw", kernel_scale: float = 100.0, meta_interval: int = 1,
