@@ -160,18 +160,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
+from ..models.features import find_classifier
 from . import alm_kd_report as report
 from .alm_kd_plots import LABEL_WEIGHTS, plot_mixing_history
 from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
+from .lookahead import (
+    KERNELS,
+    full_lookahead_meta_grad,
+    last_layer_meta_grad,
+    meta_pick,
+    pass_chunks,
+    penultimate_and_logits,
+    sync_rows,
+    sync_sum,
+    work_dtype,
+)
 
 COMBINATIONS = ("free", "convex")
 LOOKAHEADS = ("last_layer", "full")
 STEP_SCALES = ("auto", "authors")
-KERNELS = ("raw", "centered")
 RUN_PLOT = "alm_mixing_weights.png"  # the weights over training, in the run directory
 
 # The authors' CIFAR-100 setting (ResNet56 -> ResNet8), where step_scale=auto is their step.
@@ -179,27 +188,6 @@ AUTHORS_LR = 0.1
 AUTHORS_BATCH = 128
 AUTHORS_CHUNK_BATCHES = 3
 AUTHORS_CLASSES = 100
-
-# -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------
-
-
-def per_example_terms(logits: Tensor, target: Tensor, teacher_logits: Tensor,
-                      temperature: float) -> Tensor:
-    """(n, K+1): CE_i and T^2 KL(softmax(t_m,i/T) || softmax(s_i/T)) for each teacher m."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    kl = kd_kl(logits, teacher_logits, temperature, reduction="none")  # (K, n)
-    return torch.cat([ce[:, None].to(kl.dtype), kl.T], dim=1)
-
-
-def term_logit_grads(logits: Tensor, target: Tensor, teacher_logits: Tensor,
-                     temperature: float) -> Tensor:
-    """(K+1, n, C): d(loss term j of example i) / d(logits of example i), in closed form."""
-    t = float(temperature)
-    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-    g_ce = torch.softmax(logits, dim=-1) - onehot
-    g_kd = t * (torch.softmax(logits / t, dim=-1) - torch.softmax(teacher_logits / t, dim=-1))
-    return torch.cat([g_ce[None], g_kd], dim=0)
-
 
 # -- the step ------------------------------------------------------------------------------
 
@@ -218,107 +206,6 @@ def simulated_step(step_scale: str, lr: float, batch_size: int, num_classes: int
     if step_scale == "auto":
         return s, (AUTHORS_LR / AUTHORS_BATCH) / s * num_classes / AUTHORS_CLASSES
     raise ConfigError(f"method.step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
-
-
-# -- meta-gradients ------------------------------------------------------------------------
-
-
-def last_layer_meta_loss(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
-                         weight: Tensor, bias: Tensor | None, h_meta: Tensor,
-                         target_meta: Tensor, step: float, temperature: float,
-                         kernel: str = "raw", kernel_scale: float = 1.0) -> Tensor:
-    """The meta loss after one simulated SGD step of the last layer, differentiable in
-    ``lam`` (whatever its leaves: ALM-KD's table rows, or a network that outputs them).
-
-    ``lam`` (n, K+1), ``h`` (n, d) penultimate features of the chunk, ``teacher_logits``
-    (K, n, C), ``weight`` (C, d), ``bias`` (C,) or None, ``h_meta`` (m, d) meta features,
-    ``step`` the per-example step s (W' = W - s sum_i (..) h_i^T). ``kernel="centered"``:
-    the step moves W in the coordinates h - mu (mu = mean of ``h_meta``) and not the class
-    biases, with the centred kernel normalised to mean diagonal ``kernel_scale`` over the
-    meta batch. Per-example gradients are closed-form (constants); the only graph is
-    lam -> stepped layer -> meta CE, so differentiating it is exact.
-    """
-    weight, h, h_meta = weight.detach(), h.detach(), h_meta.detach()
-    logits = h @ weight.T + (0 if bias is None else bias.detach())
-    g = term_logit_grads(logits, target, teacher_logits.detach(), temperature)
-    if kernel == "centered":
-        mu = h_meta.mean(0)
-        hc, hmc = h - mu, h_meta - mu
-        norm = (hmc * hmc).sum(1).mean().clamp_min(1e-12)
-        hc = hc * (float(kernel_scale) / norm)
-        meta_logits0 = h_meta @ weight.T + (0 if bias is None else bias.detach())
-    elif kernel != "raw":
-        raise ConfigError(f"method.kernel must be one of {KERNELS}, got {kernel!r}")
-    with torch.enable_grad():
-        mixed = torch.einsum("nk,knc->nc", lam, g)  # d(mixed loss of i)/d(logits of i)
-        if kernel == "raw":
-            stepped_w = weight - step * (mixed.T @ h)
-            meta_logits = h_meta @ stepped_w.T
-            if bias is not None:
-                meta_logits = meta_logits + (bias.detach() - step * mixed.sum(0))
-        else:
-            meta_logits = meta_logits0 - step * (hmc @ (mixed.T @ hc).T)
-        return F.cross_entropy(meta_logits, target_meta)
-
-
-def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
-                         weight: Tensor, bias: Tensor | None, h_meta: Tensor,
-                         target_meta: Tensor, step: float, temperature: float,
-                         kernel: str = "raw", kernel_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the last layer
-    (:func:`last_layer_meta_loss` with ``lam`` as the leaf)."""
-    with torch.enable_grad():
-        lam = lam.detach().requires_grad_(True)
-        meta_loss = last_layer_meta_loss(lam, h, target, teacher_logits, weight, bias, h_meta,
-                                         target_meta, step, temperature, kernel, kernel_scale)
-        (grad,) = torch.autograd.grad(meta_loss, lam)
-    return meta_loss.detach(), grad
-
-
-def full_lookahead_meta_loss(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
-                             teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             step: float, temperature: float) -> Tensor:
-    """The meta loss after one simulated SGD step of the whole student, differentiable in
-    ``lam`` (whatever its leaves).
-
-    theta' = theta - step * grad_theta sum_i sum_j l_ij l_ij(theta) (``step`` per example),
-    evaluated functionally (``torch.func.functional_call``) with ``create_graph=True``. The
-    model runs in eval mode (restored after): BN uses and never updates its running
-    statistics; the model's own parameters are never changed.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            params = dict(model.named_parameters())
-            buffers = dict(model.named_buffers())
-            logits = functional_call(model, (params, buffers), (x,))
-            terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
-            loss = (lam * terms).sum()
-            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
-                                        allow_unused=True)
-            stepped = dict(params)
-            for n, g in zip(names, grads, strict=True):
-                if g is not None:
-                    stepped[n] = params[n] - step * g
-            meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
-            return F.cross_entropy(meta_logits, target_meta)
-    finally:
-        model.train(was_training)
-
-
-def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
-                             teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             step: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the whole student
-    (:func:`full_lookahead_meta_loss` with ``lam`` as the leaf)."""
-    with torch.enable_grad():
-        lam = lam.detach().requires_grad_(True)
-        meta_loss = full_lookahead_meta_loss(model, lam, x, target, teacher_logits, x_meta,
-                                             target_meta, step, temperature)
-        (grad,) = torch.autograd.grad(meta_loss, lam)
-    return meta_loss.detach(), grad
 
 
 # -- constraints and the update of a chunk's rows ------------------------------------------
@@ -352,65 +239,6 @@ def initial_weights(n: int, k: int, teacher_weight: float, combination: str) -> 
     table[:, 1:] = per_teacher
     table[:, 0] = 1.0 - (teacher_weight if combination == "convex" else per_teacher)
     return table
-
-
-# -- chunks --------------------------------------------------------------------------------
-
-
-def pass_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(epoch)) * 8191
-                                          + int(stream)) % (2**63 - 1))
-
-
-def pass_chunks(n_train: int, chunk_size: int, seed: int, epoch: int, rank: int = 0,
-                world: int = 1) -> list[tuple[int, Tensor]]:
-    """(chunk id, train positions) of this rank's chunks for the pass at ``epoch``.
-
-    One permutation of the train split per (seed, epoch), cut into chunks of ``chunk_size``;
-    rank r takes chunks r, r + world, ..: every chunk is the same whatever the number of
-    ranks, and together the ranks cover every example once.
-    """
-    order = torch.randperm(int(n_train), generator=pass_generator(seed, epoch))
-    chunks = list(order.split(int(chunk_size)))
-    return [(c, chunks[c]) for c in range(int(rank), len(chunks), int(world))]
-
-
-def meta_pick(n_meta: int, meta_batch_size: int, seed: int, epoch: int, chunk: int) -> Tensor:
-    """The meta examples scoring one chunk: all of them, or a sample drawn from (seed, epoch,
-    chunk), so a chunk's update does not depend on which rank does it."""
-    if n_meta <= meta_batch_size:
-        return torch.arange(n_meta)
-    return torch.randperm(n_meta, generator=pass_generator(seed, epoch, 1 + chunk))[
-        :meta_batch_size]
-
-
-# -- DDP -----------------------------------------------------------------------------------
-
-
-def sync_rows(table: Tensor, updated: Tensor) -> Tensor:
-    """Give every rank the rows any rank updated (in place; averaged if several did).
-
-    Each rank contributes its updated rows (zeros elsewhere) and a mask; both are summed
-    over ranks. A no-op without an initialised process group.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return table
-    mask = updated.to(table.device, table.dtype)
-    rows = table * mask[:, None]
-    dist.all_reduce(rows, op=dist.ReduceOp.SUM)
-    dist.all_reduce(mask, op=dist.ReduceOp.SUM)
-    got = mask > 0
-    table[got] = rows[got] / mask[got][:, None]
-    return table
-
-
-def sync_sum(value: Tensor) -> Tensor:
-    """The sum of ``value`` over ranks (in place); a no-op without a process group."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
 
 
 # -- what a meta pass reads from the run ---------------------------------------------------
@@ -590,7 +418,7 @@ class ALMKD(Method):
                     for pos in torch.arange(len(meta["target"])).split(256)]
 
         def teacher_logits(batch: dict[str, Tensor]) -> Tensor:
-            return torch.stack([o.logits.to(_work_dtype(o.logits))
+            return torch.stack([o.logits.to(work_dtype(o.logits))
                                 for o in ctx.clean_train_teacher_outputs(batch)])
 
         return MetaPassInputs(
@@ -607,7 +435,7 @@ class ALMKD(Method):
         student = run.student
         _, head = find_classifier(student)
         num_classes = int(head.weight.shape[0])
-        dtype = _work_dtype(head.weight)
+        dtype = work_dtype(head.weight)
         chunk_size = self.chunk_batches * run.chunk_base
         step, factor = simulated_step(self.step_scale, run.lr, run.batch_size, num_classes)
         was_training = student.training
@@ -626,7 +454,7 @@ class ALMKD(Method):
                 chunk = run.train_batch(positions)
                 with torch.no_grad(), run.precision():
                     teacher_logits = run.teacher_logits(chunk).to(dtype)
-                    h = (_penultimate(student, chunk["input"]).to(dtype)
+                    h = (penultimate_and_logits(student, chunk["input"])[0].to(dtype)
                          if self.lookahead == "last_layer" else None)
                 pick = meta_pick(len(meta["target"]), self.meta_batch_size, run.seed,
                                  run.epoch, chunk_id).to(run.device)
@@ -673,7 +501,7 @@ class ALMKD(Method):
         for batch in run.meta_batches():
             out["target"].append(batch["target"])
             if self.lookahead == "last_layer":
-                out["h"].append(_penultimate(student, batch["input"]))
+                out["h"].append(penultimate_and_logits(student, batch["input"])[0])
             else:
                 out["input"].append(batch["input"])
         return {k: torch.cat(v) for k, v in out.items() if v}
@@ -699,16 +527,3 @@ class ALMKD(Method):
                  "kernel_scale": self.kernel_scale, "rebalance": self.rebalance,
                  "paper": self.paper}
         return {"mixing": report.mixing_results(self.history, final, self.column_names, extra)}
-
-
-def _penultimate(model: nn.Module, x: Tensor) -> Tensor:
-    """The input of the final linear layer (the pooled embedding), in the working dtype."""
-    with FeatureHooks(model, (PENULTIMATE,)) as features:
-        model(x)
-    h = features[PENULTIMATE]
-    return h.to(_work_dtype(h))
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    """float32 for the meta pass (also under bf16 autocast); float64 stays (tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -157,16 +157,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
-from .alm_kd import (
+from ..models.features import find_classifier
+from .alm_kd_plots import LABEL_WEIGHTS
+from .alm_kd_report import noise_auroc
+from .base import Method, Outputs, gather_from_ranks, kd_kl, require_teachers
+from .lookahead import (
     KERNELS,
     full_lookahead_meta_loss,
     last_layer_meta_loss,
     meta_pick,
+    penultimate_and_logits,
 )
-from .alm_kd_plots import LABEL_WEIGHTS
-from .alm_kd_report import noise_auroc
-from .base import Method, Outputs, gather_from_ranks, kd_kl, require_teachers
 
 LOOKAHEADS = ("last_layer", "full")
 FEATURE_BLOCKS = ("S", "T", "G", "Tbar", "(Tbar-S)^2", "(G-S)^2", "(T-S)^2", "(T-G)^2",
@@ -262,34 +263,6 @@ def hypergradient(controller: nn.Module, features: Tensor, meta_loss_of
         meta_loss = meta_loss_of(torch.stack([1.0 - alpha, alpha], dim=1))
         grads = torch.autograd.grad(meta_loss, list(leaves.values()))
     return meta_loss.detach(), list(grads)
-
-
-# -- the controller's optimiser ------------------------------------------------------------
-
-
-@torch.no_grad()
-def adam_update(params: list[Tensor], grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                steps: Tensor, lr: float, betas: tuple[float, float], eps: float,
-                weight_decay: float) -> None:
-    """One step of torch.optim.Adam (L2 weight decay added to the gradient, bias-corrected
-    moments), in place, on ``params`` with the flat gradient ``grad`` and flat state
-    ``exp_avg`` / ``exp_avg_sq`` / ``steps`` (the number of steps taken)."""
-    flat = torch.cat([p.reshape(-1) for p in params])
-    grad = grad.to(flat.dtype)
-    if weight_decay:
-        grad = grad + weight_decay * flat
-    beta1, beta2 = betas
-    steps += 1
-    t = steps.to(torch.float64)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    step_size = (lr / (1.0 - beta1 ** t)).to(flat.dtype)
-    denom = (exp_avg_sq.sqrt() / (1.0 - beta2 ** t).sqrt().to(flat.dtype)).add_(eps)
-    flat = flat - step_size * exp_avg / denom
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 # -- the method ----------------------------------------------------------------------------
@@ -481,12 +454,32 @@ class TGeoKD(Method):
         if int(ctx.world_size) > 1:  # the same step on every rank
             grad = ctx.all_gather(grad).reshape(-1, grad.numel()).mean(0)
             meta_loss = ctx.all_gather(meta_loss).mean()
-        adam_update(list(self.controller.parameters()), grad, self.controller_exp_avg,
-                    self.controller_exp_avg_sq, self.controller_steps, self.controller_lr,
-                    self.controller_betas, self.controller_eps, self.controller_weight_decay)
+        self.controller_step(grad)
         ctx.log("tgeo/meta_loss", meta_loss, on_step=False, on_epoch=True,
                 batch_size=len(index))
         return meta_loss
+
+    def controller_step(self, grad: Tensor) -> None:
+        """One ``torch.optim.Adam`` step of the controller on the flat gradient ``grad``. Its
+        state is the buffers (module state, so checkpoints and resume carry it): the
+        optimiser, made for the step, gets views of ``controller_exp_avg`` /
+        ``controller_exp_avg_sq`` as its moments, updates them in place, and takes its step
+        count from ``controller_steps``."""
+        params = list(self.controller.parameters())
+        adam = torch.optim.Adam(params, lr=self.controller_lr, betas=self.controller_betas,
+                                eps=self.controller_eps, weight_decay=self.controller_weight_decay)
+        offset = 0
+        for p in params:
+            flat = slice(offset, offset + p.numel())
+            p.grad = grad[flat].view_as(p).to(p.dtype)
+            adam.state[p] = {"step": torch.tensor(float(self.controller_steps)),
+                             "exp_avg": self.controller_exp_avg[flat].view_as(p),
+                             "exp_avg_sq": self.controller_exp_avg_sq[flat].view_as(p)}
+            offset += p.numel()
+        adam.step()
+        for p in params:
+            p.grad = None
+        self.controller_steps += 1
 
     def local_hypergradient(self, ctx, index: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(meta loss, flat dL_meta/dphi / lr) of this rank's lookahead: the student's SGD
@@ -505,8 +498,8 @@ class TGeoKD(Method):
         try:
             with torch.no_grad(), ctx.precision_context():
                 (teacher,) = ctx.clean_train_teacher_outputs(chunk)
-                h, logits = _penultimate_and_logits(student, chunk["input"])
-                h_meta = (_penultimate_and_logits(student, meta["input"])[0]
+                h, logits = penultimate_and_logits(student, chunk["input"])
+                h_meta = (penultimate_and_logits(student, meta["input"])[0]
                           if self.lookahead == "last_layer" else None)
             dtype = self.controller_exp_avg.dtype
             t_logits = teacher.logits.to(dtype)
@@ -559,11 +552,3 @@ def _last_layer_loss_of(lam: Tensor, **kwargs) -> Tensor:
 def _full_loss_of(lam: Tensor, **kwargs) -> Tensor:
     model = kwargs.pop("model")
     return full_lookahead_meta_loss(model, lam, **kwargs)
-
-
-def _penultimate_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(input of the final linear layer, the model's logits), both float32 (float64 kept)."""
-    with FeatureHooks(model, (PENULTIMATE,)) as features:
-        logits = model(x)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return features[PENULTIMATE].flatten(1).to(dtype), logits.to(dtype)
