@@ -34,7 +34,8 @@ How the contract grows for methods that need more than a loss:
    are submodules of the method: saved in checkpoints, never on the student's evaluation
    path; ``extra_parameters()`` joins them to the student's optimiser. A part trained on
    another objective (e.g. bilevel on the meta split) keeps its own optimiser inside the
-   method and saves its state in buffers or ``get_extra_state``.
+   method and saves its state in buffers (:func:`step_with_flat_state`) or
+   ``get_extra_state``.
 4. **Trainable peers** (online distillation): a second network is a submodule of the
    method, trained with the student (``extra_parameters()``), in train mode with it, synced
    by DDP like the student, saved and resumed with it; ``evaluated_models()`` names it so
@@ -305,6 +306,29 @@ def linear_warmup(epoch: Tensor, warmup_epochs: int) -> Tensor:
     if warmup_epochs <= 0:
         return torch.ones((), device=epoch.device)
     return (epoch.float() / warmup_epochs).clamp(max=1.0)
+
+
+def step_with_flat_state(optimizer: type[torch.optim.Optimizer], params: list[Tensor],
+                         grad: Tensor, flat_state: dict[str, Tensor], steps: Tensor,
+                         **settings: Any) -> None:
+    """One step of ``optimizer`` (e.g. ``torch.optim.Adam``, with ``settings``) on ``params``
+    with the flat gradient ``grad``, for a part a method trains itself: the optimiser's
+    per-parameter state lives in flat buffers of the method (``flat_state``: state name ->
+    a tensor over all the parameters, in order; ``steps``: the step count), so checkpoints
+    and resume carry it. The optimiser, made for the step, works on views of the buffers
+    and updates them in place."""
+    opt = optimizer(params, **settings)
+    offset = 0
+    for p in params:
+        flat = slice(offset, offset + p.numel())
+        p.grad = grad[flat].view_as(p).to(p.dtype)
+        opt.state[p] = {"step": torch.tensor(float(steps)),
+                        **{name: buffer[flat].view_as(p) for name, buffer in flat_state.items()}}
+        offset += p.numel()
+    opt.step()
+    for p in params:
+        p.grad = None
+    steps += 1
 
 
 def gather_from_ranks(ctx: MethodContext, value: Tensor) -> Tensor:

@@ -52,16 +52,31 @@ never from the global RNG, so they are the same on every DDP rank and on resume;
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import PENULTIMATE, FeatureHooks
+from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
 from .base import kd_kl
 
+LOOKAHEADS = ("last_layer", "full")
 KERNELS = ("raw", "centered")
+
+
+def check_options(lookahead: str, kernel: str, kernel_scale: float) -> None:
+    """A one-line ConfigError naming the first bad lookahead option of a method's config."""
+    for key, value, allowed in (("lookahead", lookahead, LOOKAHEADS),
+                                ("kernel", kernel, KERNELS)):
+        if value not in allowed:
+            raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
+    if float(kernel_scale) <= 0:
+        raise ConfigError(f"method.kernel_scale must be > 0, got {kernel_scale}")
 
 # -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------
 
@@ -150,26 +165,21 @@ def full_lookahead_meta_loss(model: nn.Module, lam: Tensor, x: Tensor, target: T
     model runs in eval mode (restored after): BN uses and never updates its running
     statistics; the model's own parameters are never changed.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            params = dict(model.named_parameters())
-            buffers = dict(model.named_buffers())
-            logits = functional_call(model, (params, buffers), (x,))
-            terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
-            loss = (lam * terms).sum()
-            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
-                                        allow_unused=True)
-            stepped = dict(params)
-            for n, g in zip(names, grads, strict=True):
-                if g is not None:
-                    stepped[n] = params[n] - step * g
-            meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
-            return F.cross_entropy(meta_logits, target_meta)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        logits = functional_call(model, (params, buffers), (x,))
+        terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
+        loss = (lam * terms).sum()
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
+                                    allow_unused=True)
+        stepped = dict(params)
+        for n, g in zip(names, grads, strict=True):
+            if g is not None:
+                stepped[n] = params[n] - step * g
+        meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
+        return F.cross_entropy(meta_logits, target_meta)
 
 
 def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
@@ -185,7 +195,41 @@ def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: T
     return meta_loss.detach(), grad
 
 
+def lookahead_meta_loss(lookahead: str, student: nn.Module, x: Tensor, h: Tensor | None,
+                        target: Tensor, teacher_logits: Tensor, x_meta: Tensor,
+                        h_meta: Tensor | None, target_meta: Tensor, step: float,
+                        temperature: float, kernel: str = "raw", kernel_scale: float = 1.0
+                        ) -> Callable[[Tensor], Tensor]:
+    """The meta loss as a function of lambda alone: :func:`last_layer_meta_loss` on the
+    features ``h`` / ``h_meta`` and the student's final linear layer (in the features'
+    dtype) for ``lookahead="last_layer"``, :func:`full_lookahead_meta_loss` on the inputs
+    ``x`` / ``x_meta`` for ``"full"``."""
+    if lookahead == "full":
+        return partial(full_lookahead_meta_loss, student, x=x, target=target,
+                       teacher_logits=teacher_logits, x_meta=x_meta, target_meta=target_meta,
+                       step=step, temperature=temperature)
+    _, head = find_classifier(student)
+    return partial(last_layer_meta_loss, h=h, target=target, teacher_logits=teacher_logits,
+                   weight=head.weight.to(h.dtype),
+                   bias=None if head.bias is None else head.bias.to(h.dtype), h_meta=h_meta,
+                   target_meta=target_meta, step=step, temperature=temperature, kernel=kernel,
+                   kernel_scale=kernel_scale)
+
+
 # -- the student's features; the seeded draws of a pass -------------------------------------
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (BN uses, and never updates, its running
+    statistics; dropout is off), its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 
 def penultimate_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
