@@ -51,7 +51,7 @@ from omegaconf import OmegaConf
 from .config import changes_the_experiment, import_target, suggest
 from .errors import ConfigError
 from .methods.base import GroupStats, ReportPlot
-from .plots import reliability_grid, wrap_label
+from .plots import plt, reliability_grid, wrap_label  # pyplot on Agg
 
 DEFAULT_METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece", "teacher.acc")
 HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
@@ -382,15 +382,6 @@ def config_differences(runs: list[Run]) -> list[str]:
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _label(row, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys)
 
@@ -403,7 +394,6 @@ def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path 
         if "test.acc_mean" in summary and "test.ece_mean" in summary else summary.iloc[0:0]
     if points.empty:
         return None
-    plt = _pyplot()
     labels = [wrap_label(_label(row, keys)) for _, row in points.iterrows()]
     # the legend beside the axes, never on a point: the figure is as tall as the legend needs
     legend_inches = sum(0.12 * (label.count("\n") + 1) + 0.06 for label in labels) + 0.6
