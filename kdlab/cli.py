@@ -33,6 +33,7 @@ See docs/extending.md.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import shlex
@@ -383,6 +384,89 @@ def check_launcher_strategy(cfg: DictConfig, hc: DictConfig, output_dir: Path) -
     raise ConfigError(error)
 
 
+# -- kdlab report --------------------------------------------------------------------------
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def report_arguments(argv: list[str], default_metrics: tuple[str, ...]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kdlab report",
+        description="Tabulate run directories (single runs and multirun trees): mean +/- std "
+                    "over seeds for every group of runs that differ only in the seed. Failed and "
+                    "unfinished runs are listed, never averaged in. Writes report.md, report.csv "
+                    "and report_*.png.",
+        epilog="Metrics are dotted paths into results.json: test.acc (the selected "
+               "checkpoint), test_last.ece (last epoch), val.nll, mixing.label_weight_noisy, ...; "
+               "teacher.X = the first teacher's X or its test.X; a bare name X = test.X.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="run directories or trees of them (multirun sweep dirs)")
+    parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
+                        help="grouping keys, comma-separated (e.g. method,noise.rate); "
+                             "default: method + the overrides that vary, minus seed, resume, "
+                             "logger and other keys that do not change the experiment")
+    parser.add_argument("--metric", type=_comma_list, default=None,  # None: the defaults
+                        metavar="NAMES", help="results.json paths, comma-separated "
+                        f"(default: {','.join(default_metrics)})")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where report.md, report.csv and plots go (default: first PATH)")
+    parser.add_argument("--html", action="store_true",
+                        help="also write report.html: one self-contained page (tables and "
+                             "plots inlined) to open in a browser")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="also show every group's difference from the METHOD group with "
+                             "the same other keys (e.g. the same noise.rate), per metric, with "
+                             "a 95%% interval over seeds: paired by seed where the two share "
+                             "at least two seeds, Welch's unpaired interval otherwise; '*' "
+                             "marks intervals that exclude 0. In report.md/.html and as "
+                             "<metric>_diff, _diff_lo, _diff_hi, _diff_paired, _diff_n, "
+                             "_diff_df columns in report.csv")
+    return parser.parse_args(argv)
+
+
+def report_main(argv: list[str]) -> None:
+    """``kdlab report``: the tables and plots of :mod:`kdlab.report` over the run directories
+    under the given paths, written as report.md, report.csv, report_*.png (and with --html
+    report.html), the markdown printed. Bad input: ``kdlab report: error: ...``, exit 2."""
+    from . import report  # pandas and matplotlib only for this command
+    from .report_html import render_html
+
+    args = report_arguments(argv, report.DEFAULT_METRICS)
+    missing = [p for p in args.paths if not p.is_dir()]
+    if missing:
+        report_fail(f"not a directory: {missing[0]}")
+    runs = report.find_runs(args.paths)
+    if not runs:
+        report_fail(f"no run directories (with .hydra/config.yaml or config.yaml) under "
+                    f"{', '.join(map(str, args.paths))}")
+    keys = args.by or report.default_keys(runs)
+    out = args.out or args.paths[0]
+    try:
+        report.check_keys(runs, keys)
+        if args.baseline is not None:
+            report.check_baseline(runs, keys, args.baseline)
+        out.mkdir(parents=True, exist_ok=True)
+        built = report.build_report(runs, keys, args.metric, out, args.paths, args.baseline)
+    except report.ReportError as e:
+        report_fail(str(e))
+    text = built.markdown()
+    (out / "report.md").write_text(text)
+    built.summary.to_csv(out / "report.csv", index=False)
+    written = [out / "report.md", out / "report.csv"]
+    if args.html:
+        (out / "report.html").write_text(render_html(built), encoding="utf-8")
+        written.append(out / "report.html")
+    print(text)
+    print(f"wrote {', '.join(map(str, written))}")
+
+
+def report_fail(message: str) -> None:
+    print(f"kdlab report: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 # -- kdlab methods -------------------------------------------------------------------------
 
 
@@ -420,8 +504,6 @@ def main() -> None:
         print(list_methods(config_dirs))
         return
     if command == "report":
-        from .report import main as report_main
-
         report_main(rest)
         return
     if command == "eval":

@@ -18,6 +18,15 @@ from .metrics import ece_from_bins  # noqa: E402
 ACCURACY, OVER, UNDER = "#4C72B0", "#C44E52", "#55A868"
 
 
+LABEL_WIDTH = 40  # characters per line of a group's label in a plot legend or axis
+
+
+def wrap_label(label: str) -> str:
+    """A report group's label (``k=v, k=v``) wrapped at its spaces, so a long one grows
+    down, not across."""
+    return textwrap.fill(label, LABEL_WIDTH, break_on_hyphens=False)
+
+
 ACCURACY_SHARE = 0.55  # of a bin's width: the accuracy bar; the rest holds the gap bar
 GAP_HATCH = "////"
 PANEL_WIDTH = 3.1  # inches per reliability panel; its title wraps at 42 characters

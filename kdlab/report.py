@@ -1,5 +1,5 @@
-"""``kdlab report PATH... [--by KEYS] [--metric NAMES] [--out DIR] [--html]``: many runs, one
-table.
+"""The library behind ``kdlab report PATH...`` (the command's arguments: :mod:`kdlab.cli`):
+many runs, one table.
 
 Finds run directories under each PATH (single runs and multirun trees: a directory with
 ``.hydra/config.yaml``, or ``config.yaml`` next to ``results.json``/``failed.json``), groups
@@ -15,15 +15,18 @@ Metrics are dotted paths into ``results.json`` (``test.acc``, ``test_last.ece``,
 teacher's ``X`` (``teacher.agreement``) or its test metric ``X`` (``teacher.acc``), and a bare
 ``X`` is ``test.X``. ``test`` is the checkpoint the run's selection rule picked on the
 validation split, ``test_last`` the last epoch. std is the sample standard deviation over
-seeds (n - 1); with one seed there is none.
+seeds (n - 1); with one seed there is none. Without ``--metric`` the table also has the
+results keys that the runs' methods declare (``Method.report_metrics``).
 
 Failed runs (``failed.json``) and unfinished ones (neither file) are listed in their own
 section and never averaged in. Written to ``--out`` (default: the first PATH):
-``report.md``, ``report.csv``, ``report_acc_vs_ece.png``, and when the runs hold the data,
-``report_reliability.png`` (``results.json`` "reliability" per-bin sums, pooled over seeds)
-and ``report_mixing.png`` (ALM-KD's clean vs noisy label weight); with ``--html`` also
-``report.html``, one self-contained page with the tables and every plot inlined (ALM-KD runs'
-own weight plots included; :mod:`kdlab.report_html`).
+``report.md``, ``report.csv``, ``report_acc_vs_ece.png``, when the runs hold the data
+``report_reliability.png`` (``results.json`` "reliability" per-bin sums, pooled over seeds),
+and the figures the runs' methods declare (``Method.report_plots``,
+:class:`kdlab.methods.base.ReportPlot`); with ``--html`` also ``report.html``, one
+self-contained page with the tables and every plot inlined (with the files the methods name
+in ``Method.run_plots`` of each run; :mod:`kdlab.report_html`). The report finds a run's
+method through its config's ``method._target_`` and never names one.
 
 ``--baseline METHOD`` adds, for every group, its difference from the baseline method's group
 with the same values of the other grouping keys, per metric, with a 95 % interval over
@@ -34,12 +37,9 @@ interval otherwise (:func:`seed_difference`). Intervals that exclude 0 are marke
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,16 @@ import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
+from .config import changes_the_experiment, import_target, suggest
+from .errors import ConfigError
+from .methods.base import GroupStats, ReportPlot
+from .plots import plt, reliability_grid, wrap_label  # pyplot on Agg
+
 DEFAULT_METRICS = ("test.acc", "test.ece", "test_last.acc", "test_last.ece", "teacher.acc")
 HEADERS = {"test.acc": "test acc (best)", "test.ece": "test ECE (best)",
            "test_last.acc": "test acc (last)", "test_last.ece": "test ECE (last)",
            "teacher.acc": "teacher test acc"}
 NEVER_GROUP = ("seed",)  # and the keys that do not change the experiment (not_the_experiment)
-RUN_MIXING_PLOT = "alm_mixing_weights.png"  # an ALM-KD run's weights over training
 SKIP_DIRS = {"wandb", "tensorboard", "logs", "checkpoints", "ranks"}
 # Config parts that may differ within a group without a note: the seed, extra callbacks, and
 # every key that does not change the experiment (kdlab.config.not_the_experiment: resume,
@@ -189,8 +193,6 @@ def metric_column(frame: pd.DataFrame, metric: str) -> str:
 
 def check_metrics(frame: pd.DataFrame, metrics: list[str]) -> None:
     """A metric that no finished run has is a typo: say which names exist."""
-    from .config import suggest
-
     numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
     for metric in metrics:
         if metric_column(frame, metric) not in frame.columns and len(frame):
@@ -213,17 +215,20 @@ def summarize(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Da
     return out.reset_index()
 
 
-def display_table(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    """The summary as shown: one ``mean ± std`` text cell per metric."""
+def display_table(summary: pd.DataFrame, keys: list[str], metrics: list[str],
+                  headers: dict[str, str] | None = None) -> pd.DataFrame:
+    """The summary as shown: one ``mean ± std`` text cell per metric, under its header
+    (``headers``, default :data:`HEADERS`; the metric's name without one)."""
     def cell(row, m):
         mean, std = row[f"{m}_mean"], row[f"{m}_std"]
         if pd.isna(mean):
             return "-"
         return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
 
+    headers = HEADERS if headers is None else headers
     table = summary[[*keys, "n", "seeds"]].copy()
     for m in metrics:
-        table[HEADERS.get(m, m)] = [cell(row, m) for _, row in summary.iterrows()]
+        table[headers.get(m, m)] = [cell(row, m) for _, row in summary.iterrows()]
     return table
 
 
@@ -319,7 +324,7 @@ def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
 
 
 def difference_table(diffs: pd.DataFrame, keys: list[str], metrics: list[str],
-                     baseline: str) -> pd.DataFrame:
+                     baseline: str, headers: dict[str, str] | None = None) -> pd.DataFrame:
     """The differences as shown: ``+diff [lo, hi]`` with ``*`` when the interval excludes 0
     and how it was computed; ``baseline`` on the baseline rows, empty without a baseline."""
     def cell(row, m):
@@ -335,9 +340,10 @@ def difference_table(diffs: pd.DataFrame, keys: list[str], metrics: list[str],
         mark = "*" if resolved(lo, hi) else ""
         return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark} ({how})"
 
+    headers = HEADERS if headers is None else headers
     table = diffs[[*keys, "n", "seeds"]].copy()
     for m in metrics:
-        table[f"Δ {HEADERS.get(m, m)}"] = [cell(row, m) for _, row in diffs.iterrows()]
+        table[f"Δ {headers.get(m, m)}"] = [cell(row, m) for _, row in diffs.iterrows()]
     return table
 
 
@@ -355,8 +361,6 @@ def difference_legend(baseline: str, others: list[str]) -> list[str]:
 def default_keys(runs: list[Run]) -> list[str]:
     """``method`` plus every override key whose value differs between runs (never the seed,
     nor a key that does not change the experiment, such as resume or logger)."""
-    from .config import changes_the_experiment
-
     keys: list[str] = ["method"]
     for run in runs:
         for key in run.overrides:
@@ -369,8 +373,6 @@ def default_keys(runs: list[Run]) -> list[str]:
 def config_differences(runs: list[Run]) -> list[str]:
     """Config keys that differ between ``runs`` (other than the seed, callbacks, and keys
     that do not change the experiment)."""
-    from .config import changes_the_experiment
-
     flat = pd.json_normalize([r.config for r in runs], sep=".")
     return [c for c in flat.columns if changes_the_experiment(c) and not any(
         c == k or c.startswith(f"{k}.") for k in NOT_NOTED)
@@ -380,26 +382,11 @@ def config_differences(runs: list[Run]) -> list[str]:
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _label(row, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys)
 
 
-LABEL_WIDTH = 40  # characters per line of a group's label in a plot legend or axis
 MARKERS = "osD^vP*Xhp"  # a new marker for every 10 groups (the colour cycle's length)
-
-
-def _plot_label(row, keys: list[str]) -> str:
-    """A group's label wrapped at its commas, so a long one grows down, not across."""
-    return textwrap.fill(_label(row, keys), LABEL_WIDTH, break_on_hyphens=False)
 
 
 def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
@@ -407,8 +394,7 @@ def plot_acc_vs_ece(summary: pd.DataFrame, keys: list[str], path: Path) -> Path 
         if "test.acc_mean" in summary and "test.ece_mean" in summary else summary.iloc[0:0]
     if points.empty:
         return None
-    plt = _pyplot()
-    labels = [_plot_label(row, keys) for _, row in points.iterrows()]
+    labels = [wrap_label(_label(row, keys)) for _, row in points.iterrows()]
     # the legend beside the axes, never on a point: the figure is as tall as the legend needs
     legend_inches = sum(0.12 * (label.count("\n") + 1) + 0.06 for label in labels) + 0.6
     fig, ax = plt.subplots(figsize=(9.5, max(4.5, legend_inches)), layout="constrained")
@@ -444,8 +430,6 @@ def pooled_reliability(runs: list[Run]) -> dict[str, list[float]] | None:
 
 
 def plot_reliability(groups: list[tuple[str, list[Run]]], path: Path) -> Path | None:
-    from .plots import reliability_grid
-
     panels = [(f"{label} ({len(runs)} {'run' if len(runs) == 1 else 'runs'})", bins)
               for label, runs in groups if (bins := pooled_reliability(runs)) is not None]
     if not panels:
@@ -454,35 +438,66 @@ def plot_reliability(groups: list[tuple[str, list[Run]]], path: Path) -> Path | 
                                           "over seeds")
 
 
-def plot_mixing(frame: pd.DataFrame, keys: list[str], path: Path) -> Path | None:
-    cols = ("mixing.label_weight_clean", "mixing.label_weight_noisy")
-    if not all(c in frame for c in cols):
+# -- what the runs' methods declare ------------------------------------------------------------
+
+
+def method_class(run: Run) -> type | None:
+    """The class of the run's method (its config's ``method._target_``); None when the run
+    does not name one or it cannot be imported here."""
+    target = (run.config.get("method") or {}).get("_target_")
+    if not target:
         return None
-    rows = summarize(frame, keys, list(cols)).dropna(subset=[f"{c}_mean" for c in cols],
-                                                     how="all")
-    if rows.empty:
+    try:
+        found = import_target(str(target), "method")
+    except ConfigError:
         return None
-    plt = _pyplot()
-    # one row of bars per group, its wrapped label beside it: long labels grow down
-    labels = [_plot_label(r, keys) for _, r in rows.iterrows()]
-    heights = [max(0.55, 0.13 * (label.count("\n") + 1) + 0.2) for label in labels]
-    fig, ax = plt.subplots(figsize=(9.0, sum(heights) + 1.3), layout="constrained")
-    y = [sum(heights[:i]) + h / 2 for i, h in enumerate(heights)]
-    for offset, col, name, color in ((-0.12, cols[0], "clean examples", "#55A868"),
-                                     (0.12, cols[1], "noisy examples", "#C44E52")):
-        ax.barh([v + offset for v in y], rows[f"{col}_mean"].fillna(0), height=0.24,
-                xerr=rows[f"{col}_std"].fillna(0), capsize=3, color=color, label=name)
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.set_ylim(sum(heights), 0)  # the first group on top, as in the table
-    ax.set_xlabel("mean weight on the given label")
-    ax.set_title("ALM-KD mixing: label weight, clean vs noisy (mean ± std over seeds)",
-                 fontsize=9)
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return found if isinstance(found, type) else None
+
+
+def declared(runs: list[Run], attribute: str) -> list:
+    """``attribute`` of the methods of ``runs``: each method once, in the order of the runs."""
+    classes = list(dict.fromkeys(c for c in map(method_class, runs) if c is not None))
+    return [getattr(c, attribute) for c in classes if hasattr(c, attribute)]
+
+
+def declared_metrics(runs: list[Run]) -> dict[str, str]:
+    """The results keys the methods of ``runs`` want in the default table, with headers."""
+    return {key: header for metrics in declared(runs, "report_metrics")
+            for key, header in metrics.items()}
+
+
+def method_plots(runs: list[Run], frame: pd.DataFrame, keys: list[str],
+                 out: Path) -> list[tuple[ReportPlot, Path]]:
+    """The figures the methods of ``runs`` declare, drawn over every group with a value
+    (one figure per name, whichever methods declare it)."""
+    plots = {p.name: p for plots in declared(runs, "report_plots") for p in plots}
+    drawn = []
+    for plot in plots.values():
+        columns = list(plot.columns)
+        if not all(c in frame for c in columns):
+            continue
+        rows = summarize(frame, keys, columns).dropna(subset=[f"{c}_mean" for c in columns],
+                                                      how="all")
+        if rows.empty:
+            continue
+        groups = [GroupStats(_label(r, keys), {c: float(r[f"{c}_mean"]) for c in columns},
+                             {c: float(r[f"{c}_std"]) for c in columns})
+                  for _, r in rows.iterrows()]
+        path = out / f"{plot.name}.png"
+        plot.draw(groups, path)
+        drawn.append((plot, path))
+    return drawn
+
+
+def run_plots(runs: list[Run], out: Path) -> dict[str, list[tuple[str, Path]]]:
+    """The files each run's method names in ``run_plots`` that the run has, by heading."""
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for run in runs:
+        for name, heading in getattr(method_class(run), "run_plots", {}).items():
+            if (run.path / name).is_file():
+                found.setdefault(heading, []).append(
+                    (f"{_relative(run.path, out)} (seed {run.seed})", run.path / name))
+    return found
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -501,7 +516,8 @@ class Report:
     failed: pd.DataFrame | None         # failed or unfinished runs
     notes: list[str]
     plots: list[Path]                   # report_*.png in the output directory
-    run_plots: list[tuple[str, Path]]   # per-run figures worth showing (ALM-KD weights)
+    captions: dict[str, str]            # the methods' figures: file stem -> caption
+    run_plots: dict[str, list[tuple[str, Path]]]  # the methods' per-run figures, by heading
     baseline: str | None = None         # --baseline METHOD
     differences: pd.DataFrame | None = None  # the difference table as shown (--baseline)
     difference_notes: list[str] = field(default_factory=list)  # its legend
@@ -538,13 +554,20 @@ class Report:
         return "\n".join(lines).rstrip() + "\n"
 
 
-def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
+def build_report(runs: list[Run], keys: list[str], metrics: list[str] | None, out: Path,
                  sources: list[Path], baseline: str | None = None) -> Report:
-    """The report; with ``baseline`` (a method some finished run has, ``method`` among the
-    keys) ``summary`` also holds the differences (:func:`baseline_differences`)."""
+    """The report; ``metrics`` None: :data:`DEFAULT_METRICS` and the keys the finished runs'
+    methods declare (those some run has). With ``baseline`` (a method some finished run
+    has, ``method`` among the keys) ``summary`` also holds the differences
+    (:func:`baseline_differences`)."""
     finished = [r for r in runs if r.status == "finished"]
     others = [r for r in runs if r.status != "finished"]
     frame = results_frame(runs, keys)
+    own = declared_metrics(finished)
+    headers = {**HEADERS, **own}
+    if metrics is None:
+        metrics = [*DEFAULT_METRICS, *(m for m in own if m not in DEFAULT_METRICS
+                                       and metric_column(frame, m) in frame)]
     check_metrics(frame, metrics)
     summary = summarize(frame, keys, metrics) if finished else pd.DataFrame()
     groups = [(_label(row, keys), [r for r in finished
@@ -568,19 +591,20 @@ def build_report(runs: list[Run], keys: list[str], metrics: list[str], out: Path
                                "seed": [r.seed for r in others],
                                "error": [r.error.replace("|", "\\|") or "-" for r in others]})
     plots = [plot_acc_vs_ece(summary, keys, out / "report_acc_vs_ece.png") if finished else None,
-             plot_reliability(groups, out / "report_reliability.png"),
-             plot_mixing(frame, keys, out / "report_mixing.png")]
-    run_plots = [(f"{_relative(r.path, out)} (seed {r.seed})", r.path / RUN_MIXING_PLOT)
-                 for r in finished if (r.path / RUN_MIXING_PLOT).is_file()]
+             plot_reliability(groups, out / "report_reliability.png")]
+    drawn = method_plots(finished, frame, keys, out)
     differences = None
     if baseline is not None and finished:
         summary = baseline_differences(frame, summary, keys, metrics, baseline)
-        differences = difference_table(summary, keys, metrics, baseline)
+        differences = difference_table(summary, keys, metrics, baseline, headers)
     return Report(sources=list(sources), finished=len(finished), others=others, keys=keys,
                   metrics=metrics, summary=summary,
-                  table=display_table(summary, keys, metrics) if finished else None,
-                  failed=failed, notes=notes, plots=[p for p in plots if p is not None],
-                  run_plots=run_plots, baseline=baseline, differences=differences,
+                  table=display_table(summary, keys, metrics, headers) if finished else None,
+                  failed=failed, notes=notes,
+                  plots=[p for p in plots if p is not None] + [path for _, path in drawn],
+                  captions={path.stem: plot.caption for plot, path in drawn},
+                  run_plots=run_plots(finished, out), baseline=baseline,
+                  differences=differences,
                   difference_notes=difference_legend(baseline, [k for k in keys
                                                                 if k != "method"])
                   if differences is not None else [])
@@ -593,116 +617,19 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
-def run_summary(results: dict[str, Any], output_dir: Path) -> str:
-    """The table a finished run prints: teachers and student on the test set."""
-    student = results["student"]
-    rows = [(f"teacher {t['name']} ({t['arch']})", t["test"]) for t in results["teachers"]]
-    rows += [(f"student {student['name']} ({student['arch']}), best on val "
-              f"(epoch {results['best_epoch']})", results["test"]),
-             (f"student {student['name']}, last epoch", results["test_last"])]
-    table = pd.DataFrame([{"test set": name, "acc": m["acc"], "ECE": m["ece"], "NLL": m["nll"]}
-                          for name, m in rows])
-    noise = results["noise"]
-    head = (f"\nkdlab: method={results['method']} dataset={results['dataset']} "
-            f"seed={results['seed']} noise={noise['type']}:{noise['rate']} "
-            f"({results['wall_time_s']:.0f} s)")
-    width = max(len(name) for name, _ in rows)
-    body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}", justify="left",
-                           formatters={"test set": lambda name: name.ljust(width)})
-    selection = results.get("selection")
-    if isinstance(selection, dict):  # which epoch is "best on val", and why
-        body += (f"\nselected epoch {selection['epoch']} of {results['epochs']} "
-                 f"({selection['rule']}): {selection['reason']}")
-    return f"{head}\n{body}\nrun directory: {output_dir}"
-
-
-# -- the command -------------------------------------------------------------------------------
-
-
-def _comma_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kdlab report",
-        description="Tabulate run directories (single runs and multirun trees): mean +/- std "
-                    "over seeds for every group of runs that differ only in the seed. Failed and "
-                    "unfinished runs are listed, never averaged in. Writes report.md, report.csv "
-                    "and report_*.png.",
-        epilog="Metrics are dotted paths into results.json: test.acc (the selected "
-               "checkpoint), test_last.ece (last epoch), val.nll, mixing.label_weight_noisy, ...; "
-               "teacher.X = the first teacher's X or its test.X; a bare name X = test.X.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="run directories or trees of them (multirun sweep dirs)")
-    parser.add_argument("--by", type=_comma_list, default=None, metavar="KEYS",
-                        help="grouping keys, comma-separated (e.g. method,noise.rate); "
-                             "default: method + the overrides that vary, minus seed, resume, "
-                             "logger and other keys that do not change the experiment")
-    parser.add_argument("--metric", type=_comma_list, default=list(DEFAULT_METRICS),
-                        metavar="NAMES", help="results.json paths, comma-separated "
-                        f"(default: {','.join(DEFAULT_METRICS)})")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="where report.md, report.csv and plots go (default: first PATH)")
-    parser.add_argument("--html", action="store_true",
-                        help="also write report.html: one self-contained page (tables and "
-                             "plots inlined) to open in a browser")
-    parser.add_argument("--baseline", default=None, metavar="METHOD",
-                        help="also show every group's difference from the METHOD group with "
-                             "the same other keys (e.g. the same noise.rate), per metric, with "
-                             "a 95%% interval over seeds: paired by seed where the two share "
-                             "at least two seeds, Welch's unpaired interval otherwise; '*' "
-                             "marks intervals that exclude 0. In report.md/.html and as "
-                             "<metric>_diff, _diff_lo, _diff_hi, _diff_paired, _diff_n, "
-                             "_diff_df columns in report.csv")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    missing = [p for p in args.paths if not p.is_dir()]
-    if missing:
-        _fail(f"not a directory: {missing[0]}")
-    runs = find_runs(args.paths)
-    if not runs:
-        _fail(f"no run directories (with .hydra/config.yaml or config.yaml) under "
-              f"{', '.join(map(str, args.paths))}")
-    keys = args.by or default_keys(runs)
+def check_keys(runs: list[Run], keys: list[str]) -> None:
+    """Every grouping key must be a config key or group of some run."""
     unknown = [k for k in keys if all(r.value(k) == "-" for r in runs)]
     if unknown:
-        _fail(f"--by {unknown[0]}: no run has this config key or group")
-    if args.baseline is not None:
-        check_baseline(runs, keys, args.baseline)
-    out = args.out or args.paths[0]
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        built = build_report(runs, keys, args.metric, out, args.paths, args.baseline)
-    except ReportError as e:
-        _fail(str(e))
-    text = built.markdown()
-    (out / "report.md").write_text(text)
-    built.summary.to_csv(out / "report.csv", index=False)
-    written = [out / "report.md", out / "report.csv"]
-    if args.html:
-        from .report_html import render_html
-
-        (out / "report.html").write_text(render_html(built), encoding="utf-8")
-        written.append(out / "report.html")
-    print(text)
-    print(f"wrote {', '.join(map(str, written))}")
+        raise ReportError(f"--by {unknown[0]}: no run has this config key or group")
 
 
 def check_baseline(runs: list[Run], keys: list[str], baseline: str) -> None:
     """--baseline must name a method of a finished run, and ``method`` must be a key."""
     if "method" not in keys:
-        _fail(f"--baseline compares methods, but the grouping keys ({','.join(keys)}) leave "
-              f"out method: add it to --by")
+        raise ReportError(f"--baseline compares methods, but the grouping keys "
+                          f"({','.join(keys)}) leave out method: add it to --by")
     methods = sorted({r.value("method") for r in runs if r.status == "finished"})
     if baseline not in methods:
-        _fail(f"--baseline {baseline}: no finished run has method={baseline} (methods: "
-              f"{', '.join(methods) or 'none'})")
-
-
-def _fail(message: str) -> None:
-    print(f"kdlab report: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+        raise ReportError(f"--baseline {baseline}: no finished run has method={baseline} "
+                          f"(methods: {', '.join(methods) or 'none'})")

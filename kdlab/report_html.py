@@ -1,9 +1,10 @@
 """``kdlab report --html``: the report as one self-contained HTML page.
 
 Everything is inside the file: the tables as HTML tables, the plots (accuracy vs ECE, the
-reliability grid, ALM-KD's mixing weights: the summary and each run's plot) as base64 PNG
-``data:`` images, the style inline, no script and nothing fetched from elsewhere, so the
-page opens from disk, from an e-mail or from a cluster's file browser alike.
+reliability grid, the figures the runs' methods declare and the per-run figures they name,
+with their captions and headings) as base64 PNG ``data:`` images, the style inline, no
+script and nothing fetched from elsewhere, so the page opens from disk, from an e-mail or
+from a cluster's file browser alike. It imports :mod:`kdlab.report`, never the reverse.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ CAPTIONS = {
                           "of each group: in each bin the accuracy bar and, beside it, the "
                           "hatched gap to the bin's mean confidence (red: over-confident, "
                           "green: under-confident).",
-    "report_mixing": "ALM-KD: mean weight on the given label for clean and noisy examples.",
 }
 
 
@@ -61,7 +61,7 @@ def _code_spans(text: str) -> str:
 
 def render_html(report: Report) -> str:
     """The page: summary table, notes, the differences from a baseline (``--baseline``),
-    failed runs, plots and per-run ALM-KD plots."""
+    failed runs, plots and the methods' per-run plots."""
     e = html.escape
     parts = ["<h1>kdlab report</h1>",
              "<p>Runs under: " + ", ".join(f"<code>{e(str(p))}</code>" for p in report.sources)
@@ -82,10 +82,11 @@ def render_html(report: Report) -> str:
         parts += ["<h2>Failed or unfinished runs</h2>", _table(failed)]
     if report.plots:
         parts.append("<h2>Plots</h2>")
-        parts += [_figure(p, CAPTIONS.get(p.stem, p.stem)) for p in report.plots]
-    if report.run_plots:
-        parts.append("<h2>ALM-KD mixing weights, run by run</h2>")
-        parts += [_figure(path, label) for label, path in report.run_plots]
+        captions = {**CAPTIONS, **report.captions}
+        parts += [_figure(p, captions.get(p.stem, p.stem)) for p in report.plots]
+    for heading, figures in report.run_plots.items():
+        parts.append(f"<h2>{e(heading)}</h2>")
+        parts += [_figure(path, label) for label, path in figures]
     title = "kdlab report: " + ", ".join(str(p) for p in report.sources)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"

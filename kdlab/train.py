@@ -34,9 +34,9 @@ from .loggers import (
 from .metrics import logged_metrics
 from .module import DistillModule
 from .plots import reliability_diagram
-from .report import run_summary
 from .run_dir import AtomicCheckpointIO, RunDir, host
 from .selection import selection_rule
+from .summary import run_summary
 from .teachers import Teachers, describe_model, load_teachers
 
 

@@ -127,7 +127,7 @@ def recorded(seed, tag):
 
 def pass_features(cfg, dm, recorded_pass):
     """The student of one recorded pass, its train / meta last-layer inputs and head (f64)."""
-    from kdlab.methods.alm_kd import _penultimate
+    from kdlab.methods.lookahead import penultimate_and_logits
     from kdlab.models import build_model
 
     student = build_model(cfg.student, 10, dm.input_shape)
@@ -135,13 +135,13 @@ def pass_features(cfg, dm, recorded_pass):
     student.eval()
     head = student.classifier
     with torch.no_grad():
-        h = _penultimate(student, dm.splits["train"].inputs).double()
-        hm = _penultimate(student, dm.splits["meta"].inputs).double()
+        h = penultimate_and_logits(student, dm.splits["train"].inputs)[0].double()
+        hm = penultimate_and_logits(student, dm.splits["meta"].inputs)[0].double()
     return student, h, hm, head.weight.double().detach(), head.bias.double().detach()
 
 
 def analyse(seeds, tag):
-    from kdlab.methods.alm_kd import term_logit_grads
+    from kdlab.methods.lookahead import term_logit_grads
 
     for seed in seeds:
         rec, cfg, dm, t_logits = recorded(seed, tag)
@@ -225,7 +225,11 @@ def analyse(seeds, tag):
 def summary(seeds, tag):
     """One table over seeds: per pass, the final-table AUROC and the decomposition of the
     label column's meta-gradient (the paper's kernel) at the table of that pass."""
-    from kdlab.methods.alm_kd import _penultimate, last_layer_meta_grad, term_logit_grads
+    from kdlab.methods.lookahead import (
+        last_layer_meta_grad,
+        penultimate_and_logits,
+        term_logit_grads,
+    )
     from kdlab.models import build_model
 
     rows: dict[int, list[dict]] = {}
@@ -242,9 +246,9 @@ def summary(seeds, tag):
             student.eval()
             head = student.classifier
             with torch.no_grad():
-                h = _penultimate(student, train.inputs).double()
-                hm = _penultimate(student, meta.inputs).double()
-                ht = _penultimate(student, test.inputs).double()
+                h = penultimate_and_logits(student, train.inputs)[0].double()
+                hm = penultimate_and_logits(student, meta.inputs)[0].double()
+                ht = penultimate_and_logits(student, test.inputs)[0].double()
             w, b = head.weight.double().detach(), head.bias.double().detach()
             lam = p["before"].double()
             g = term_logit_grads(h @ w.T + b, train.targets, t_logits, 4.0)[0]
@@ -309,7 +313,7 @@ def main(argv=None):
 
 def centred_breakdown(seeds, tag):
     """Where the centred-kernel gradient of the label weight points the wrong way."""
-    from kdlab.methods.alm_kd import last_layer_meta_grad
+    from kdlab.methods.lookahead import last_layer_meta_grad
 
     for seed in seeds:
         rec, cfg, dm, t_logits = recorded(seed, tag)

@@ -12,12 +12,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers.runs import METHOD_TARGETS
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from kdlab import plots, report
+from kdlab import plots
+from kdlab.cli import report_main
 from kdlab.methods.alm_kd_plots import plot_mixing_history
 from kdlab.methods.alm_kd_report import summarise
 from kdlab.report import plot_acc_vs_ece
@@ -146,7 +148,8 @@ def long_named_runs(root, methods):
         d.mkdir(parents=True)
         config = {"seed": 0, "choices": {"method": method},
                   "noise": {"type": "symmetric", "rate": 0.4},
-                  "method": {"meta_lr": 1500}, "teacher": {"label_noise": "none"},
+                  "method": {"meta_lr": 1500, "_target_": METHOD_TARGETS.get(method, "")},
+                  "teacher": {"label_noise": "none"},
                   "optimizer": {"lr": 0.05}, "dataset": {"val_fraction": 0.1}}
         (d / "config.yaml").write_text(yaml.safe_dump(config))
         results = {"status": "finished", "method": method, "seed": 0,
@@ -164,7 +167,7 @@ def test_report_plots_with_long_group_names_stay_small_and_show_every_word(saved
     methods = ["alm_kd", "guided_self_distill", "multi_teacher_kd", "sinkhorn_kd",
                "tgeo_kd", "kd_ls"]
     keys = long_named_runs(tmp_path / "runs", methods)
-    report.main([str(tmp_path / "runs"), "--by", keys])
+    report_main([str(tmp_path / "runs"), "--by", keys])
     names = ["report_acc_vs_ece.png", "report_reliability.png", "report_mixing.png"]
     assert len(saved) == len(names)
     for name, (fig, renderer) in zip(names, saved, strict=True):

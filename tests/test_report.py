@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.cli import cli
+from helpers.methods import REPORT_PROBE_DRAWN
+from helpers.runs import METHOD_TARGETS, write_run
 
 from kdlab import report
+from kdlab.cli import report_main
 
 TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
         "num_threads=1", "teacher.max_epochs=1"]
@@ -111,7 +114,7 @@ def test_report_files(sweep):
 def test_by_metric_and_out(sweep, tmp_path):
     sweep_dir, _, _ = sweep
     finished, _ = runs_by_status(sweep_dir)
-    report.main([str(sweep_dir), "--by", "method", "--metric",
+    report_main([str(sweep_dir), "--by", "method", "--metric",
                  "val.acc,nll,teacher.acc,teacher.agreement", "--out", str(tmp_path / "out")])
     rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     assert list(rows[0])[:3] == ["method", "n", "seeds"]
@@ -128,14 +131,14 @@ def test_by_metric_and_out(sweep, tmp_path):
             assert float(row["teacher.agreement_mean"]) == pytest.approx(
                 statistics.fmean(agreement))
     with pytest.raises(SystemExit) as e:
-        report.main([str(sweep_dir), "--by", "noise.rat"])
+        report_main([str(sweep_dir), "--by", "noise.rat"])
     assert e.value.code == 2
 
 
 def test_a_misspelled_metric_is_an_error_naming_the_right_one(sweep, tmp_path, capsys):
     sweep_dir, _, _ = sweep
     with pytest.raises(SystemExit) as e:
-        report.main([str(sweep_dir), "--metric", "test.accc", "--out", str(tmp_path)])
+        report_main([str(sweep_dir), "--metric", "test.accc", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "--metric test.accc: no finished run has it; did you mean test.acc?" in \
         capsys.readouterr().err
@@ -148,7 +151,7 @@ def fake_run(d: Path, method: str, rate: float, seed: int, acc: float, lr: float
              mixing: tuple[float, float] | None = None) -> None:
     """A run directory as train.py leaves it (config.yaml + results.json), without Hydra."""
     d.mkdir(parents=True)
-    config = {"seed": seed, "method": {"_target_": f"kdlab.methods.{method}"},
+    config = {"seed": seed, "method": {"_target_": METHOD_TARGETS[method]},
               "noise": {"type": "symmetric", "rate": rate}, "optimizer": {"lr": lr},
               "paths": {"data_dir": str(d)}, "choices": {"method": method}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
@@ -172,7 +175,7 @@ def test_grouping_mixing_plot_and_mixed_config_note(tmp_path, capsys):
     (runs / "k2" / "config.yaml").write_text(yaml.safe_dump({"seed": 2}))
     (runs / "k2" / "failed.json").write_text(json.dumps({"status": "interrupted",
                                                          "error": "KeyboardInterrupt: "}))
-    report.main([str(runs), "--by", "method,noise.rate"])
+    report_main([str(runs), "--by", "method,noise.rate"])
     rows = {r["method"]: r for r in csv.DictReader((runs / "report.csv").open())}
     assert rows["alm_kd"]["noise.rate"] == "0.4" and rows["alm_kd"]["n"] == "2"
     assert float(rows["alm_kd"]["test.acc_mean"]) == pytest.approx(0.82)
@@ -204,7 +207,7 @@ def test_keys_that_do_not_change_the_experiment_never_split_a_group(tmp_path):
         (d / ".hydra").mkdir()
         (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
             ["method=kd", "noise=symmetric", "noise.rate=0.4", f"seed={seed}", *extra]))
-    report.main([str(runs)])
+    report_main([str(runs)])
     rows = list(csv.DictReader((runs / "report.csv").open()))
     assert [(r["method"], r["n"], r["seeds"]) for r in rows] == [("kd", "2", "0,1")]
     assert list(rows[0])[:3] == ["method", "n", "seeds"]
@@ -214,5 +217,44 @@ def test_keys_that_do_not_change_the_experiment_never_split_a_group(tmp_path):
 
 def test_no_runs_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        report.main([str(tmp_path)])
+        report_main([str(tmp_path)])
     assert e.value.code == 2 and "no run directories" in capsys.readouterr().err
+
+
+def test_a_method_declares_its_own_columns_and_plots(tmp_path, capsys):
+    """ReportProbe (tests/helpers/methods.py) names probe.score: it joins the default table
+    under its header, its figure gets each group's mean and std, its run files the page."""
+    runs = tmp_path / "runs"
+    for name, seed, score in (("p0", 0, 0.25), ("p1", 1, 0.75), ("k0", 0, None)):
+        method = "report_probe" if score is not None else "kd"
+        target = "helpers.methods.ReportProbe" if score is not None else METHOD_TARGETS["kd"]
+        d = write_run(runs / name, {"seed": seed, "choices": {"method": method},
+                                    "method": {"_target_": target}},
+                      {"status": "finished", "method": method, "seed": seed,
+                       "test": {"acc": 0.5, "ece": 0.1}, "test_last": {"acc": 0.5, "ece": 0.1},
+                       "teachers": [{"name": "cnn", "test": {"acc": 0.9}}],
+                       **({"probe": {"score": score}} if score else {})})
+        if score is not None:
+            (d / "probe.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    REPORT_PROBE_DRAWN.clear()
+    report_main([str(runs), "--html"])
+    std = (2 * 0.25 ** 2) ** 0.5  # sample std of 0.25, 0.75: sqrt(((-.25)^2 + .25^2) / 1)
+    md = (runs / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert header.split("|")[-2].strip() == "probe score"
+    assert f"| 0.5000 ± {std:.4f} " in md and "![report_probe](report_probe.png)" in md
+    rows = {r["method"]: r for r in csv.DictReader((runs / "report.csv").open())}
+    assert float(rows["report_probe"]["probe.score_mean"]) == pytest.approx(0.5)
+    assert rows["kd"]["probe.score_mean"] == ""
+    ((groups, path),) = REPORT_PROBE_DRAWN  # drawn once, over the groups that have a score
+    assert path == runs / "report_probe.png"
+    assert [(g.label, g.mean, g.std) for g in groups] == [
+        ("method=report_probe", {"probe.score": 0.5}, {"probe.score": pytest.approx(std)})]
+    page = (runs / "report.html").read_text()
+    assert "the probe&#x27;s score per group" in page
+    assert "<h2>probe figures, run by run</h2>" in page and page.count("(seed ") == 2
+    capsys.readouterr()
+    # --metric names the columns: the declared key only when asked for
+    report_main([str(runs), "--metric", "test.acc", "--out", str(tmp_path / "asked")])
+    asked = next(csv.reader((tmp_path / "asked" / "report.csv").open()))
+    assert asked == ["method", "n", "seeds", "test.acc_mean", "test.acc_std", "test.acc_n"]

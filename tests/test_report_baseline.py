@@ -12,7 +12,7 @@ import pytest
 from helpers.runs import write_run
 from scipy import stats
 
-from kdlab import report
+from kdlab.cli import report_main
 
 # Student's t, 0.975 quantile, 2 degrees of freedom, in closed form: the cdf with 2 df is
 # 1/2 + t / (2 sqrt(2 + t^2)), so t / sqrt(2 + t^2) = 0.95.
@@ -49,7 +49,7 @@ def rows_of(path):
 
 
 def test_differences_against_a_hand_computation(runs):
-    report.main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc",
+    report_main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc",
                  "--baseline", "kd"])
     rows = rows_of(runs / "report.csv")
 
@@ -100,7 +100,7 @@ def test_differences_against_a_hand_computation(runs):
 
 
 def test_the_table_marks_the_resolved_differences(runs, capsys):
-    report.main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc,test.ece",
+    report_main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc,test.ece",
                  "--baseline", "kd", "--html"])
     md = (runs / "report.md").read_text()
     table = md.split("## Difference from the baseline `method=kd`")[1]
@@ -126,7 +126,7 @@ def test_the_table_marks_the_resolved_differences(runs, capsys):
 
 
 def test_without_baseline_there_is_no_difference(runs):
-    report.main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc"])
+    report_main([str(runs), "--by", "method,noise.rate", "--metric", "test.acc"])
     assert "Difference from the baseline" not in (runs / "report.md").read_text()
     assert "test.acc_diff" not in next(csv.reader((runs / "report.csv").open()))
 
@@ -140,7 +140,7 @@ def test_without_baseline_there_is_no_difference(runs):
 def test_a_baseline_that_cannot_be_used_is_one_line(runs, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        report.main([str(runs), "--out", str(out), *argv])
+        report_main([str(runs), "--out", str(out), *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("kdlab report: error: ") and message in err

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.browser import PAGE_STATE, HeadlessChromium, find_chromium
+from helpers.runs import METHOD_TARGETS
 
-from kdlab import report
+from kdlab.cli import report_main
 from kdlab.plots import reliability_diagram
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +24,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fake_run(d: Path, method: str, seed: int, acc: float, mixing=None) -> None:
     """A finished run directory as kdlab train leaves it (config.yaml + results.json)."""
     d.mkdir(parents=True)
-    (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "choices": {"method": method}}))
+    config = {"seed": seed, "choices": {"method": method},
+              "method": {"_target_": METHOD_TARGETS[method]}}
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"status": "finished", "method": method, "seed": seed,
                "test": {"acc": acc, "ece": 0.05 + acc / 10}, "test_last": {"acc": acc - 0.01,
                                                                           "ece": 0.1},
@@ -49,7 +52,7 @@ def page(tmp_path_factory):
     # an ALM-KD run's own weight plot (any PNG: the report only shows it)
     reliability_diagram({"count": [1, 2], "confidence": [0.5, 1.8], "correct": [0, 2]},
                         runs / "alm0" / "alm_mixing_weights.png", "stand-in")
-    report.main([str(runs), "--html"])
+    report_main([str(runs), "--html"])
     return runs / "report.html"
 
 

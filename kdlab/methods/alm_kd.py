@@ -2,7 +2,8 @@
 
 Sivasubramanian, Shenoy, Prathosh AP, Ramakrishnan, "ALM-KD: Knowledge Distillation with
 noisy labels via adaptive loss mixing", arXiv 2202.03250 (later "Adaptive Mixing of
-Auxiliary Losses in Supervised Learning", AAAI 2023).
+Auxiliary Losses in Supervised Learning", AAAI 2023). Why kdlab's defaults differ from the
+paper, with the measurements: docs/methods.md and scripts/results/alm_noise_notes.md.
 
 Student loss with K teachers; every training example i has its own mixing weights
 lambda_i = (l_i0, l_i1 .. l_iK), a row of the table ``mixing_weights`` (N_train, K+1):
@@ -12,28 +13,19 @@ lambda_i = (l_i0, l_i1 .. l_iK), a row of the table ``mixing_weights`` (N_train,
 y~ are the (possibly noisy) training labels, T = 4. Initial rows: teacher columns 0.9,
 label column 1 - max(teacher columns) = 0.1 (convex mode: label 0.1, each teacher 0.9 / K).
 
-Meta pass
----------
-Every ``meta_every`` epochs from ``meta_start`` (``auto``: every 5 % of the run's epochs,
-from the first such epoch: 10 / 10 in the authors' 200 epochs, 12 / 12 in the 240-epoch
-CIFAR recipe, 5 / 5 in synthetic's 100, 2 / 2 in digits' 30), at the start of the epoch,
-the train split
-is walked in chunks B of n = ``chunk_batches`` x b examples (b = ``dataset.batch_size``),
-drawn from a permutation seeded by (seed, epoch): the same chunks on every DDP rank and on
-resume, reshuffled every pass, whatever the number of ranks (ranks share out the chunks, not
-the data order). With the student in eval mode, per-example gradients of each loss term
-l_ij w.r.t. the logits o_i = W h_i + b are, in closed form,
-
-    g_i0 = softmax(o_i) - onehot(y~_i)                        (CE)
-    g_im = T (softmax(o_i / T) - softmax(t_m,i / T))          (T^2 KL)
-
-and of the last layer: dl_ij/dW = g_ij h_i^T, dl_ij/db = g_ij. One simulated SGD step of
-the last layer with a per-example step s on the chunk's mixed loss,
+Meta pass. Every ``meta_every`` epochs from ``meta_start`` (``auto``: every 5 % of the
+run's epochs, from the first such epoch: 10 / 10 in the authors' 200 epochs, 2 / 2 in
+digits' 30), at the start of the epoch, the train split is walked in chunks B of
+``chunk_batches`` x b examples (b = ``dataset.batch_size``) of a permutation seeded by
+(seed, epoch): the same chunks on every DDP rank and on resume, whatever the number of
+ranks. With the student in eval mode,
+one simulated SGD step of the last layer o = W h + b with a per-example step s on the
+chunk's mixed loss (g_ij = d(term j of example i)/do_i in closed form: :mod:`.lookahead`),
 
     W'(lambda) = W - s sum_{i in B} (sum_j l_ij g_ij) h_i^T,   b'(lambda) = b - s sum_i (..)
 
-is scored on a clean meta batch V (``meta_batch_size`` examples of the meta split, drawn per
-chunk from (seed, epoch, chunk)):
+is scored on a clean meta batch V (``meta_batch_size`` examples of the meta split, drawn
+per chunk from (seed, epoch, chunk)):
 
     L_meta(lambda) = mean_{v in V} CE(W'(lambda) h_v + b'(lambda), y_v)
 
@@ -42,112 +34,57 @@ and the chunk's rows move against its gradient, ``inner_steps`` times:
     lambda_B <- P( lambda_B - meta_lr * u * dL_meta / dlambda_B )
 
 P clamps to [clamp_min, clamp_max] (``combination: free``, the authors' final code) or
-projects onto the simplex (``combination: convex``, below). ``lookahead: full`` replaces the
-last-layer step by one SGD step of the whole student with the same per-example step s,
-differentiated through with autograd (exact, costlier; BN in eval mode so the lookahead
-never touches running statistics). The simulated step is plain SGD (no momentum or weight
-decay), as in the paper.
+projects onto the simplex (``convex``, below). ``lookahead: full``: one SGD step of the
+whole student instead, differentiated through (exact, costlier). The simulated step is
+plain SGD, as in the paper. ``paper: true``: ``step_scale: authors``, ``kernel: raw``,
+``rebalance: 0``, with the other defaults the authors' final code.
 
-Defaults and the paper
-----------------------
-kdlab's defaults are the paper's algorithm with three changes, each an option measured in
-scripts/results/alm_noise_notes.md: ``step_scale: auto``, ``kernel: centered`` and
-``rebalance: 100``. ``paper: true`` sets ``step_scale: authors``, ``kernel: raw``,
-``rebalance: 0``: with the other defaults (meta_lr 1500, 5 inner steps, chunks of 3
-batches, meta batch 1000, clamp [1e-7, 2], initial weights 0.1 / 0.9), the authors' final
-code. ``lookahead: full`` always takes the exact step of the whole student (no kernel).
+The step, ``step_scale``. For one inner step, with r_v = softmax(o'_v) - e_{y_v} the
+residuals after the step and M = |V|:
 
-The step: ``step_scale``
-------------------------
-Closed form of the meta-gradient (exact for one inner step from the residuals after the
-step, r_v = softmax(o'_v) - e_{y_v}):
+    dL_meta/dl_ij = -s (1/M) sum_{v in V} (h_i . h_v + 1) <r_v, g_ij>  =  s E_ij      (*)
 
-    dL_meta/dl_ij = -s (1/M) sum_{v in V} (h_i . h_v + 1) <r_v, g_ij>              (*)
+linear in s, a mean over V, and ~2/C of V contributes (the pairs of y~_i's class or the true
+class), so it shrinks like 1/C in the number of classes C.
 
-It is linear in s; (1/M) sum_v makes it a mean over the meta batch (no dependence on M);
-the pairs (i, v) that contribute most are those of the same class as y~_i or as the true
-class, a fraction ~2/C of V, so it shrinks like 1/C in the number of classes C.
-
-* ``authors``: s = lr_t / b (lr_t the student's current lr; b the batch the training loss
-  is averaged over: ``dataset.batch_size`` x the number of DDP ranks). The authors' code
-  takes each example's gradient of the train-batch-mean loss and sums over the chunk; with
-  u = 1, ``meta_lr: 1500`` is their algorithm exactly. The update then shrinks with every
-  lr decay, is 10x smaller at lr 0.01 than at 0.1, and changes with b and with C.
-* ``auto`` (default): the same lookahead (s = lr_t / b: the step training takes), and the
-  update divided by its scale. Write (*) as s E_ij, with the scale-free evidence
-
-      E_ij = -(1/M) sum_{v in V} (h_i . h_v + 1) <r_v, g_ij>,
-
-  and take u = (lr_A / b_A) / s * (C / C_A), so that
+* ``authors``: s = lr_t / b (lr_t the student's current lr, b the batch the training loss
+  is averaged over: ``dataset.batch_size`` x the DDP ranks) and u = 1: with ``meta_lr:
+  1500``, their algorithm (the update shrinks with every lr decay, changes with b and C).
+* ``auto`` (default): the same s, and u = (lr_A / b_A) / s * (C / C_A), so that
 
       meta_lr u dL_meta/dl_ij = meta_lr (lr_A / b_A) (C / C_A) E_ij
 
   with the authors' CIFAR-100 setting A (ResNet56 -> ResNet8: lr_A = 0.1, b_A = 128,
-  chunks of 3 batches, meta batch 1000, C_A = 100 classes). In setting A, u = 1: ``auto``
-  is ``authors`` exactly. Elsewhere a row moves by the same amount per unit of evidence
-  whatever the lr (and its schedule: a pass after a decay moves as much as the first one),
-  the batch size, the chunk size and the meta batch size, corrected for the 1/C dilution.
-  Exactly so to first order in the step; r_v is the residual after the step training would
-  take, so a larger lr (or chunk) looks further ahead, as in the authors' code. It still
-  grows with the feature scale |h|^2 (an architecture's; the authors' ResNet8 value is
-  not known). Rejected: simulating the authors' chunk step (lr_A x 3 batches) whatever
-  the lr, which is exactly scale-free but at lr 0.01 looks 10x further ahead than
-  training goes; measured in scripts/results/alm_noise_notes.md.
+  chunks of 3 batches, meta batch 1000, C_A = 100), where u = 1. A row moves by the same
+  amount per unit of evidence E whatever the lr and its schedule, b, the chunk and meta
+  batch sizes (to first order), corrected for the 1/C dilution; it still grows with |h|^2.
 
-Kernel: ``kernel``
-------------------
-The diagnosis in scripts/results/alm_noise_notes.md: penultimate features after a ReLU and
-global pooling are non-negative with a large common component, so (h_i . h_v + 1) is
-nearly a constant k. Then (*) ~ -s k <rbar, g_ij>, rbar = mean_v r_v: the first-order
-effect of a step on example i is to shift every meta logit by the same amount, and it is
-scored by how that corrects the student's *class marginals* on the meta split, which has
-nothing to do with whether y~_i is right (a noisy label's weight goes up when its class is
-under-predicted on V, down otherwise: the noisy weights split between 0 and the clamp).
+``kernel``: ``raw`` (the paper) or ``centered`` (:mod:`.lookahead`: W stepped on h - mu,
+the class biases fixed, the kernel (h_i - mu) . (h_v - mu) normalised to mean diagonal
+``kernel_scale`` over V). Pooled ReLU features make h_i . h_v + 1 nearly a constant k, so
+(*) ~ -s k <mean_v r_v, g_ij> scores a row by the student's class marginals on V, not by
+whether y~_i is right; centred, that component drops out.
 
-* ``raw`` (the paper): the kernel of the step above.
-* ``centered``: the step moves W in the coordinates h - mu (mu the meta batch's mean
-  feature) and leaves the class biases b' = b + W mu alone: the kernel is
-  (h_i - mu) . (h_v - mu), which has zero mean over V for every i, so the class-marginal
-  component drops out and what remains is whether the step helps the meta examples that
-  *resemble* i. It is made dimensionless: divided by its mean diagonal over V,
-  mean_v |h_v - mu|^2, and multiplied by ``kernel_scale``, so the feature scale of the
-  architecture no longer sets the step. The default 1000 was selected by mean validation
-  accuracy over digits and synthetic (symmetric 0.4, clean-label teacher, 5 seeds each)
-  among 10 / 100 / 1000 with and without ``rebalance`` and a larger ``scale_max``
-  (scripts/results/alm_noise_notes.md, "Selecting the defaults").
-
-Global rebalancing: ``rebalance``
----------------------------------
-The common component of (*) is real information about the *global* balance between the
-label and the teacher losses (and about the loss scale). With ``rebalance`` > 0 the loss
-uses c_j l_ij, with one learned scale c_j per column (initial 1, clamped to [clamp_min,
-``scale_max``]). c is fixed during a pass; at its end it moves ``rebalance`` times as far
-as an average row would under the paper's (raw) kernel (``lookahead: full``: its exact
-gradient):
+Global rebalancing, ``rebalance``. With ``rebalance`` > 0 the loss uses c_j l_ij, one
+learned scale c_j per column (initial 1, clamped to [clamp_min, ``scale_max``]), fixed
+during a pass; at its end, from the raw kernel's gradients at the rows of the pass start
+(``lookahead: full``: its exact gradient), summed over every chunk of every rank (so
+independent of the number of ranks):
 
     c_j <- clip( c_j - rebalance inner_steps meta_lr (1/N) sum_i u l_ij dL_meta/d(c_j l_ij) )
 
-summed over every chunk of every rank (the gradients at the rows of the pass start), so
-it does not depend on the number of ranks. Its evidence is the mean over N examples, far
-less noisy than a row's, hence a factor > 1. The rows move with d/dl_ij = c_j d/d(c_j l_ij).
-Measured: the one-step signal says "larger" whenever a step helps, so with a clean teacher
-the scales mostly run to their bound, which then acts like a bound on a learning-rate
-multiplier; hence ``scale_max`` defaults to ``clamp_max`` (2).
+The rows move with d/dl_ij = c_j d/d(c_j l_ij).
 
-Convex mode
------------
-``combination: convex`` keeps every row on the probability simplex. The step is the early
-code's: with one teacher, rows (1 - l, l) and l <- clip_[0, 1](l - meta_lr u dL/dl), where
-dL/dl = g_1 - g_0 (g_j = dL_meta/dl_ij); for K teachers the same rule in the symmetric form
-rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j g_j)). The projection of the free step
-(rows - meta_lr u g) would move l half as far at the same meta_lr; free mode moves l by
-meta_lr u g_1 and the label weight by meta_lr u g_0 independently. With ``rebalance`` the
-loss weights are c_j times the (simplex) rows.
+Convex mode. ``combination: convex`` keeps every row on the simplex with the early code's
+step: with one teacher, rows (1 - l, l) and l <- clip_[0, 1](l - meta_lr u (g_1 - g_0))
+(g_j = dL_meta/dl_ij); for K teachers rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j
+g_j)), twice the move of projecting the free step. With ``rebalance`` the loss weights are
+c_j times the (simplex) rows.
 
 The table is module state (a buffer): saved in checkpoints, restored on resume. Under DDP
-every rank updates the rows of its share of the chunks and :func:`sync_rows` merges them so
-all ranks hold the same table. The noise mask of the data (which labels were changed) is
-read only for reporting (:mod:`.alm_kd_report`), never by training.
+every rank updates the rows of its share of the chunks and :func:`~.lookahead.sync_rows`
+merges them so all ranks hold the same table. The noise mask of the data (which labels were
+changed) is read only for reporting (:mod:`.alm_kd_report`), never by training.
 """
 
 from __future__ import annotations
@@ -160,17 +97,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
+from ..models.features import find_classifier
 from . import alm_kd_report as report
+from .alm_kd_plots import LABEL_WEIGHTS, plot_mixing_history
 from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
+from .lookahead import (
+    check_options,
+    eval_mode,
+    full_lookahead_meta_grad,
+    last_layer_meta_grad,
+    meta_pick,
+    pass_chunks,
+    penultimate_and_logits,
+    sync_rows,
+    sync_sum,
+    work_dtype,
+)
 
 COMBINATIONS = ("free", "convex")
-LOOKAHEADS = ("last_layer", "full")
 STEP_SCALES = ("auto", "authors")
-KERNELS = ("raw", "centered")
+RUN_PLOT = "alm_mixing_weights.png"  # the weights over training, in the run directory
 
 # The authors' CIFAR-100 setting (ResNet56 -> ResNet8), where step_scale=auto is their step.
 AUTHORS_LR = 0.1
@@ -178,148 +126,20 @@ AUTHORS_BATCH = 128
 AUTHORS_CHUNK_BATCHES = 3
 AUTHORS_CLASSES = 100
 
-# -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------
-
-
-def per_example_terms(logits: Tensor, target: Tensor, teacher_logits: Tensor,
-                      temperature: float) -> Tensor:
-    """(n, K+1): CE_i and T^2 KL(softmax(t_m,i/T) || softmax(s_i/T)) for each teacher m."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    kl = kd_kl(logits, teacher_logits, temperature, reduction="none")  # (K, n)
-    return torch.cat([ce[:, None].to(kl.dtype), kl.T], dim=1)
-
-
-def term_logit_grads(logits: Tensor, target: Tensor, teacher_logits: Tensor,
-                     temperature: float) -> Tensor:
-    """(K+1, n, C): d(loss term j of example i) / d(logits of example i), in closed form."""
-    t = float(temperature)
-    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-    g_ce = torch.softmax(logits, dim=-1) - onehot
-    g_kd = t * (torch.softmax(logits / t, dim=-1) - torch.softmax(teacher_logits / t, dim=-1))
-    return torch.cat([g_ce[None], g_kd], dim=0)
-
-
-# -- the step ------------------------------------------------------------------------------
+# -- the step, and the constraints on the rows -----------------------------------------------
 
 
 def simulated_step(step_scale: str, lr: float, batch_size: int, num_classes: int
                    ) -> tuple[float, float]:
-    """(s, u): the per-example step of the simulated SGD step and the factor on meta_lr.
-
-    Both modes step s = lr / b (b the train batch the loss is averaged over); ``authors``
-    u = 1, ``auto`` u = (lr_A / b_A) / s * C / C_A (1 in the authors' setting). See the
-    module docstring.
-    """
+    """(s, u): the per-example step of the simulated SGD step, s = lr / b (b the train batch
+    the loss is averaged over), and the factor on meta_lr: ``authors`` u = 1, ``auto``
+    u = (lr_A / b_A) / s * C / C_A (1 in the authors' setting; the module docstring)."""
     s = max(float(lr), 1e-12) / int(batch_size)  # lr 0 (end of a schedule): first order
     if step_scale == "authors":
         return s, 1.0
     if step_scale == "auto":
         return s, (AUTHORS_LR / AUTHORS_BATCH) / s * num_classes / AUTHORS_CLASSES
     raise ConfigError(f"method.step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
-
-
-# -- meta-gradients ------------------------------------------------------------------------
-
-
-def last_layer_meta_loss(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
-                         weight: Tensor, bias: Tensor | None, h_meta: Tensor,
-                         target_meta: Tensor, step: float, temperature: float,
-                         kernel: str = "raw", kernel_scale: float = 1.0) -> Tensor:
-    """The meta loss after one simulated SGD step of the last layer, differentiable in
-    ``lam`` (whatever its leaves: ALM-KD's table rows, or a network that outputs them).
-
-    ``lam`` (n, K+1), ``h`` (n, d) penultimate features of the chunk, ``teacher_logits``
-    (K, n, C), ``weight`` (C, d), ``bias`` (C,) or None, ``h_meta`` (m, d) meta features,
-    ``step`` the per-example step s (W' = W - s sum_i (..) h_i^T). ``kernel="centered"``:
-    the step moves W in the coordinates h - mu (mu = mean of ``h_meta``) and not the class
-    biases, with the centred kernel normalised to mean diagonal ``kernel_scale`` over the
-    meta batch. Per-example gradients are closed-form (constants); the only graph is
-    lam -> stepped layer -> meta CE, so differentiating it is exact.
-    """
-    weight, h, h_meta = weight.detach(), h.detach(), h_meta.detach()
-    logits = h @ weight.T + (0 if bias is None else bias.detach())
-    g = term_logit_grads(logits, target, teacher_logits.detach(), temperature)
-    if kernel == "centered":
-        mu = h_meta.mean(0)
-        hc, hmc = h - mu, h_meta - mu
-        norm = (hmc * hmc).sum(1).mean().clamp_min(1e-12)
-        hc = hc * (float(kernel_scale) / norm)
-        meta_logits0 = h_meta @ weight.T + (0 if bias is None else bias.detach())
-    elif kernel != "raw":
-        raise ConfigError(f"method.kernel must be one of {KERNELS}, got {kernel!r}")
-    with torch.enable_grad():
-        mixed = torch.einsum("nk,knc->nc", lam, g)  # d(mixed loss of i)/d(logits of i)
-        if kernel == "raw":
-            stepped_w = weight - step * (mixed.T @ h)
-            meta_logits = h_meta @ stepped_w.T
-            if bias is not None:
-                meta_logits = meta_logits + (bias.detach() - step * mixed.sum(0))
-        else:
-            meta_logits = meta_logits0 - step * (hmc @ (mixed.T @ hc).T)
-        return F.cross_entropy(meta_logits, target_meta)
-
-
-def last_layer_meta_grad(lam: Tensor, h: Tensor, target: Tensor, teacher_logits: Tensor,
-                         weight: Tensor, bias: Tensor | None, h_meta: Tensor,
-                         target_meta: Tensor, step: float, temperature: float,
-                         kernel: str = "raw", kernel_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the last layer
-    (:func:`last_layer_meta_loss` with ``lam`` as the leaf)."""
-    with torch.enable_grad():
-        lam = lam.detach().requires_grad_(True)
-        meta_loss = last_layer_meta_loss(lam, h, target, teacher_logits, weight, bias, h_meta,
-                                         target_meta, step, temperature, kernel, kernel_scale)
-        (grad,) = torch.autograd.grad(meta_loss, lam)
-    return meta_loss.detach(), grad
-
-
-def full_lookahead_meta_loss(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
-                             teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             step: float, temperature: float) -> Tensor:
-    """The meta loss after one simulated SGD step of the whole student, differentiable in
-    ``lam`` (whatever its leaves).
-
-    theta' = theta - step * grad_theta sum_i sum_j l_ij l_ij(theta) (``step`` per example),
-    evaluated functionally (``torch.func.functional_call``) with ``create_graph=True``. The
-    model runs in eval mode (restored after): BN uses and never updates its running
-    statistics; the model's own parameters are never changed.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            params = dict(model.named_parameters())
-            buffers = dict(model.named_buffers())
-            logits = functional_call(model, (params, buffers), (x,))
-            terms = per_example_terms(logits, target, teacher_logits.detach(), temperature)
-            loss = (lam * terms).sum()
-            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
-                                        allow_unused=True)
-            stepped = dict(params)
-            for n, g in zip(names, grads, strict=True):
-                if g is not None:
-                    stepped[n] = params[n] - step * g
-            meta_logits = functional_call(model, (stepped, buffers), (x_meta,))
-            return F.cross_entropy(meta_logits, target_meta)
-    finally:
-        model.train(was_training)
-
-
-def full_lookahead_meta_grad(model: nn.Module, lam: Tensor, x: Tensor, target: Tensor,
-                             teacher_logits: Tensor, x_meta: Tensor, target_meta: Tensor,
-                             step: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """(meta loss, dL_meta/dlambda) for one simulated SGD step of the whole student
-    (:func:`full_lookahead_meta_loss` with ``lam`` as the leaf)."""
-    with torch.enable_grad():
-        lam = lam.detach().requires_grad_(True)
-        meta_loss = full_lookahead_meta_loss(model, lam, x, target, teacher_logits, x_meta,
-                                             target_meta, step, temperature)
-        (grad,) = torch.autograd.grad(meta_loss, lam)
-    return meta_loss.detach(), grad
-
-
-# -- constraints and the update of a chunk's rows ------------------------------------------
 
 
 def project_simplex(rows: Tensor) -> Tensor:
@@ -352,65 +172,6 @@ def initial_weights(n: int, k: int, teacher_weight: float, combination: str) -> 
     return table
 
 
-# -- chunks --------------------------------------------------------------------------------
-
-
-def pass_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(epoch)) * 8191
-                                          + int(stream)) % (2**63 - 1))
-
-
-def pass_chunks(n_train: int, chunk_size: int, seed: int, epoch: int, rank: int = 0,
-                world: int = 1) -> list[tuple[int, Tensor]]:
-    """(chunk id, train positions) of this rank's chunks for the pass at ``epoch``.
-
-    One permutation of the train split per (seed, epoch), cut into chunks of ``chunk_size``;
-    rank r takes chunks r, r + world, ..: every chunk is the same whatever the number of
-    ranks, and together the ranks cover every example once.
-    """
-    order = torch.randperm(int(n_train), generator=pass_generator(seed, epoch))
-    chunks = list(order.split(int(chunk_size)))
-    return [(c, chunks[c]) for c in range(int(rank), len(chunks), int(world))]
-
-
-def meta_pick(n_meta: int, meta_batch_size: int, seed: int, epoch: int, chunk: int) -> Tensor:
-    """The meta examples scoring one chunk: all of them, or a sample drawn from (seed, epoch,
-    chunk), so a chunk's update does not depend on which rank does it."""
-    if n_meta <= meta_batch_size:
-        return torch.arange(n_meta)
-    return torch.randperm(n_meta, generator=pass_generator(seed, epoch, 1 + chunk))[
-        :meta_batch_size]
-
-
-# -- DDP -----------------------------------------------------------------------------------
-
-
-def sync_rows(table: Tensor, updated: Tensor) -> Tensor:
-    """Give every rank the rows any rank updated (in place; averaged if several did).
-
-    Each rank contributes its updated rows (zeros elsewhere) and a mask; both are summed
-    over ranks. A no-op without an initialised process group.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return table
-    mask = updated.to(table.device, table.dtype)
-    rows = table * mask[:, None]
-    dist.all_reduce(rows, op=dist.ReduceOp.SUM)
-    dist.all_reduce(mask, op=dist.ReduceOp.SUM)
-    got = mask > 0
-    table[got] = rows[got] / mask[got][:, None]
-    return table
-
-
-def sync_sum(value: Tensor) -> Tensor:
-    """The sum of ``value`` over ranks (in place); a no-op without a process group."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
 # -- what a meta pass reads from the run ---------------------------------------------------
 
 
@@ -439,6 +200,8 @@ class ALMKD(Method):
     name = "alm_kd"
     description = ("ALM-KD: per-example label/teacher loss weights meta-learned on the clean "
                    "meta split (one-step lookahead)")
+    report_plots = (LABEL_WEIGHTS,)
+    run_plots = {RUN_PLOT: "ALM-KD mixing weights, run by run"}
 
     def __init__(self, temperature: float = 4.0, combination: str = "free",
                  lookahead: str = "last_layer", paper: bool = False, step_scale: str = "auto",
@@ -453,11 +216,10 @@ class ALMKD(Method):
         if paper:  # the authors' algorithm: their step, their kernel, no global scales
             step_scale, kernel, rebalance = "authors", "raw", 0.0
         for key, value, allowed in (("combination", combination, COMBINATIONS),
-                                    ("lookahead", lookahead, LOOKAHEADS),
-                                    ("step_scale", step_scale, STEP_SCALES),
-                                    ("kernel", kernel, KERNELS)):
+                                    ("step_scale", step_scale, STEP_SCALES)):
             if value not in allowed:
                 raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
+        check_options(lookahead, kernel, kernel_scale)
         for key, value in (("meta_every", meta_every), ("meta_start", meta_start)):
             if value != "auto" and not (isinstance(value, int) and value >= int(
                     key == "meta_every")):
@@ -467,8 +229,6 @@ class ALMKD(Method):
             raise ConfigError("method.chunk_batches must be >= 1, method.inner_steps >= 0")
         if not float(clamp_min) <= float(clamp_max):
             raise ConfigError(f"method.clamp_min {clamp_min} > method.clamp_max {clamp_max}")
-        if float(kernel_scale) <= 0:
-            raise ConfigError(f"method.kernel_scale must be > 0, got {kernel_scale}")
         self.temperature = float(temperature)
         self.combination = combination
         self.lookahead = lookahead
@@ -528,11 +288,7 @@ class ALMKD(Method):
         return report.encode_history(self.history)
 
     def set_extra_state(self, state: Tensor) -> None:
-        # Merge by epoch: restoring a best-epoch checkpoint for testing keeps the passes
-        # seen after it; a fresh process resuming gets the whole record back.
-        loaded = {r.epoch: r for r in report.decode_history(state)}
-        merged = loaded | {r.epoch: r for r in self.history}
-        self.history = [merged[e] for e in sorted(merged)]
+        self.history = report.merge_history(self.history, state)
 
     def loss_weights(self, index: Tensor) -> Tensor:
         """(n, K+1) the weights of the loss terms of these train examples."""
@@ -572,7 +328,7 @@ class ALMKD(Method):
         for key, value in report.summary_logs(record, self.column_names).items():
             ctx.log(key, value, on_step=False, on_epoch=True)
         if self.plot and ctx.is_global_zero:
-            self._write_plot(Path(ctx.run_dir) / "alm_mixing_weights.png")
+            self._write_plot(Path(ctx.run_dir) / RUN_PLOT)
 
     def _meta_pass_inputs(self, ctx: MethodContext) -> MetaPassInputs:
         world, rank = int(ctx.world_size), int(ctx.global_rank)
@@ -586,7 +342,7 @@ class ALMKD(Method):
                     for pos in torch.arange(len(meta["target"])).split(256)]
 
         def teacher_logits(batch: dict[str, Tensor]) -> Tensor:
-            return torch.stack([o.logits.to(_work_dtype(o.logits))
+            return torch.stack([o.logits.to(work_dtype(o.logits))
                                 for o in ctx.clean_train_teacher_outputs(batch)])
 
         return MetaPassInputs(
@@ -603,12 +359,10 @@ class ALMKD(Method):
         student = run.student
         _, head = find_classifier(student)
         num_classes = int(head.weight.shape[0])
-        dtype = _work_dtype(head.weight)
+        dtype = work_dtype(head.weight)
         chunk_size = self.chunk_batches * run.chunk_base
         step, factor = simulated_step(self.step_scale, run.lr, run.batch_size, num_classes)
-        was_training = student.training
-        student.eval()
-        try:
+        with eval_mode(student):
             with torch.no_grad(), run.precision():
                 meta = self._meta_split(run, student, head)
             updated = torch.zeros(len(self.mixing_weights), dtype=torch.bool,
@@ -622,7 +376,7 @@ class ALMKD(Method):
                 chunk = run.train_batch(positions)
                 with torch.no_grad(), run.precision():
                     teacher_logits = run.teacher_logits(chunk).to(dtype)
-                    h = (_penultimate(student, chunk["input"]).to(dtype)
+                    h = (penultimate_and_logits(student, chunk["input"])[0].to(dtype)
                          if self.lookahead == "last_layer" else None)
                 pick = meta_pick(len(meta["target"]), self.meta_batch_size, run.seed,
                                  run.epoch, chunk_id).to(run.device)
@@ -660,8 +414,6 @@ class ALMKD(Method):
                 step = self.rebalance * self.inner_steps * self.meta_lr
                 self.column_scales.copy_((self.column_scales - step * scale_grad).clamp(
                     self.clamp_min, self.scale_max))
-        finally:
-            student.train(was_training)
 
     def _meta_split(self, run: MetaPassInputs, student: nn.Module, head: nn.Linear) -> dict:
         """The clean meta split on the device: targets and features (or inputs for full)."""
@@ -669,7 +421,7 @@ class ALMKD(Method):
         for batch in run.meta_batches():
             out["target"].append(batch["target"])
             if self.lookahead == "last_layer":
-                out["h"].append(_penultimate(student, batch["input"]))
+                out["h"].append(penultimate_and_logits(student, batch["input"])[0])
             else:
                 out["input"].append(batch["input"])
         return {k: torch.cat(v) for k, v in out.items() if v}
@@ -680,33 +432,15 @@ class ALMKD(Method):
                                 self.column_scales if self.rebalance else None)
 
     def _write_plot(self, path: Path) -> None:
-        from .alm_kd_plots import plot_mixing_history
-
         path.parent.mkdir(parents=True, exist_ok=True)
         bounds = (self.clamp_min, self.clamp_max) if self.combination == "free" else (0.0, 1.0)
         plot_mixing_history(self.history, self.mixing_weights.detach().cpu(), self._noise_mask,
                             self.column_names, path, bounds)
 
     def results(self) -> dict[str, Any]:
-        passes = [r for r in self.history if r.epoch >= 0]
-        # The last pass describes the final table (the module may since have been reset to
-        # the best-on-val checkpoint for testing); without a pass, the table as it is.
-        final = passes[-1] if passes else self._record(-1)
         extra = {"combination": self.combination, "lookahead": self.lookahead,
                  "step_scale": self.step_scale, "kernel": self.kernel,
                  "kernel_scale": self.kernel_scale, "rebalance": self.rebalance,
                  "paper": self.paper}
-        return {"mixing": report.mixing_results(self.history, final, self.column_names, extra)}
-
-
-def _penultimate(model: nn.Module, x: Tensor) -> Tensor:
-    """The input of the final linear layer (the pooled embedding), in the working dtype."""
-    with FeatureHooks(model, (PENULTIMATE,)) as features:
-        model(x)
-    h = features[PENULTIMATE]
-    return h.to(_work_dtype(h))
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    """float32 for the meta pass (also under bf16 autocast); float64 stays (tests)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+        return {"mixing": report.mixing_results(self.history, self._record(-1), self.column_names,
+                                                extra)}

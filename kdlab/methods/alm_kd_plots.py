@@ -1,4 +1,8 @@
-"""ALM-KD's plot: how the mixing weights of clean and noisy examples evolve.
+"""ALM-KD's plots: how the mixing weights of clean and noisy examples evolve in a run
+(:func:`plot_mixing_history`), and the label weights of clean and noisy examples over the
+groups of a report (:data:`LABEL_WEIGHTS`, a :class:`~kdlab.methods.base.ReportPlot`).
+
+The run's plot:
 
 One row per weight column (label, then each teacher). Left: at every meta pass, clean and
 noisy examples side by side (never drawn over each other), each as its 5-95 % range (thin
@@ -26,7 +30,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ..plots import wrap_label  # noqa: E402
 from .alm_kd_report import PassRecord  # noqa: E402
+from .base import GroupStats, ReportPlot  # noqa: E402
 
 CLEAN, NOISY = "#4C72B0", "#C44E52"
 GROUPS = ((1, "clean", CLEAN, -0.2), (2, "noisy", NOISY, 0.2))  # summary group, x offset
@@ -129,3 +135,41 @@ def plot_mixing_history(history: list[PassRecord], table: Tensor,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_label_weights(groups: list[GroupStats], path: Path) -> Path:
+    """One row of bars per report group (its wrapped label beside it: long labels grow
+    down): the mean weight on the given label of clean and of noisy examples, with the std
+    over seeds as error bars (a missing value drawn as 0)."""
+    clean, noisy = LABEL_WEIGHTS.columns
+    labels = [wrap_label(g.label) for g in groups]
+    heights = [max(0.55, 0.13 * (label.count("\n") + 1) + 0.2) for label in labels]
+    fig, ax = plt.subplots(figsize=(9.0, sum(heights) + 1.3), layout="constrained")
+    y = [sum(heights[:i]) + h / 2 for i, h in enumerate(heights)]
+    for offset, col, name, color in ((-0.12, clean, "clean examples", "#55A868"),
+                                     (0.12, noisy, "noisy examples", "#C44E52")):
+        ax.barh([v + offset for v in y], [_or_zero(g.mean[col]) for g in groups],
+                height=0.24, xerr=[_or_zero(g.std[col]) for g in groups], capsize=3,
+                color=color, label=name)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(sum(heights), 0)  # the first group on top, as in the table
+    ax.set_xlabel("mean weight on the given label")
+    ax.set_title("ALM-KD mixing: label weight, clean vs noisy (mean ± std over seeds)",
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+# results.json "mixing" of ALM-KD and TGeo-KD alike: the mean label weight by noise group.
+LABEL_WEIGHTS = ReportPlot(
+    name="report_mixing", columns=("mixing.label_weight_clean", "mixing.label_weight_noisy"),
+    draw=plot_label_weights,
+    caption="ALM-KD: mean weight on the given label for clean and noisy examples.")

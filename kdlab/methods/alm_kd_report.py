@@ -1,5 +1,6 @@
 """ALM-KD's reporting: summaries of the weight table, noise detection (AUROC), the per-pass
-history and its checkpoint encoding. Nothing here is read by training.
+history and its checkpoint encoding; and TGeo-KD's ratios summarised the same way
+(:func:`ratio_results`). Nothing here is read by training.
 
 The noise mask (which training examples had their label changed) is an analysis-only
 input: it goes into the summaries and the AUROC, never into the meta pass or the loss.
@@ -130,6 +131,14 @@ def decode_history(state: Tensor) -> list[PassRecord]:
     return out
 
 
+def merge_history(current: list[PassRecord], state: Tensor) -> list[PassRecord]:
+    """``current`` and the passes encoded in ``state`` (:func:`encode_history`), by epoch,
+    ``current``'s record winning: restoring a best-epoch checkpoint for testing keeps the
+    passes seen after it; a fresh process resuming gets the whole record back."""
+    merged = {r.epoch: r for r in decode_history(state)} | {r.epoch: r for r in current}
+    return [merged[e] for e in sorted(merged)]
+
+
 def nan_to_none(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else value
@@ -153,14 +162,17 @@ def summary_logs(record: PassRecord, column_names: list[str]) -> dict[str, float
     return values
 
 
-def mixing_results(history: list[PassRecord], final: PassRecord, column_names: list[str],
+def mixing_results(history: list[PassRecord], now: PassRecord, column_names: list[str],
                    extra: dict) -> dict:
     """``results()["mixing"]``: the final table's weights on clean / noisy examples, the
-    noise AUROC and its value at every pass."""
+    noise AUROC and its value at every pass. The last pass describes the final table (the
+    module may since have been reset to the best-on-val checkpoint for testing); without a
+    pass, ``now`` (the table as it is) does."""
+    passes = [r for r in history if r.epoch >= 0]
+    final = passes[-1] if passes else now
     summary = final.summary
     if summary.shape[0] == 0:
         return {"meta_passes": 0, **extra}
-    passes = [r for r in history if r.epoch >= 0]
     teacher = summary[1:, :, 0].mean(0)  # mean over teacher columns, per group
     mixing = {
         "label_weight_clean": nan_to_none(summary[0, 1, 0]),
@@ -182,3 +194,26 @@ def mixing_results(history: list[PassRecord], final: PassRecord, column_names: l
         mixing["teacher_weights_clean"] = [nan_to_none(v) for v in summary[1:, 1, 0]]
         mixing["teacher_weights_noisy"] = [nan_to_none(v) for v in summary[1:, 2, 0]]
     return mixing
+
+
+def ratio_results(alpha: Tensor, noise_mask: Tensor | None, head: dict) -> dict:
+    """TGeo-KD's ``results()["mixing"]``: ``head``, then over the examples with a ratio
+    (``alpha``: each example's teacher weight, NaN if never trained on) its mean and std, the
+    teacher weight alpha and label weight 1 - alpha of the clean and the noisy examples, and
+    the noise AUROC of the label weight."""
+    alpha = alpha.detach().double().cpu()
+    seen = ~torch.isnan(alpha)
+    out = {"examples": int(seen.sum()), **head}
+    if not bool(seen.any()):
+        return out
+    a = alpha[seen]
+    out |= {"alpha_mean": float(a.mean()), "alpha_std": float(a.std(correction=0))}
+    mask = None if noise_mask is None else noise_mask.cpu().bool()[seen]
+    groups = {"clean": a if mask is None else a[~mask], "noisy": a[:0] if mask is None
+              else a[mask]}
+    for group, part in groups.items():
+        value = float(part.mean()) if len(part) else float("nan")
+        out[f"teacher_weight_{group}"] = value
+        out[f"label_weight_{group}"] = 1.0 - value
+    out["noise_auroc"] = noise_auroc(1.0 - a, mask)
+    return out

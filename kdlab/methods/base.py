@@ -34,7 +34,8 @@ How the contract grows for methods that need more than a loss:
    are submodules of the method: saved in checkpoints, never on the student's evaluation
    path; ``extra_parameters()`` joins them to the student's optimiser. A part trained on
    another objective (e.g. bilevel on the meta split) keeps its own optimiser inside the
-   method and saves its state in buffers or ``get_extra_state``.
+   method and saves its state in buffers (:func:`step_with_flat_state`) or
+   ``get_extra_state``.
 4. **Trainable peers** (online distillation): a second network is a submodule of the
    method, trained with the student (``extra_parameters()``), in train mode with it, synced
    by DDP like the student, saved and resumed with it; ``evaluated_models()`` names it so
@@ -45,6 +46,11 @@ How the contract grows for methods that need more than a loss:
    distilled from the previous one's best checkpoint (the first from ``teacher``), in
    ``<run dir>/generation<k>/``; the run's results.json summarises them. Nothing to do in the
    method.
+7. **What a report shows** (``kdlab report``, which never names a method): class attributes
+   ``report_metrics`` (results.json keys, as dotted paths, with their column headers: added
+   to the report's default table for runs of the method), ``report_plots``
+   (:class:`ReportPlot`: a figure over the report's groups of runs) and ``run_plots`` (files
+   the method writes into its run directory that ``report.html`` shows, with a heading).
 
 A method sees the run only through :class:`MethodContext`, never the Trainer or the
 DataModule; ``tests/helpers`` has one fake context that serves every method test.
@@ -53,11 +59,11 @@ DataModule; ``tests/helpers`` has one fake context that serves every method test
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +80,30 @@ class Outputs:
 
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group of a report (runs that differ only in the seed), as a report plot gets it:
+    its label (``method=alm_kd, noise.rate=0.4``) and, per column of the plot, the mean and
+    sample standard deviation over its runs (NaN where no run has a value)."""
+
+    label: str
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ReportPlot:
+    """A figure ``kdlab report`` draws when some run's method declares it (once, however
+    many methods declare the same ``name``): ``draw(groups, path)`` with every group that
+    has a value in ``columns`` (results.json keys, dotted), into ``<out>/<name>.png``, shown
+    under ``caption`` in report.html. Drawn only when some finished run has all columns."""
+
+    name: str
+    columns: tuple[str, ...]
+    draw: Callable[[list[GroupStats], Path], Any]
+    caption: str
 
 
 class MethodContext(Protocol):
@@ -174,6 +204,12 @@ class Method(nn.Module):
     needs_teacher: bool = True
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
+    # What `kdlab report` shows for runs of this method, besides what every run has: results
+    # keys (dotted) -> column headers for its default table, figures over the groups of
+    # runs, and files in the run directory -> the heading report.html shows them under.
+    report_metrics: ClassVar[dict[str, str]] = {}
+    report_plots: ClassVar[tuple[ReportPlot, ...]] = ()
+    run_plots: ClassVar[dict[str, str]] = {}
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch: Batch
                    ) -> dict[str, Tensor]:
@@ -307,6 +343,29 @@ def linear_warmup(epoch: Tensor, warmup_epochs: int) -> Tensor:
     if warmup_epochs <= 0:
         return torch.ones((), device=epoch.device)
     return (epoch.float() / warmup_epochs).clamp(max=1.0)
+
+
+def step_with_flat_state(optimizer: type[torch.optim.Optimizer], params: list[Tensor],
+                         grad: Tensor, flat_state: dict[str, Tensor], steps: Tensor,
+                         **settings: Any) -> None:
+    """One step of ``optimizer`` (e.g. ``torch.optim.Adam``, with ``settings``) on ``params``
+    with the flat gradient ``grad``, for a part a method trains itself: the optimiser's
+    per-parameter state lives in flat buffers of the method (``flat_state``: state name ->
+    a tensor over all the parameters, in order; ``steps``: the step count), so checkpoints
+    and resume carry it. The optimiser, made for the step, works on views of the buffers
+    and updates them in place."""
+    opt = optimizer(params, **settings)
+    offset = 0
+    for p in params:
+        flat = slice(offset, offset + p.numel())
+        p.grad = grad[flat].view_as(p).to(p.dtype)
+        opt.state[p] = {"step": torch.tensor(float(steps)),
+                        **{name: buffer[flat].view_as(p) for name, buffer in flat_state.items()}}
+        offset += p.numel()
+    opt.step()
+    for p in params:
+        p.grad = None
+    steps += 1
 
 
 def gather_from_ranks(ctx: MethodContext, value: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Methods that exercise the growing parts of the method contract (tests/test_contract.py).
+"""Methods that exercise the growing parts of the method contract (tests/test_contract.py;
+ReportProbe: tests/test_report.py).
 
 Each checks, while training, what the contract promises it, and reports in results()."""
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.methods.base import Method, cross_entropy
+from kdlab.methods.base import Method, ReportPlot, cross_entropy
 
 
 class TransformProbe(Method):
@@ -122,3 +123,29 @@ class ContextProbe(Method):
 
     def loss_terms(self, student, teachers, batch):
         return {"ce": cross_entropy(student.logits, batch["target"])}
+
+
+REPORT_PROBE_DRAWN: list = []  # (groups, path) of every figure a report drew for ReportProbe
+
+
+def _draw_probe(groups, path):
+    REPORT_PROBE_DRAWN.append((groups, path))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")  # the report only links or inlines the file
+
+
+class ReportProbe(Method):
+    """Declares what `kdlab report` shows for its runs: its results key ``probe.score`` in
+    the table, a figure over the groups, and a file of each run directory."""
+
+    name = "report_probe"
+    needs_teacher = False
+    report_metrics = {"probe.score": "probe score"}
+    report_plots = (ReportPlot("report_probe", ("probe.score",), _draw_probe,
+                               "the probe's score per group"),)
+    run_plots = {"probe.png": "probe figures, run by run"}
+
+    def loss_terms(self, student, teachers, batch):
+        return {"ce": cross_entropy(student.logits, batch["target"])}
+
+    def results(self):
+        return {"probe": {"score": 0.5}}

@@ -50,6 +50,12 @@ def fit_checkpointed(cfg, run_dir: Path, ckpt_path=None, stop_after=None) -> Dis
     return fit(cfg, run_dir, callbacks, ckpt_path=ckpt_path)
 
 
+# The ``method._target_`` a run's config.yaml holds, for hand-made runs: the report finds what a
+# method declares for it (``report_plots``, ``run_plots``, ``report_metrics``) through it.
+METHOD_TARGETS = {"alm_kd": "kdlab.methods.alm_kd.ALMKD", "tgeo_kd": "kdlab.methods.tgeo_kd.TGeoKD",
+                  "kd": "kdlab.methods.kd.KD", "ce": "kdlab.methods.ce.CE"}
+
+
 def write_run(d: Path, config: dict, results: dict) -> Path:
     """A run directory as train.py leaves it (config.yaml + results.json), without Hydra or
     training: for tests of what reads runs (kdlab report)."""

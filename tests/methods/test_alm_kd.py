@@ -1,8 +1,10 @@
-"""ALM-KD: meta-gradients against independent references, constraints, the training loss,
-resume, DDP row sync (2 gloo processes) and end-to-end runs on noisy digits.
+"""ALM-KD: its step scale and update rules against independent references, constraints, the
+training loss, resume, DDP row sync (2 gloo processes) and end-to-end runs on noisy digits.
+The lookahead engine it uses is tested in test_lookahead.py.
 
-The references here are computed from scratch with autograd on per-term losses (torch's
-own cross-entropy and KL), never with the method's closed forms.
+The references here (and in lookahead_references.py) are computed from scratch with
+autograd on per-term losses (torch's own cross-entropy and KL), never with the method's
+closed forms.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.context import FakeContext, tiny_bn_model
+from helpers.context import FakeContext
+from lookahead_references import D64, T, random_problem, reference_last_layer_step, reference_terms
 from torch import nn
 
 from kdlab.errors import ConfigError
@@ -30,157 +33,13 @@ from kdlab.methods.alm_kd import (
     AUTHORS_CLASSES,
     AUTHORS_LR,
     constrained_step,
-    full_lookahead_meta_grad,
     initial_weights,
-    last_layer_meta_grad,
-    meta_pick,
-    pass_chunks,
     project_simplex,
     simulated_step,
-    sync_rows,
-    term_logit_grads,
 )
 from kdlab.methods.alm_kd_report import PassRecord, decode_history, encode_history, noise_auroc
 from kdlab.methods.base import Outputs
-
-T = 4.0
-D64 = torch.float64
-
-
-# -- independent references ----------------------------------------------------------------
-
-
-def reference_terms(logits, target, teacher_logits, temperature):
-    """(n, K+1) per-example CE and T^2 KL(p_t || p_s), with torch's own loss functions."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    log_p_s = F.log_softmax(logits / temperature, dim=-1)
-    kls = [F.kl_div(log_p_s, F.log_softmax(t / temperature, dim=-1), log_target=True,
-                    reduction="none").sum(-1) * temperature ** 2 for t in teacher_logits]
-    return torch.stack([ce, *kls], dim=1)
-
-
-def reference_last_layer_step(lam, h, y, teacher_logits, weight, bias, h_meta, y_meta, step):
-    """Meta loss and dL/dlambda by autograd through an explicit functional SGD step of the
-    summed loss with a per-example step ``step``."""
-    lam = lam.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    params = [w]
-    b = None
-    if bias is not None:
-        b = bias.clone().requires_grad_(True)
-        params.append(b)
-    logits = F.linear(h, w, b)
-    loss = (lam * reference_terms(logits, y, teacher_logits, T)).sum()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    w1 = w - step * grads[0]
-    b1 = None if b is None else b - step * grads[1]
-    meta_loss = F.cross_entropy(F.linear(h_meta, w1, b1), y_meta)
-    (grad,) = torch.autograd.grad(meta_loss, lam)
-    return meta_loss.detach(), grad
-
-
-def reference_full_step_loss(model, lam, x, y, teacher_logits, x_meta, y_meta, step):
-    """Meta loss after a real SGD step (per-example step ``step`` on the summed loss) on a
-    copy of the model (eval mode, nn API)."""
-    model = copy.deepcopy(model).eval()
-    loss = (lam * reference_terms(model(x), y, teacher_logits, T)).sum()
-    model.zero_grad()
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= step * p.grad
-        return F.cross_entropy(model(x_meta), y_meta)
-
-
-def _problem(n=10, d=6, c=5, k=2, m=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(
-        lam=torch.rand(n, k + 1, generator=g, dtype=D64) * 1.5 + 0.05,
-        h=torch.randn(n, d, generator=g, dtype=D64),
-        y=torch.randint(0, c, (n,), generator=g),
-        teacher=3 * torch.randn(k, n, c, generator=g, dtype=D64),
-        weight=torch.randn(c, d, generator=g, dtype=D64),
-        bias=torch.randn(c, generator=g, dtype=D64),
-        h_meta=torch.randn(m, d, generator=g, dtype=D64),
-        y_meta=torch.randint(0, c, (m,), generator=g),
-    )
-
-
-# -- (a) the closed-form last-layer meta-gradient ------------------------------------------
-
-
-def test_term_logit_grads_match_autograd():
-    p = _problem(k=2)
-    logits = (p.h @ p.weight.T + p.bias).requires_grad_(True)
-    terms = reference_terms(logits, p.y, p.teacher, T)
-    closed = term_logit_grads(logits.detach(), p.y, p.teacher, T)
-    for j in range(terms.shape[1]):
-        (auto,) = torch.autograd.grad(terms[:, j].sum(), logits, retain_graph=True)
-        torch.testing.assert_close(closed[j], auto, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("k,with_bias", [(1, True), (3, True), (2, False)])
-def test_last_layer_meta_grad_matches_functional_step(k, with_bias):
-    p = _problem(k=k, seed=k)
-    bias = p.bias if with_bias else None
-    step = 0.07
-    ref_loss, ref_grad = reference_last_layer_step(p.lam, p.h, p.y, p.teacher, p.weight, bias,
-                                                   p.h_meta, p.y_meta, step)
-    loss, grad = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, bias, p.h_meta,
-                                      p.y_meta, step, T)
-    assert grad.shape == p.lam.shape and grad.dtype == D64
-    assert grad.abs().max() > 1e-4  # a non-trivial problem
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
-
-
-# -- (b) the full lookahead ----------------------------------------------------------------
-
-
-def test_full_lookahead_matches_finite_differences():
-    model = tiny_bn_model(4, 5, 3)
-    g = torch.Generator().manual_seed(1)
-    n, m, k = 6, 7, 2
-    x, x_meta = torch.randn(n, 4, generator=g, dtype=D64), torch.randn(m, 4, generator=g, dtype=D64)
-    y, y_meta = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
-    teacher = 3 * torch.randn(k, n, 3, generator=g, dtype=D64)
-    lam = torch.rand(n, k + 1, generator=g, dtype=D64) + 0.1
-    lr = 0.08
-    before = {k_: v.clone() for k_, v in model.state_dict().items()}
-
-    loss, grad = full_lookahead_meta_grad(model, lam, x, y, teacher, x_meta, y_meta, lr, T)
-
-    assert model.training  # mode restored
-    for name, value in model.state_dict().items():  # BN statistics and weights untouched
-        assert torch.equal(value, before[name]), name
-    ref = reference_full_step_loss(model, lam, x, y, teacher, x_meta, y_meta, lr)
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    eps = 1e-6
-    fd = torch.zeros_like(lam)
-    for idx in torch.cartesian_prod(torch.arange(n), torch.arange(k + 1)).tolist():
-        up, down = lam.clone(), lam.clone()
-        up[tuple(idx)] += eps
-        down[tuple(idx)] -= eps
-        fd[tuple(idx)] = (reference_full_step_loss(model, up, x, y, teacher, x_meta, y_meta, lr)
-                          - reference_full_step_loss(model, down, x, y, teacher, x_meta, y_meta,
-                                                     lr)) / (2 * eps)
-    assert grad.abs().max() > 1e-4
-    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
-
-
-def test_full_lookahead_of_a_linear_model_is_the_last_layer_path():
-    p = _problem(k=2, seed=5)
-    layer = nn.Linear(p.h.shape[1], p.weight.shape[0]).double()
-    with torch.no_grad():
-        layer.weight.copy_(p.weight)
-        layer.bias.copy_(p.bias)
-    full = full_lookahead_meta_grad(layer, p.lam, p.h, p.y, p.teacher, p.h_meta, p.y_meta,
-                                    0.03, T)
-    last = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, p.bias, p.h_meta,
-                                p.y_meta, 0.03, T)
-    torch.testing.assert_close(full, last, rtol=1e-10, atol=1e-13)
-
+from kdlab.methods.lookahead import last_layer_meta_grad, sync_rows
 
 # -- (c) constraints -----------------------------------------------------------------------
 
@@ -399,7 +258,7 @@ def _one_pass(dm, student, teacher, lr, **kwargs):
     return method
 
 
-def _toy_problem(n=48, n_meta=20, d=5, c=4, seed=0):
+def _toyrandom_problem(n=48, n_meta=20, d=5, c=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d, generator=g, dtype=D64), torch.randint(0, c, (n,), generator=g),
             torch.randn(n_meta, d, generator=g, dtype=D64),
@@ -430,7 +289,7 @@ def transcribe_authors_chunk(lam, x, y, teacher_logits, layer, x_meta, y_meta, l
 
 
 def test_authors_step_is_the_authors_update_rule():
-    x, y, xm, ym = _toy_problem()
+    x, y, xm, ym = _toyrandom_problem()
     student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
     lr, b = 0.004, 16
     dm = _toy_from(x, y, xm, ym, batch_size=b)  # 3 batches of 16 = the whole split: one chunk
@@ -452,7 +311,7 @@ def test_auto_step_is_the_authors_step_in_the_authors_setting():
     assert simulated_step("auto", AUTHORS_LR, AUTHORS_BATCH, AUTHORS_CLASSES) == \
         pytest.approx(simulated_step("authors", AUTHORS_LR, AUTHORS_BATCH, AUTHORS_CLASSES),
                       rel=1e-15)
-    x, y, xm, ym = _toy_problem(n=n, n_meta=60, d=6, c=AUTHORS_CLASSES, seed=3)
+    x, y, xm, ym = _toyrandom_problem(n=n, n_meta=60, d=6, c=AUTHORS_CLASSES, seed=3)
     dm = _toy_from(x, y, xm, ym, batch_size=AUTHORS_BATCH)
     student, teacher = _linear(6, AUTHORS_CLASSES, 0), _linear(6, AUTHORS_CLASSES, 1, 3.0)
     tables = [_one_pass(dm, student, teacher, AUTHORS_LR, **kwargs).mixing_weights
@@ -465,7 +324,7 @@ def test_auto_step_is_the_authors_step_in_the_authors_setting():
 def test_auto_step_does_not_depend_on_lr_batch_chunk_or_meta_batch_size(kernel):
     """Per unit of evidence: exactly in the meta batch size, to first order in the step (the
     lookahead is the step training takes) in the lr, the batch size and the chunk size."""
-    x, y, xm, ym = _toy_problem(seed=4)
+    x, y, xm, ym = _toyrandom_problem(seed=4)
     student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
     init = initial_weights(48, 1, 0.9, "free").double()
 
@@ -497,7 +356,7 @@ def test_auto_step_does_not_depend_on_lr_batch_chunk_or_meta_batch_size(kernel):
                                **first_order)
 
 
-def _prototype_problem(c, per_class=3, meta_per_class=5, a=2.0):
+def _prototyperandom_problem(c, per_class=3, meta_per_class=5, a=2.0):
     """Orthogonal class prototypes h = a e_y, a student with p_true = 0.8 everywhere, a
     teacher that agrees; per class two clean examples and one labelled as the next class."""
     alpha = math.log(4 * (c - 1))  # softmax(alpha e_y)_y = 0.8
@@ -515,7 +374,7 @@ def _prototype_problem(c, per_class=3, meta_per_class=5, a=2.0):
 def test_auto_step_corrects_the_one_over_c_dilution(mode, lo, hi):
     moves = {}
     for c in (10, 100):
-        p = _prototype_problem(c)
+        p = _prototyperandom_problem(c)
         lam = initial_weights(len(p.label), 1, 0.9, "free").double()
         step, factor = simulated_step(mode, 0.1, 128, c)
         _, grad = last_layer_meta_grad(lam, p.h, p.label, p.teacher, p.weight, p.bias,
@@ -527,7 +386,7 @@ def test_auto_step_corrects_the_one_over_c_dilution(mode, lo, hi):
 
 
 def test_convex_step_is_the_early_codes_one_minus_l_l_update():
-    p = _problem(k=1, seed=11)
+    p = random_problem(k=1, seed=11)
     step, eta = 0.05, 40.0
     l0 = torch.rand(len(p.y), generator=torch.Generator().manual_seed(0), dtype=D64)
     rows = torch.stack([1 - l0, l0], dim=1)
@@ -565,36 +424,8 @@ def test_convex_step_with_several_teachers_moves_along_the_simplex():
 # -- (e2) the centred kernel and the global rebalancing ------------------------------------
 
 
-def test_centered_kernel_is_a_step_of_W_on_centred_features_with_fixed_biases():
-    p = _problem(k=2, seed=7)
-    step, scale = 0.03, 2.5
-    _, grad = last_layer_meta_grad(p.lam, p.h, p.y, p.teacher, p.weight, p.bias, p.h_meta,
-                                   p.y_meta, step, T, kernel="centered", kernel_scale=scale)
-    # reference: the layer's logits plus a linear correction V phi(h), V = 0, on the features
-    # phi(h) = (h - mean(h_meta)) sqrt(scale / mean_v |h_v - mean|^2); only V is stepped
-    mu = p.h_meta.mean(0)
-    norm = ((p.h_meta - mu) ** 2).sum(1).mean()
-    phi, phi_m = (p.h - mu) * (scale / norm).sqrt(), (p.h_meta - mu) * (scale / norm).sqrt()
-    lam = p.lam.clone().requires_grad_(True)
-    v = torch.zeros(p.weight.shape, dtype=D64, requires_grad=True)
-    logits = p.h @ p.weight.T + p.bias + phi @ v.T
-    loss = (lam * reference_terms(logits, p.y, p.teacher, T)).sum()
-    (gv,) = torch.autograd.grad(loss, v, create_graph=True)
-    meta = F.cross_entropy(p.h_meta @ p.weight.T + p.bias + phi_m @ (v - step * gv).T, p.y_meta)
-    (ref,) = torch.autograd.grad(meta, lam)
-    assert ref.abs().max() > 1e-4
-    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-13)
-    # the common component is gone: features shifted by a constant give the same gradient
-    _, shifted = last_layer_meta_grad(p.lam, p.h + 5.0, p.y, p.teacher, p.weight,
-                                      p.bias - p.weight @ torch.full((p.h.shape[1],), 5.0,
-                                                                     dtype=D64),
-                                      p.h_meta + 5.0, p.y_meta, step, T, kernel="centered",
-                                      kernel_scale=scale)
-    torch.testing.assert_close(shifted, grad, rtol=1e-8, atol=1e-12)
-
-
 def test_rebalance_moves_the_column_scales_by_the_exact_gradient():
-    x, y, xm, ym = _toy_problem(seed=9)
+    x, y, xm, ym = _toyrandom_problem(seed=9)
     student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
     meta_lr = 1e5
     method = _one_pass(_toy_from(x, y, xm, ym, batch_size=16), student, teacher, 0.05,
@@ -634,25 +465,6 @@ def test_options_are_checked():
 
 
 # -- (e3) chunks, noise AUROC, the noise mask is for reporting only ---------------------------
-
-
-def test_chunks_are_a_seeded_permutation_shared_out_over_ranks():
-    one = pass_chunks(100, 16, seed=3, epoch=5)
-    assert torch.equal(torch.cat([c for _, c in one]).sort().values, torch.arange(100))
-    assert [len(c) for _, c in one] == [16] * 6 + [4]
-    for world in (2, 3):
-        shards = [pass_chunks(100, 16, 3, 5, rank, world) for rank in range(world)]
-        merged = sorted((i, c.tolist()) for shard in shards for i, c in shard)
-        assert merged == [(i, c.tolist()) for i, c in one]  # the same chunks, shared out
-    assert torch.equal(torch.cat([c for _, c in pass_chunks(100, 16, 3, 5)]),
-                       torch.cat([c for _, c in one]))  # on resume
-    other = torch.cat([c for _, c in pass_chunks(100, 16, 3, 6)])
-    assert not torch.equal(other, torch.cat([c for _, c in one]))  # reshuffled every pass
-    assert torch.equal(meta_pick(50, 100, 0, 1, 2), torch.arange(50))
-    pick = meta_pick(500, 100, 0, 1, 2)
-    assert len(pick) == 100 and len(set(pick.tolist())) == 100
-    assert torch.equal(pick, meta_pick(500, 100, 0, 1, 2))
-    assert not torch.equal(pick, meta_pick(500, 100, 0, 1, 3))
 
 
 def test_noise_auroc_against_a_hand_count():
@@ -811,12 +623,6 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"sync": table, **tables}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def test_sync_rows_is_a_noop_without_distributed():
-    table = torch.ones(4, 2)
-    assert sync_rows(table, torch.tensor([True, False, True, False])) is table
-    assert torch.equal(table, torch.ones(4, 2))
 
 
 def test_sync_rows_gives_both_gloo_ranks_the_same_table(tmp_path):

@@ -1,7 +1,8 @@
 """TGeo-KD: the loss against a float64 numpy implementation, the geometry features and the
 class means against hand computations, the hypergradient against autograd through an
 explicit functional step (last layer) and finite differences of a real SGD step (whole
-student), the controller's Adam against torch.optim.Adam, edge cases, which parts get
+student), the controller's Adam (torch.optim.Adam, its state in buffers) against Adam's
+update written out here and against torch.optim.Adam, edge cases, which parts get
 gradients, exact save / restore of the controller and its optimiser state, and DDP (two
 gloo ranks end with the same controller).
 
@@ -24,14 +25,9 @@ from loss_cases import CASES, make_inputs
 from torch import nn
 
 from kdlab.errors import ConfigError
-from kdlab.methods.alm_kd import full_lookahead_meta_loss, last_layer_meta_loss
 from kdlab.methods.base import Outputs
-from kdlab.methods.tgeo_kd import (
-    TGeoKD,
-    adam_update,
-    geometry_features,
-    hypergradient,
-)
+from kdlab.methods.lookahead import full_lookahead_meta_loss, last_layer_meta_loss
+from kdlab.methods.tgeo_kd import TGeoKD, geometry_features, hypergradient
 
 D64 = torch.float64
 SLOPE = 0.01  # LeakyReLU's default negative slope
@@ -398,23 +394,34 @@ def test_controller_update_is_adam_on_the_hypergradient_over_lr(lookahead):
     assert "tgeo/meta_loss" in ctx.logged
 
 
-def test_adam_matches_torch_adam():
+def test_the_controller_step_is_adam_with_its_state_in_the_buffers():
+    """controller_step against Adam's update written out (float64, L2 weight decay added to
+    the gradient, bias-corrected moments): the parameters, and the moments and step count
+    kept in the buffers, step after step, also across a save and restore."""
+    method, _ = make_method(dtype=D64, controller_lr=0.02, controller_betas=(0.8, 0.99),
+                            controller_eps=1e-7, controller_weight_decay=0.05)
+    theta = torch.cat([q.reshape(-1) for q in controller_params(method)])
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(3, 4, generator=g), torch.randn(4, generator=g)]
-    ref = [q.clone().requires_grad_(True) for q in params]
-    opt = torch.optim.Adam(ref, lr=0.02, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05)
-    size = sum(q.numel() for q in params)
-    m, v, steps = torch.zeros(size), torch.zeros(size), torch.zeros((), dtype=torch.long)
-    for _ in range(6):
-        grads = [torch.randn(q.shape, generator=g) for q in params]
-        for q, gr in zip(ref, grads, strict=True):
-            q.grad = gr.clone()
-        opt.step()
-        adam_update(params, torch.cat([gr.reshape(-1) for gr in grads]), m, v, steps, 0.02,
-                    (0.8, 0.99), 1e-7, 0.05)
-    for a, b in zip(params, ref, strict=True):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
-    assert int(steps) == 6
+    for t in range(1, 7):
+        grad = torch.randn(theta.shape, generator=g, dtype=D64) * 10.0 ** (t - 4)
+        if t == 4:  # a method restored from the checkpoint continues the same steps
+            state = copy.deepcopy(method.state_dict())
+            method = TGeoKD(controller_lr=0.02, controller_betas=(0.8, 0.99),
+                            controller_eps=1e-7, controller_weight_decay=0.05)
+            method.load_state_dict(state)  # built from the checkpoint's shapes, in float32:
+            method.to(D64).load_state_dict(state)  # as this test's float64, exactly
+        method.controller_step(grad.clone())
+        full = grad + 0.05 * theta
+        m = 0.8 * m + 0.2 * full
+        v = 0.99 * v + 0.01 * full * full
+        theta = theta - 0.02 / (1 - 0.8 ** t) * m / (torch.sqrt(v / (1 - 0.99 ** t)) + 1e-7)
+        got = torch.cat([q.reshape(-1) for q in controller_params(method)])
+        torch.testing.assert_close(got, theta, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(method.controller_exp_avg, m, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(method.controller_exp_avg_sq, v, rtol=1e-12, atol=1e-18)
+        assert int(method.controller_steps) == t
+    assert all(q.grad is None and not q.requires_grad for q in method.controller.parameters())
 
 
 # -- (d) edge cases ------------------------------------------------------------------------
@@ -666,10 +673,7 @@ def test_two_gloo_ranks_end_with_the_same_controller(tmp_path):
     for step in DDP_STEPS:
         grads = [method.local_hypergradient(c, _rank_batch(step, c.global_rank), step)[1]
                  for c in ranks]
-        adam_update(list(method.controller.parameters()), (grads[0] + grads[1]) / 2,
-                    method.controller_exp_avg, method.controller_exp_avg_sq,
-                    method.controller_steps, method.controller_lr, method.controller_betas,
-                    method.controller_eps, method.controller_weight_decay)
+        method.controller_step((grads[0] + grads[1]) / 2)
     assert not torch.equal(grads[0], grads[1])  # the ranks did see different data
     for key, value in method.state_dict().items():
         torch.testing.assert_close(r0[key], value, rtol=1e-5, atol=1e-7, msg=key)
