@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import KdlabError
+from .errors import KdlabError, hydra_error_line
 
 USAGE = """usage: kdlab eval RUN_DIR_OR_CKPT [key=value ...]
 
@@ -149,8 +149,6 @@ def _compose(overrides: list[str]) -> DictConfig:
     except KdlabError:
         raise
     except Exception as e:
-        from .cli import hydra_error_line
-
         raise EvalError(hydra_error_line(e)) from None
 
 
@@ -158,7 +156,8 @@ def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
     """dataset, noise, seed and choices for the evaluation: the run's own, with overrides;
     ``dataset=NAME`` / ``noise=NAME`` take kdlab's config of that name instead, and
     ``paths.data_dir=DIR`` moves the run's own dataset root as it would in kdlab train."""
-    from .config import check_noise, check_signature
+    from .config import check_signature
+    from .preflight import check_noise
 
     groups = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
               if o.split("=", 1)[0] in ("dataset", "noise")}
@@ -253,7 +252,7 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     cfg = data_config(run_cfg, overrides)
     split, labels = options.get("split", "test"), options.get("labels", "given")
 
-    from .config import instantiate_datamodule
+    from .data import instantiate_datamodule
     from .data.base import ArrayDataset
     from .loggers import quiet_lightning
 
@@ -299,7 +298,7 @@ def _test(module, dm, precision: str, accelerator: str):
     import pytorch_lightning as pl
 
     from .metrics import logged_metrics
-    from .train import resolve_precision
+    from .trainer import resolve_precision
 
     precision = resolve_precision(precision, accelerator)
     # Lightning's banner lines (GPU available, ...) say nothing about an evaluation.
@@ -316,8 +315,8 @@ def _test(module, dm, precision: str, accelerator: str):
 def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split, labels,
            dm, precision, metrics, bins) -> dict[str, Any]:
     from .io import atomic_write_json
+    from .models import describe_model
     from .plots import reliability_diagram
-    from .teachers import describe_model
 
     name = ((run_cfg or {}).get("choices") or {}).get("student") or str(
         data["hyper_parameters"]["student"].get("_target_", "student")).rsplit(".", 1)[-1]

@@ -25,8 +25,8 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from .config import instantiate_method
 from .errors import NonFiniteLossError
+from .methods import instantiate_method
 from .methods.base import Batch, Outputs, derived_seed
 from .metrics import Agreement, ReliabilityBins, classification_metrics
 from .models import build_model

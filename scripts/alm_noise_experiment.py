@@ -32,7 +32,7 @@ the student's architecture) at symmetric 0.4. Rows:
 Columns: test acc, ECE, NLL (best-on-val epoch; mean ± std over seeds), and for ALM-KD the
 mean label weight on clean / noisy training examples and the noise AUROC (how well a low
 label weight picks out the noisy labels); for TGeo-KD the label weight is 1 - alpha, each
-example's ratio the last time it was trained on. Runs go through ``kdlab.train.run``
+example's ratio the last time it was trained on. Runs go through ``kdlab.pipeline.run``
 in-process (in ``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs
 in ``--work`` are reused. Tables: stdout, ``scripts/results/alm_noise.md``; a bar chart:
 ``alm_noise.png``; every run: ``scripts/results/alm_noise.json``.
@@ -132,7 +132,7 @@ def run_one(overrides: list[str], work: str) -> dict:
     if not done.exists():
         import shutil
 
-        from kdlab.train import run
+        from kdlab.pipeline import run
 
         if run_dir.exists():  # an interrupted attempt: start it again
             shutil.rmtree(run_dir)
