@@ -3,12 +3,14 @@
 The student comes from a run directory (its ``checkpoints/best.ckpt``, or ``last`` with
 ``checkpoint=last``, and its ``config.yaml``) or from any checkpoint ``kdlab train`` wrote:
 the checkpoint's saved hyperparameters rebuild the student, and only the student's weights
-are read (no method, no teacher). The data is the run's own dataset unless ``dataset=NAME``
-names another (``dataset.*``, ``noise=``/``noise.*``, ``seed=`` and ``paths.*`` adjust it as in
-``kdlab train``). The metrics are the training run's own (``kdlab.metrics``: accuracy, top-5,
-ECE with 15 bins, NLL, Brier), computed by the same test step, in the run's precision unless
-``precision=`` says otherwise, so a run evaluated on its own test split gives its
-results.json ``test`` numbers.
+are read (no teacher; the method is rebuilt from its configuration for its prediction,
+``Method.predict``: mixup KD's s / std(s)). The data is the run's own dataset unless
+``dataset=NAME`` names another (``dataset.*``, ``noise=``/``noise.*``, ``seed=`` and
+``paths.*`` adjust it as in ``kdlab train``). The metrics are the training run's own
+(``kdlab.metrics``: accuracy, top-5, ECE with 15 bins, NLL, Brier), computed as a run's test
+step computes them (:mod:`kdlab.evaluation`), in the run's precision unless ``precision=``
+says otherwise, so a run evaluated on its own test split gives its results.json ``test``
+numbers.
 
 The labels scored against are the split's own: on a train split with label noise, the
 noisy labels (the student's training labels when the noise is the run's); ``labels=clean``
@@ -206,31 +208,38 @@ def default_out(ckpt: Path, run_dir: Path | None, dataset: str, split: str,
 # -- evaluating ------------------------------------------------------------------------------
 
 
-def build_student_module(data: dict[str, Any]):
-    """A DistillModule holding the checkpoint's student (method: plain CE, no teachers)."""
-    from .module import DistillModule
+def build_student(data: dict[str, Any]):
+    """The checkpoint's student with its weights (no method, no teacher)."""
+    from .models import build_model
 
     hp = data["hyper_parameters"]
-    module = DistillModule(student=hp["student"], method={"_target_": "kdlab.methods.ce.CE"},
-                           num_classes=int(hp["num_classes"]),
-                           input_shape=tuple(hp["input_shape"]),
-                           optimizer=hp.get("optimizer") or {"_target_": "torch.optim.SGD",
-                                                             "_partial_": True, "lr": 0.1},
-                           scheduler=None, seed=int(hp.get("seed", 0)))
+    student = build_model(hp["student"], int(hp["num_classes"]), tuple(hp["input_shape"]),
+                          where="student")
     prefix = "student."
     state = {k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
     try:
-        module.student.load_state_dict(state, strict=True)
+        student.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise EvalError(f"the checkpoint's student weights do not fit its own architecture "
                         f"({first})") from None
-    return module
+    return student
 
 
-def check_data_fits(module, dm, dataset: str) -> None:
+def student_prediction(hparams: dict[str, Any]):
+    """The prediction from the student's logits: its method's ``predict`` (mixup KD's
+    s / std(s)), the method rebuilt from its configuration; the logits themselves for a
+    checkpoint without a method."""
+    from .methods import instantiate_method
+
+    if not hparams.get("method"):
+        return lambda logits: logits
+    return instantiate_method(hparams["method"]).predict
+
+
+def check_data_fits(hparams: dict[str, Any], dm, dataset: str) -> None:
     """The student's classes and input shape against the dataset's (those it knows yet)."""
-    classes, shape = module.num_classes, tuple(module.input_shape)
+    classes, shape = int(hparams["num_classes"]), tuple(hparams["input_shape"])
     dm_classes, dm_shape = getattr(dm, "num_classes", None), getattr(dm, "input_shape", None)
     if dm_classes is not None and int(dm_classes) != classes:
         raise EvalError(f"the student predicts {classes} classes but dataset {dataset} has "
@@ -259,21 +268,22 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     quiet_lightning()
     dm = instantiate_datamodule(cfg)
     dataset = str(cfg.choices.get("dataset") or dm.name)
-    module = build_student_module(data)
-    check_data_fits(module, dm, dataset)  # before any data is read or downloaded
+    hparams = data["hyper_parameters"]
+    check_data_fits(hparams, dm, dataset)  # before any data is read or downloaded
+    student = build_student(data)
     dm.check()
     dm.setup()
-    check_data_fits(module, dm, dataset)
-    chosen = dm.splits[split]
+    check_data_fits(hparams, dm, dataset)
     if labels == "clean":
-        chosen = ArrayDataset(chosen.inputs, chosen.clean_targets)
-    dm.splits["test"] = chosen  # the test loop runs over the chosen split and labels
+        chosen = dm.splits[split]
+        dm.splits[split] = ArrayDataset(chosen.inputs, chosen.clean_targets)
 
     precision = options.get("precision") or (run_results or {}).get("precision") or "32-true"
-    metrics, bins = _test(module, dm, precision, options.get("accelerator", "auto"))
+    metrics, bins = _evaluate(student, student_prediction(hparams), dm, split, precision,
+                              options.get("accelerator", "auto"))
     out = Path(options["out"]) if options.get("out") else default_out(ckpt, run_dir, dataset,
                                                                         split, labels)
-    return _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split,
+    return _write(out, ckpt, run_dir, run_cfg, run_results, data, student, cfg, dataset, split,
                   labels, dm, precision, metrics, bins)
 
 
@@ -294,33 +304,25 @@ def describe_labels(split: str, labels: str, noise: dict[str, Any], trained_on: 
             "labels=clean scores against the clean ones")
 
 
-def _test(module, dm, precision: str, accelerator: str):
-    import pytorch_lightning as pl
-
-    from .metrics import logged_metrics
+def _evaluate(student, predict, dm, split: str, precision: str, accelerator: str):
+    from .evaluation import evaluate_student
     from .trainer import resolve_precision
 
-    precision = resolve_precision(precision, accelerator)
     # Lightning's banner lines (GPU available, ...) say nothing about an evaluation.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, use_distributed_sampler=False)
-    logged = trainer.test(module, datamodule=dm, verbose=False)[0]
-    metrics = logged_metrics(logged, "test/")
-    bins = {k: [float(x) for x in v] for k, v in module.reliability_bins.items()}
-    return metrics, bins
+    return evaluate_student(student, dm, split, resolve_precision(precision, accelerator),
+                            accelerator, predict)
 
 
-def _write(out, ckpt, run_dir, run_cfg, run_results, data, module, cfg, dataset, split, labels,
-           dm, precision, metrics, bins) -> dict[str, Any]:
+def _write(out, ckpt, run_dir, run_cfg, run_results, data, student, cfg, dataset, split,
+           labels, dm, precision, metrics, bins) -> dict[str, Any]:
     from .io import atomic_write_json
     from .models import describe_model
     from .plots import reliability_diagram
 
     name = ((run_cfg or {}).get("choices") or {}).get("student") or str(
         data["hyper_parameters"]["student"].get("_target_", "student")).rsplit(".", 1)[-1]
-    student = describe_model(str(name), module.student)
+    student = describe_model(str(name), student)
     which = {"best": "test", "last": "test_last"}.get(ckpt.stem)
     same_data = (run_results is not None and split == "test" and which is not None
                  and run_results.get("dataset") == dataset

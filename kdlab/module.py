@@ -1,11 +1,10 @@
-"""``DistillModule``: the generic LightningModule.
+"""``DistillModule``: the generic LightningModule, only the Lightning hooks.
 
 It trains a student with whatever method it is given, through the method contract in
-``kdlab/methods/base.py``; it never asks which method that is. It is the training loop,
-the metrics and the optimiser, and it is the methods' :class:`MethodContext` (sizes,
-progress, the un-augmented examples of a split, teacher outputs). Teacher outputs and the
-teacher-logit cache come from :class:`kdlab.teachers.Teachers`; the module only decides
-when to ask.
+``kdlab/methods/base.py``; it never asks which method that is. Every method hook gets
+``self.context`` (:class:`kdlab.context.RunContext`); teacher outputs come from
+:class:`kdlab.teachers.Teachers`, which decides its own caches; a test pass measures the
+student with :class:`kdlab.evaluation.StudentMetrics`, as ``kdlab eval`` does.
 
 Student and method are built from their configs, and ``save_hyperparameters`` records
 them: ``DistillModule.load_from_checkpoint(path)`` rebuilds the trained student (teachers
@@ -16,8 +15,6 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,12 +22,14 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from .context import RunContext
 from .errors import NonFiniteLossError
+from .evaluation import StudentMetrics
 from .methods import instantiate_method
-from .methods.base import Batch, Outputs, derived_seed
-from .metrics import Agreement, ReliabilityBins, classification_metrics
+from .methods.base import Batch, derived_seed
+from .metrics import Agreement, classification_metrics
 from .models import build_model
-from .teachers import Teachers, channels_last, data_key, forward_with_features
+from .teachers import Teachers, channels_last, forward_with_features
 
 
 class DistillModule(pl.LightningModule):
@@ -42,21 +41,20 @@ class DistillModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["teachers"])
         self.student = build_model(student, num_classes, input_shape, where="student")
         self.method = instantiate_method(method)
-        self._teachers = teachers if teachers is not None else Teachers([])
+        self.teachers = teachers if teachers is not None else Teachers([])  # not submodules
         self.num_classes = int(num_classes)
         self.input_shape = tuple(input_shape)
         self.seed = int(seed)
+        self.context = RunContext(self)
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
-        self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
-        self.test_reliability = ReliabilityBins()
+        self.test_metrics = StudentMetrics(num_classes)
         self.teacher_test_metrics = nn.ModuleList(
             classification_metrics(num_classes).clone(prefix=f"teacher{i}/test/")
-            for i in range(len(self._teachers)))
-        self.test_agreement = nn.ModuleList(Agreement() for _ in range(len(self._teachers)))
+            for i in range(len(self.teachers)))
+        self.test_agreement = nn.ModuleList(Agreement() for _ in range(len(self.teachers)))
         self.reliability_bins: dict[str, Tensor] = {}
-        #: Where a test pass logs: "test" (the student, its teachers and its online peers)
-        #: or "test_last" (the student's last-epoch weights: the student only). kdlab.train
-        #: sets it before each pass.
+        #: Where a test pass logs (kdlab.train sets it): "test" (the selected epoch: student,
+        #: teachers and online peers) or "test_last" (the last epoch's student only).
         self.test_key = "test"
         # The epoch counted from 1, logged as `epoch` with every training and validation
         # value (Lightning would log its own counter, from 0); on the device, so that logging
@@ -64,12 +62,12 @@ class DistillModule(pl.LightningModule):
         self.register_buffer("_epoch_number", torch.zeros(()), persistent=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Outside a training run (``load_from_checkpoint``, ``kdlab eval``) the student is
-        rebuilt complete; method parts built lazily in ``setup`` are not there yet. The method
-        first loads its own state, so that a method that sizes such parts from the saved
-        shapes (``_load_from_state_dict``: CRD's embeddings, TGeo-KD's controller, ...) builds
-        them; the saved state of parts still missing after that (peers, regressors) is left
-        out (call ``method.setup(ctx)`` and ``load_state_dict`` to restore them). In a run,
+        """Outside a training run (``load_from_checkpoint``) the student is rebuilt complete;
+        method parts built lazily in ``setup`` are not there yet. The method first loads its
+        own state, so that a method that sizes such parts from the saved shapes
+        (``_load_from_state_dict``: CRD's embeddings, TGeo-KD's controller, ...) builds them;
+        the saved state of parts still missing after that (peers, regressors) is left out
+        (call ``method.setup(ctx)`` and ``load_state_dict`` to restore them). In a run,
         setup has built them: all is loaded."""
         if self._trainer is not None:
             return
@@ -81,146 +79,42 @@ class DistillModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith("method.") or k in own}
 
-    # -- the method context (kdlab.methods.base.MethodContext) -----------------------------
-    @property
-    def teachers(self) -> tuple[nn.Module, ...]:
-        return self._teachers.models
-
-    @property
-    def teacher_set(self) -> Teachers:
-        """The :class:`Teachers` object (models, their specs, the logit cache)."""
-        return self._teachers
-
-    @property
-    def datamodule(self):
-        return self.trainer.datamodule
-
-    @property
-    def train_size(self) -> int:
-        return int(self.datamodule.train_size)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.datamodule.batch_size)
-
-    @property
-    def max_epochs(self) -> int:
-        return int(self.trainer.max_epochs)
-
-    @property
-    def total_steps(self) -> int:
-        return int(self.trainer.estimated_stepping_batches)
-
-    @property
-    def current_lr(self) -> float:
-        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
-
-    @property
-    def world_size(self) -> int:
-        return int(self.trainer.world_size) if self._trainer is not None else 1
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self._trainer is None or bool(self.trainer.is_global_zero)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    @property
-    def noise_mask(self) -> Tensor | None:
-        return self.datamodule.noise_mask
-
-    def precision_context(self) -> AbstractContextManager:
-        """The trainer's precision (e.g. bf16 autocast) for forward passes outside its steps."""
-        if self._trainer is None:
-            return nullcontext()
-        return self.trainer.precision_plugin.forward_context()
-
-    def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
-        with self.precision_context():
-            return self._teachers.forward(x, paths)
-
-    def examples(self, split: str, index: Tensor | None = None) -> Batch:
-        dm = self.datamodule
-        ds = dm.splits[split]
-        index = torch.arange(len(ds)) if index is None else index.cpu()
-        return dm.model_batch(ds[index], self.device, train=False)
-
-    def clean_train_teacher_outputs(self, batch: Batch) -> list[Outputs]:
-        with self.precision_context():
-            return self._teachers.for_train_examples(batch, self._build_teacher_cache)
-
-    # -- teachers --------------------------------------------------------------------------
-    def _build_teacher_cache(self) -> None:
-        """Every teacher's logits on the whole un-augmented train split (every rank)."""
-        dm = self.datamodule
-        positions = torch.arange(dm.train_size).split(dm.eval_batch_size)
-        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-        self._teachers.build_cache(
-            (self.examples("train", pos) for pos in positions), dm.train_size,
-            self.num_classes, self.device,
-            key=lambda: data_key(dm, str(self.trainer.precision)),
-            save=self.trainer.is_global_zero, show_progress=show,
-            precision=self.precision_context)
-
-    # -- training --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """The student's prediction (logits, as the method defines it: ``Method.predict``)."""
         return self.method.predict(self.student(channels_last(x)))
 
+    # -- training --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # The student's conv weights in channels_last too (measured 1.15x faster training
         # steps of resnet8x4 in bf16 on CPU); a no-op for models without 4-d weights.
         self.student.to(memory_format=torch.channels_last)
-        self._teachers.to(self.device)
-        self.method.setup(self)
+        self.teachers.to(self.device)
+        self.method.setup(self.context)
 
     def on_fit_start(self) -> None:
-        self._teachers.to(self.device)
-        dm = self.datamodule
+        dm = self.trainer.datamodule
         dm.train_views = tuple(self.method.input_views)
-        build_now = self._teachers.plan_cache(
-            dm.train_size, self.num_classes, self._cacheable_training_batches,
-            needs_features=bool(self.method.teacher_features)) and self.method.needs_teacher
-        if build_now:
-            self._build_teacher_cache()
-        elif self.method.needs_teacher and self._teachers.use_views(
-                self.max_epochs, dm.augmentation_views, bool(self.method.teacher_features),
-                self.method.transforms_batch):
-            self._teachers.build_view_cache(
-                dm, key=lambda: data_key(dm, str(self.trainer.precision))
-                + f"|views:{dm.augmentation_views}".encode(),  # the crop padding's views
-                device=self.device, precision=self.precision_context,
-                dtype=torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32,
-                show_progress=self.is_global_zero and self.trainer.progress_bar_callback
-                is not None)
-        self.method.on_fit_start(self)
-
-    @property
-    def _cacheable_training_batches(self) -> bool:
-        """A training batch's inputs are the stored examples (no random augmentation, no
-        batch transform): teacher logits may be looked up by example."""
-        return bool(self.datamodule.deterministic_train) and not self.method.transforms_batch
+        self.teachers.prepare(dm, self.method, self.trainer.max_epochs,
+                              self.context.teacher_placement())
+        self.method.on_fit_start(self.context)
 
     def on_train_epoch_start(self) -> None:
         # Each epoch's randomness depends only on (seed, epoch, rank): exact resume.
         torch.manual_seed(derived_seed(self.seed, self.current_epoch, self.global_rank))
         self._epoch_number.fill_(self.current_epoch + 1)
-        self.method.on_train_epoch_start(self)
+        self.method.on_train_epoch_start(self.context)
 
     def on_train_epoch_end(self) -> None:
         self.log("epoch", self._epoch_number, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.method.transforms_batch:  # no longer an enumerated view of stored examples
-            batch = {k: v for k, v in self.method.transform_batch(batch, self).items()
+            batch = {k: v for k, v in self.method.transform_batch(batch, self.context).items()
                      if k != "view"}
         x = channels_last(batch["input"])  # once, for student and teachers
         batch = {**batch, "input": x}
-        teachers = (self._teachers.for_training_batch(
-            batch, self.method.teacher_features, self._cacheable_training_batches)
-            if self.method.needs_teacher else [])
+        teachers = (self.teachers.for_training_batch(batch, self.method.teacher_features)
+                    if self.method.needs_teacher else [])
         student = forward_with_features(self.student, x, self.method.student_features)
         terms = self.method(student, teachers, batch)
         loss = torch.stack([v.float() for v in terms.values()])
@@ -234,7 +128,7 @@ class DistillModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.method.on_train_batch_end(self, batch)
+        self.method.on_train_batch_end(self.context, batch)
 
     def _check_finite(self, values: Tensor, names: list[str]) -> None:
         """One host sync per step; only a non-finite loss looks at the terms one by one."""
@@ -256,20 +150,14 @@ class DistillModule(pl.LightningModule):
         values = self.val_metrics.compute()  # torchmetrics has already synced the ranks
         self.log("val/acc", values.pop("val/acc"), prog_bar=True)
         self.log_dict(values)
-        if self.trainer.state.fn == "fit":  # the epoch it belongs to (not kdlab eval's)
+        if self.trainer.state.fn == "fit":  # the epoch it belongs to
             self.log("epoch", self._epoch_number)
         self.val_metrics.reset()
 
-    @property
-    def _tests_others(self) -> bool:
-        """Whether this test pass also tests the teachers and the online peers (once per run:
-        with the selected checkpoint)."""
-        return self.test_key == "test"
-
     def on_test_start(self) -> None:
-        self._teachers.to(self.device)
+        self.teachers.to(self.device)
         # networks the method trains besides the student (online peers): tested alike
-        peers = self.method.evaluated_models() if self._tests_others else {}
+        peers = self.method.evaluated_models() if self.test_key == "test" else {}
         self.peer_test_metrics = nn.ModuleDict({
             name: classification_metrics(self.num_classes).clone(prefix=f"peer/{name}/test/")
             for name in peers}).to(self.device)
@@ -278,20 +166,19 @@ class DistillModule(pl.LightningModule):
         x, y = channels_last(batch["input"]), batch["target"]
         logits = self(x).float()
         self.test_metrics.update(logits, y)
-        self.test_reliability.update(logits, y)
-        if not self._tests_others:
+        if self.test_key != "test":  # the last epoch: the student only
             return
-        for i, t in enumerate(self._teachers.forward(x)):
+        for i, t in enumerate(self.teachers.forward(x)):
             self.teacher_test_metrics[i].update(t.logits, y)
             self.test_agreement[i].update(logits, t.logits)
         for name, model in self.method.evaluated_models().items():
             self.peer_test_metrics[name].update(model(x).float(), y)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"{self.test_key}/{k.removeprefix('test/')}": v
-                       for k, v in self.test_metrics.compute().items()})
-        tested = [self.test_metrics, self.test_reliability]
-        if self._tests_others:
+        values, self.reliability_bins = self.test_metrics.compute()
+        self.log_dict({f"{self.test_key}/{k}": v for k, v in values.items()})
+        tested = [self.test_metrics]
+        if self.test_key == "test":
             for i, metrics in enumerate(self.teacher_test_metrics):
                 self.log_dict(metrics.compute())
                 self.log(f"teacher{i}/test/agreement", self.test_agreement[i].compute())
@@ -299,7 +186,6 @@ class DistillModule(pl.LightningModule):
                 self.log_dict(metrics.compute())
             tested += [*self.teacher_test_metrics, *self.test_agreement,
                        *self.peer_test_metrics.values()]
-        self.reliability_bins = {k: v.cpu() for k, v in self.test_reliability.compute().items()}
         for m in tested:
             m.reset()
 

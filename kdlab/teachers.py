@@ -1,21 +1,18 @@
 """The teachers of a run: loaded and frozen, and their outputs during training.
 
-* :func:`load_teachers`: each teacher built and its weights loaded -- the ``ckpt`` given (a
-  kdlab checkpoint, a ``state_dict`` file, ``tv:<weights>``) or an auto-trained teacher's
-  cached weights (trained beforehand by :mod:`kdlab.pipeline`; see
-  :mod:`kdlab.teacher_config`) -- then frozen. It never trains.
+* :func:`load_teachers` builds each teacher, loads the weights its spec carries (a ``ckpt``
+  given, or an auto-trained teacher's, trained before by :mod:`kdlab.pipeline`), freezes it.
 * :class:`Teachers` is the one object the LightningModule calls for teacher outputs: frozen
-  models (eval mode, no gradients, channels_last), run under ``inference_mode``, and the
-  **teacher-logit cache**: each teacher's logits on the un-augmented train split, computed
-  once and looked up by example index -- for training batches when the train transform is
-  deterministic, and for a method's own passes over the clean train examples (e.g. a
-  meta-learning pass) always (built on first use). ``teacher_cache``: auto (when it fits in 4 GiB) |
-  memory | disk (also saved under ``paths.cache_dir/teacher_logits``, named by the teachers'
-  weights, the train inputs, the precision and the kdlab version) | views | off.
-* ``views`` (and ``auto`` when more epochs will read it than it costs): the teachers' logits
-  for every (example, augmented view) of an enumerable augmentation, a memory-mapped
-  :class:`~kdlab.view_cache.ViewCache`. Methods that need teacher features or transform the
-  batch always run the teachers.
+  models (eval mode, no gradients, channels_last) under ``inference_mode``, and the caches it
+  decides at fit start (:meth:`Teachers.prepare`: from the datamodule, the method's declared
+  needs and the precision). ``teacher_cache``: auto | memory | disk | views | off. The
+  **teacher-logit cache** holds each teacher's logits on the un-augmented train split (auto:
+  when it fits in 4 GiB; disk: also saved under ``paths.cache_dir/teacher_logits``, named by
+  the teachers' weights, the train inputs, the precision and the kdlab version), looked up by
+  example for training batches when the train transform is deterministic, and for a method's
+  passes over the clean train examples always. ``views`` (and ``auto`` when more epochs read
+  it than it costs): :class:`~kdlab.view_cache.ViewCache`, the logits of every augmented
+  view. Methods that need teacher features or transform the batch always run the teachers.
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,8 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import ConfigError, TeacherLoadError
-from .io import atomic_torch_save
-from .io import progress as _progress
-from .methods.base import Outputs
+from .io import atomic_torch_save, progress
+from .methods.base import Method, Outputs
 from .models import build_model
 from .models.features import FeatureHooks
 from .models.loading import freeze, load_weights
@@ -57,8 +54,7 @@ def load_teachers(specs: list[TeacherSpec], num_classes: int, input_shape: tuple
             raise TeacherLoadError(f"{spec.where} ({spec.name}) has no weights yet: "
                                    "ckpt=auto teachers are trained by kdlab.pipeline first")
         model = build_model(spec.arch, num_classes, input_shape, where=spec.where)
-        load_weights(model, spec.weights,
-                     allow_pickle=bool(spec.options.get("allow_pickle", False)))
+        load_weights(model, spec.weights, allow_pickle=bool(spec.options.get("allow_pickle")))
         out.append((spec, freeze(model)))
     return out
 
@@ -89,8 +85,21 @@ def _tensor_buffer(t: Tensor):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the teachers run in this process: the device, the trainer's precision
+    (its name, part of a cache's key, and its autocast context), whether this process writes
+    shared cache files (DDP rank 0) and shows progress bars."""
+
+    device: Any = "cpu"
+    precision: str = "32-true"
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    writes_files: bool = True
+    show_progress: bool = False
+
+
 class Teachers:
-    """The frozen teachers of a run and the cache of their logits on the train split.
+    """The frozen teachers of a run and the caches of their logits on the train split.
 
     Not an ``nn.Module`` on purpose: teachers are neither optimised nor written into every
     checkpoint. ``forward``/``for_training_batch``/``for_train_examples`` return float32
@@ -111,6 +120,9 @@ class Teachers:
         self._logits: list[Tensor] | None = None  # (N_train, C) per teacher
         self.views: ViewCache | None = None  # (K, N_train, views, C), teacher_cache=views
         self._cache_allowed = False
+        self._batches_are_examples = False  # decided by prepare()
+        self._dm: Any = None  # the run's datamodule and placement, from prepare()
+        self._placement = Placement()
         self.cache_seconds = 0.0
         self.cache_loaded = False
 
@@ -139,32 +151,64 @@ class Teachers:
         return [Outputs(_as_float(o.logits),
                         {k: _as_float(v) for k, v in o.features.items()}) for o in raw]
 
-    # -- the logit cache -------------------------------------------------------------------
-    def for_training_batch(self, batch: dict[str, Tensor], paths: tuple[str, ...],
-                           deterministic: bool) -> list[Outputs]:
+    # -- the caches ------------------------------------------------------------------------
+    def prepare(self, dm, method: Method, epochs: int, placement: Placement) -> None:
+        """At fit start: which caches this run keeps, decided from the datamodule (its size
+        and classes, whether a training batch is its stored examples, its enumerable views),
+        the method's declared needs (a teacher, features, a batch transform) and the
+        precision. A cache that training batches read is built now; the un-augmented logit
+        cache of a method's own clean passes on first use."""
+        self.to(placement.device)
+        self._dm, self._placement = dm, placement
+        # a training batch's inputs are the stored examples (no random augmentation, no
+        # batch transform): teacher logits may be looked up by example
+        self._batches_are_examples = bool(dm.deterministic_train) and not method.transforms_batch
+        features = bool(method.teacher_features)
+        if self.plan_cache(dm.train_size, dm.num_classes, self._batches_are_examples,
+                           features) and method.needs_teacher:
+            self._build_train_cache()
+        elif method.needs_teacher and self.use_views(epochs, dm.augmentation_views, features,
+                                                     method.transforms_batch):
+            self.build_view_cache(
+                dm, key=lambda: data_key(dm, placement.precision)
+                + f"|views:{dm.augmentation_views}".encode(),  # the crop padding's views
+                device=placement.device, precision=placement.autocast,
+                dtype=torch.bfloat16 if "bf16" in placement.precision else torch.float32,
+                show_progress=placement.show_progress)
+
+    def for_training_batch(self, batch: dict[str, Tensor], paths: tuple[str, ...] = ()
+                           ) -> list[Outputs]:
         """Outputs for a training batch: looked up when the batch's inputs are stored
-        examples (deterministic transform) or enumerated views of them (``batch["view"]``
-        with the view cache), and no features are needed; else the teachers run."""
+        examples (see :meth:`prepare`) or enumerated views of them (``batch["view"]`` with
+        the view cache), and no features are needed; else the teachers run."""
         if paths:
             return self.forward(batch["input"], paths)
-        if self._logits is not None and deterministic:
+        if self._logits is not None and self._batches_are_examples:
             return self._lookup(batch["index"])
         if self.views is not None and "view" in batch:
             return self.views.lookup(batch["index"], batch["view"])
         return self.forward(batch["input"], paths)
 
-    def for_train_examples(self, batch: dict[str, Tensor], build: Callable[[], None]
-                           ) -> list[Outputs]:
+    def for_train_examples(self, batch: dict[str, Tensor]) -> list[Outputs]:
         """Outputs for un-augmented train examples (``batch["index"]`` = their positions):
-        from the cache, built on first use when the mode allows it."""
+        from the cache, built on first use when :meth:`prepare` allowed it."""
         if self._logits is None and self._cache_allowed:
-            build()
+            self._build_train_cache()
         if self._logits is not None:
             return self._lookup(batch["index"])
         return self.forward(batch["input"])
 
     def _lookup(self, index: Tensor) -> list[Outputs]:
         return [Outputs(cached[index]) for cached in self._logits]
+
+    def _build_train_cache(self) -> None:
+        """Every teacher's logits on the whole un-augmented train split (every rank)."""
+        dm, where = self._dm, self._placement
+        positions = torch.arange(dm.train_size).split(dm.eval_batch_size)
+        self.build_cache((dm.examples("train", pos, where.device) for pos in positions),
+                         dm.train_size, dm.num_classes, where.device,
+                         key=lambda: data_key(dm, where.precision), save=where.writes_files,
+                         show_progress=where.show_progress, precision=where.autocast)
 
     def plan_cache(self, train_size: int, num_classes: int, deterministic: bool,
                    needs_features: bool) -> bool:
@@ -192,8 +236,8 @@ class Teachers:
         self.cache_loaded = cache is not None
         if cache is None:
             cache = [torch.empty(train_size, num_classes, device=device) for _ in self.models]
-            with _progress("teacher logits (train split, once)", train_size, "example",
-                           show_progress) as advance:
+            with progress("teacher logits (train split, once)", train_size, "example",
+                          show_progress) as advance:
                 for batch in batches:
                     with precision():
                         outs = self.forward(batch["input"])

@@ -68,7 +68,7 @@ def run(cfg: DictConfig, run_dir: RunDir, teacher_specs: list[TeacherSpec],
     dm = instantiate_datamodule(cfg)
     dm.setup()
     module = build_module(cfg, dm, teacher_specs)
-    teachers = module.teacher_set
+    teachers = module.teachers
     if cfg.get("compile"):
         inductor = Path(cfg.paths.cache_dir) / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))

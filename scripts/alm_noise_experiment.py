@@ -1,15 +1,17 @@
 """ALM-KD under label noise: the evidence table, against the strongest fair baselines.
 
-    .venv/bin/python scripts/alm_noise_experiment.py                  # everything (hours)
-    .venv/bin/python scripts/alm_noise_experiment.py --settings digits-sym0.4 --seeds 0 1 2
-    (seeds: --seeds 0 1 2 3 4 for digits, --synthetic-seeds 0 1 2 for synthetic)
-    .venv/bin/python scripts/alm_noise_experiment.py --jobs 2        # two runs at a time
+    .venv/bin/python scripts/alm_noise_experiment.py --jobs 2          # everything (hours)
+    .venv/bin/python scripts/alm_noise_experiment.py --settings fashion_mnist-sym0.4 --jobs 2
+    (seeds: --seeds 0 1 2 3 4 for digits, --synthetic-seeds 0 1 2 for synthetic,
+    --fmnist-seeds 0 1 2 for Fashion-MNIST)
 
 Every run selects its epoch on a separate clean validation split (``dataset.val_fraction
 0.1``), which no method is fitted to; test is evaluated once, for that epoch. Settings:
-digits (30 epochs, its recipe) and synthetic (the authors' generator, 100 epochs, lr 0.01,
-cosine) with symmetric noise 0.2 and 0.4, and a class-dependent one (pairflip 0.3 on
-digits). Teachers: trained on the clean labels of the same train split
+Fashion-MNIST (real data: vgg6 <- vgg7x4, 15 epochs, its recipe, bf16 on the CPU) with
+symmetric 0.4, pairflip 0.45 and asymmetric 0.4 noise (kdlab's class map); digits (30
+epochs, its recipe) and synthetic (the authors' generator, 100 epochs, lr 0.01, cosine) with
+symmetric noise 0.2 and 0.4, and a class-dependent one (pairflip 0.3 on digits), fp32.
+Teachers: trained on the clean labels of the same train split
 (``teacher.label_noise=none``: the authors' setting) and on the noisy labels, as separate
 rows. The experiment configs ``digits_alm_multi_teacher`` (three teachers; its KD rows are
 ``multi_teacher_kd`` with the same teachers) and ``digits_alm_self_distill`` (a teacher of
@@ -17,9 +19,10 @@ the student's architecture) at symmetric 0.4. Rows:
 
 - ce, kd (0.1 / 0.9, T 4): the usual baselines;
 - kd tuned: KD whose two weights are chosen on val from a grid (mean val accuracy over the
-  seeds): the honest baseline, since ALM-KD also learns from clean data (not for the
-  multi-teacher and self-distillation settings: those compare against KD with the same
-  teachers);
+  setting's seeds; Fashion-MNIST: a 3 x 3 grid on seed 0, for the time budget, the chosen
+  weights then run on every seed): the honest baseline, since ALM-KD also learns from clean
+  data (not for the multi-teacher and self-distillation settings: those compare against
+  KD with the same teachers);
 - ce +meta, kd tuned +meta: trained on train + the clean meta split (the clean data ALM-KD
   sees; ``dataset.train_on_meta``);
 - alm_kd: ALM-KD at its defaults; alm_kd paper: the authors' algorithm (``method.paper=true``:
@@ -32,29 +35,32 @@ the student's architecture) at symmetric 0.4. Rows:
 Columns: test acc, ECE, NLL (best-on-val epoch; mean ± std over seeds), and for ALM-KD the
 mean label weight on clean / noisy training examples and the noise AUROC (how well a low
 label weight picks out the noisy labels); for TGeo-KD the label weight is 1 - alpha, each
-example's ratio the last time it was trained on. Runs go through ``kdlab.pipeline.run``
-in-process (in ``--jobs`` worker processes), fp32 on the CPU, one thread each; finished runs
-in ``--work`` are reused. Tables: stdout, ``scripts/results/alm_noise.md``; a bar chart:
-``alm_noise.png``; every run: ``scripts/results/alm_noise.json``.
+example's ratio the last time it was trained on. Runs go through ``scripts/experiments.py``
+(in-process, in ``--jobs`` worker processes, one thread each; keyed by their resolved config:
+finished runs in ``--work`` are reused, interrupted ones resumed). Tables: stdout,
+``scripts/results/alm_noise[_TAG].md``; a bar chart: ``.png``; every run: ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import os
+import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiments import Run, execute  # noqa: E402
 
 DATASETS = {
-    "digits": ["dataset=digits"],
-    "synthetic": ["dataset=synthetic"],
+    "digits": ["dataset=digits", "dataset.val_fraction=0.1"],
+    "synthetic": ["dataset=synthetic", "dataset.val_fraction=0.1"],
+    # real data: bf16 on the CPU (2x faster), the views cache for KD-type rows (every run
+    # of a setting reads the same teacher; teacher_cache=auto builds it)
+    "fashion_mnist": ["dataset=fashion_mnist", "trainer.precision=auto",
+                      "teacher_cache_runs=8"],
 }
 SYM = {rate: ["noise=symmetric", f"noise.rate={rate}"] for rate in (0.2, 0.4)}
 SETTINGS = {  # name: (dataset, overrides, the KD method with the same teachers, tuned KD row)
@@ -68,13 +74,18 @@ SETTINGS = {  # name: (dataset, overrides, the KD method with the same teachers,
                                     "multi_teacher_kd", False),
     "digits-sym0.4 self": ("digits", [*SYM[0.4], "experiment=digits_alm_self_distill"], "kd",
                            False),
+    "fashion_mnist-sym0.4": ("fashion_mnist", SYM[0.4], "kd", True),
+    "fashion_mnist-pairflip0.45": ("fashion_mnist", ["noise=pairflip", "noise.rate=0.45"], "kd",
+                                   True),
+    "fashion_mnist-asym0.4": ("fashion_mnist", ["noise=asymmetric", "noise.rate=0.4"], "kd",
+                              True),
 }
 TEACHERS = {"clean": ["teacher.label_noise=none"], "noisy": ["teacher.label_noise=same"]}
-COMMON = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
-          "dataset.val_fraction=0.1"]
 # The corners matter: with a clean teacher the best KD on these recipes trusts the teacher
 # fully and at a large loss scale (an effectively larger learning rate).
 KD_GRID = {"ce_weight": [0.0, 0.1, 0.5, 1.0, 2.0], "kd_weight": [0.9, 2.0, 4.0, 8.0]}
+# Fashion-MNIST: nine points, tuned on one seed (the time budget); the corners stay.
+KD_GRID_SMALL = {"ce_weight": [0.0, 0.5, 1.0], "kd_weight": [0.9, 2.0, 4.0]}
 ROWS = {  # name: (overrides, needs a teacher)
     "ce": (["method=ce"], False),
     "ce +meta": (["method=ce", "dataset.train_on_meta=true"], False),
@@ -96,6 +107,10 @@ def parse_args(argv=None):
                    help="seeds of the digits settings")
     p.add_argument("--synthetic-seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds of the synthetic settings (runs 2-3x longer)")
+    p.add_argument("--fmnist-seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of the Fashion-MNIST settings")
+    p.add_argument("--fmnist-grid-seeds", nargs="+", type=int, default=[0],
+                   help="seeds the Fashion-MNIST KD grid is tuned on")
     p.add_argument("--alm-variant", nargs="*", default=[], metavar="NAME=OVERRIDES",
                    help="extra ALM-KD rows, e.g. 'centered=method.kernel=centered' (overrides "
                         "separated by spaces inside the quotes)")
@@ -110,123 +125,81 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_key(cfg) -> str:
-    """A run's directory name: a hash of its whole resolved config, so a changed default
-    never reuses a run made with the old one."""
-    import hashlib
-
-    from omegaconf import OmegaConf
-
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+def seeds_of(dataset: str, args) -> list[int]:
+    return {"synthetic": args.synthetic_seeds, "fashion_mnist": args.fmnist_seeds}.get(
+        dataset, args.seeds)
 
 
-def run_one(overrides: list[str], work: str) -> dict:
-    """One run in this process (a worker): reuse it if it finished before."""
-    os.environ["KDLAB_CACHE_DIR"] = str(Path(work) / "cache")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    from kdlab.config import compose
-
-    cfg = compose(overrides)
-    run_dir = Path(work) / "runs" / run_key(cfg)
-    done = run_dir / "results.json"
-    if not done.exists():
-        import shutil
-
-        from kdlab.pipeline import run
-
-        if run_dir.exists():  # an interrupted attempt: start it again
-            shutil.rmtree(run_dir)
-        with open(Path(work) / "runs.log", "a") as log, contextlib.redirect_stdout(log), \
-                contextlib.redirect_stderr(log):
-            run(cfg, run_dir)
-    results = json.loads(done.read_text())
-    return {"overrides": overrides, "run_dir": str(run_dir), "results": results}
-
-
-def plan(args) -> list[dict]:
-    """Every run of the table: (setting, teachers, row, seed) and its overrides."""
+def plan(args) -> list[Run]:
+    """Every run of the table (setting, teachers, row, seed) and the KD grid's runs."""
     alm_rows = {"alm_kd " + name: (["method=alm_kd", *spec.split()], True)
                 for name, spec in (v.split("=", 1) for v in args.alm_variant)}
     runs = []
     for setting in args.settings:
         dataset, noise, kd, tuned = SETTINGS[setting]
-        base = [*COMMON, *DATASETS[dataset], *noise]
-        for seed in (args.synthetic_seeds if dataset == "synthetic" else args.seeds):
-            rows = {k: v for k, v in ROWS.items() if args.rows is None or k in args.rows}
+        base = [*DATASETS[dataset], *noise]
+        rows = {k: v for k, v in ROWS.items() if args.rows is None or k in args.rows}
+        for seed in seeds_of(dataset, args):
             for row, (overrides, needs_teacher) in {**rows, **alm_rows}.items():
                 if row in SINGLE_TEACHER_ROWS and kd == "multi_teacher_kd":
                     continue
                 overrides = [f"method={kd}" if o == "method=kd" else o for o in overrides]
                 for kind in (args.teachers if needs_teacher else [None]):
-                    extra = TEACHERS[kind] if kind else []
-                    runs.append({"setting": setting, "teachers": kind or "-", "row": row,
-                                 "seed": seed,
-                                 "overrides": [*base, *overrides, *extra, f"seed={seed}"]})
-            if args.no_grid or not tuned:
-                continue
-            for kind in args.teachers:
-                for ce_w, kd_w in itertools.product(KD_GRID["ce_weight"],
-                                                    KD_GRID["kd_weight"]):
-                    weights = [f"method.ce_weight={ce_w}", f"method.kd_weight={kd_w}"]
-                    runs.append({"setting": setting, "teachers": kind, "row": "kd grid",
-                                 "grid": (ce_w, kd_w), "seed": seed,
-                                 "overrides": [*base, f"method={kd}", *weights, *TEACHERS[kind],
-                                               f"seed={seed}"]})
+                    runs.append(Run({"setting": setting, "teachers": kind or "-", "row": row,
+                                     "seed": seed},
+                                    [*base, *overrides, *(TEACHERS[kind] if kind else []),
+                                     f"seed={seed}"]))
+        if args.no_grid or not tuned:
+            continue
+        grid = KD_GRID_SMALL if dataset == "fashion_mnist" else KD_GRID
+        grid_seeds = args.fmnist_grid_seeds if dataset == "fashion_mnist" else seeds_of(
+            dataset, args)
+        for kind, seed in itertools.product(args.teachers, grid_seeds):
+            for ce_w, kd_w in itertools.product(grid["ce_weight"], grid["kd_weight"]):
+                runs.append(Run({"setting": setting, "teachers": kind, "row": "kd grid",
+                                 "grid": (ce_w, kd_w), "seed": seed},
+                                [*base, f"method={kd}", f"method.ce_weight={ce_w}",
+                                 f"method.kd_weight={kd_w}", *TEACHERS[kind], f"seed={seed}"]))
     return runs
 
 
-def execute(runs: list[dict], args) -> list[dict]:
-    work = str(args.work)
-    start = time.time()
-    done = []
-    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
-    try:
-        results = (pool.map(run_one, [r["overrides"] for r in runs], itertools.repeat(work))
-                   if pool else (run_one(r["overrides"], work) for r in runs))
-        for i, (spec, out) in enumerate(zip(runs, results, strict=True), start=1):
-            done.append({**spec, **out})
-            print(f"[{i}/{len(runs)} {time.time() - start:6.0f} s] {spec['setting']} "
-                  f"{spec['teachers']} {spec['row']} {spec.get('grid', '')} seed "
-                  f"{spec['seed']}: test acc {out['results']['test']['acc']:.4f}", flush=True)
-    finally:
-        if pool:
-            pool.shutdown()
-    return done
-
-
-def add_tuned_rows(done: list[dict]) -> list[dict]:
+def tuned_runs(done: list[Run], args) -> list[Run]:
     """KD tuned on val (per setting and teachers: the grid point with the best mean val
-    accuracy over seeds), and the same weights trained on train + meta."""
-    import statistics
-
-    rows, extra_runs = [], []
-    keys = sorted({(r["setting"], r["teachers"]) for r in done if r["row"] == "kd grid"})
+    accuracy over the grid's seeds) on every seed, and the same weights trained on train +
+    meta. Runs the grid already made are reused (same config, same run)."""
+    extra = []
+    keys = sorted({(r.labels["setting"], r.labels["teachers"]) for r in done
+                   if r.labels["row"] == "kd grid"})
     for setting, kind in keys:
-        grid = [r for r in done if r["row"] == "kd grid" and r["setting"] == setting
-                and r["teachers"] == kind]
         by_point: dict[tuple, list[float]] = {}
-        for r in grid:
-            by_point.setdefault(r["grid"], []).append(r["results"]["val"]["acc"])
-        best = max(by_point, key=lambda g: statistics.fmean(by_point[g]))
-        for r in grid:
-            if r["grid"] == best:
-                rows.append({**r, "row": f"kd tuned ({best[0]:g} / {best[1]:g})"})
-                extra_runs.append({**r, "row": f"kd tuned +meta ({best[0]:g} / {best[1]:g})",
-                                   "overrides": [*r["overrides"], "dataset.train_on_meta=true"]})
-    return rows, extra_runs
+        for r in done:
+            if r.labels["row"] == "kd grid" and r.labels["setting"] == setting \
+                    and r.labels["teachers"] == kind:
+                by_point.setdefault(r.labels["grid"], []).append(r.results["val"]["acc"])
+        ce_w, kd_w = max(by_point, key=lambda g: statistics.fmean(by_point[g]))
+        dataset, noise, kd, _ = SETTINGS[setting]
+        for seed in seeds_of(dataset, args):
+            overrides = [*DATASETS[dataset], *noise, f"method={kd}", f"method.ce_weight={ce_w}",
+                         f"method.kd_weight={kd_w}", *TEACHERS[kind], f"seed={seed}"]
+            for row, more in ((f"kd tuned ({ce_w:g} / {kd_w:g})", []),
+                              (f"kd tuned +meta ({ce_w:g} / {kd_w:g})",
+                               ["dataset.train_on_meta=true"])):
+                extra.append(Run({"setting": setting, "teachers": kind, "row": row,
+                                  "seed": seed}, [*overrides, *more]))
+    return extra
 
 
-def table(done: list[dict]) -> str:
+def table(done: list[Run]) -> str:
     import pandas as pd
 
     from kdlab.report import metric_column, summarize
 
-    frame = pd.json_normalize([r["results"] for r in done], sep=".")
+    frame = pd.json_normalize([r.results for r in done], sep=".")
     for key in ("setting", "teachers", "row"):
-        frame[key] = [r[key] for r in done]
-    frame["seed"] = [str(r["seed"]) for r in done]
-    frame["teachers.0.test.acc"] = [r["results"]["teachers"][0]["test"]["acc"]
-                            if r["results"]["teachers"] else float("nan") for r in done]
+        frame[key] = [r.labels[key] for r in done]
+    frame["seed"] = [str(r.labels["seed"]) for r in done]
+    frame["teachers.0.test.acc"] = [r.results["teachers"][0]["test"]["acc"]
+                                    if r.results["teachers"] else float("nan") for r in done]
     metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher.acc",
                "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
     metrics = [m for m in metrics if metric_column(frame, m) in frame]
@@ -257,13 +230,11 @@ def table(done: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    args.work.mkdir(parents=True, exist_ok=True)
     runs = plan(args)
     print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
-    done = execute(runs, args)
-    tuned, extra = add_tuned_rows(done)
-    done = [r for r in done if r["row"] != "kd grid"] + tuned + execute(extra, args)
+    done = execute(runs, args.work, args.jobs)
+    done = [r for r in done if r.labels["row"] != "kd grid"] + execute(
+        tuned_runs(done, args), args.work, args.jobs)
     text = table(done)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +248,11 @@ def main(argv=None) -> None:
         "out the noisy labels. teachers: clean = trained on the clean labels of the train "
         "split (the authors' setting), noisy = on the noisy labels. Rows: see the script's "
         "docstring.\n\n" + text + "\n")
-    records = [{k: v for k, v in r.items() if k != "results"} | {
-        "test": r["results"]["test"], "val": r["results"]["val"],
-        "best_epoch": r["results"]["best_epoch"], "mixing": r["results"].get("mixing"),
-        "teacher_test": [t["test"] for t in r["results"]["teachers"]]} for r in done]
+    records = [{**r.labels, "overrides": r.overrides, "run_dir": r.run_dir,
+                "test": r.results["test"], "val": r.results["val"],
+                "best_epoch": r.results["best_epoch"], "mixing": r.results.get("mixing"),
+                "wall_time_s": r.results["wall_time_s"],
+                "teacher_test": [t["test"] for t in r.results["teachers"]]} for r in done]
     (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
     plot(records, args.out / f"alm_noise{suffix}.png")
 

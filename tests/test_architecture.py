@@ -1,6 +1,7 @@
-"""Imports flow one way (docs/architecture.md): cli -> pipeline -> train -> module / teachers / methods /
-data / models -> small helpers. The import graph is read from the source with ``ast``
-(imports inside functions count: a lazy import that dodges a circle is still a circle)."""
+"""Imports flow one way (docs/architecture.md): cli -> pipeline -> train -> module /
+teachers / methods / data / models -> small helpers. The import graph is read from the source
+with ``ast`` (imports inside functions count: a lazy import that dodges a circle is still a
+circle)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        annotations_only = _type_checking_imports(tree)
+        for node in ast.walk(tree):
+            if node in annotations_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -46,6 +51,14 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                 continue
             graph[name] |= {t for t in targets if t in files and t != name}
     return graph
+
+
+def _type_checking_imports(tree: ast.Module) -> set[ast.AST]:
+    """Imports under ``if TYPE_CHECKING:``: for annotations only, they never run."""
+    return {node for block in ast.walk(tree) if isinstance(block, ast.If)
+            and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+            for stmt in block.body for node in ast.walk(stmt)
+            if isinstance(node, (ast.Import, ast.ImportFrom))}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -106,7 +119,8 @@ def _shortest_circle(graph: dict[str, set[str]], group: set[str], start: str) ->
 
 def test_the_graph_is_read_from_the_source(tmp_path):
     """A toy package: relative imports (one and two dots, `from . import x`), imports inside
-    functions, and `import a.b` all make edges; a circle is found and named."""
+    functions, and `import a.b` all make edges (imports for annotations only, under
+    `if TYPE_CHECKING:`, do not); a circle is found and named."""
     pkg = tmp_path / "toy"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -114,7 +128,8 @@ def test_the_graph_is_read_from_the_source(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("from . import b\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import g\n")
     (pkg / "c.py").write_text("import toy.a\nimport os\n")
-    (pkg / "d.py").write_text("from .sub.b import f\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nfrom .sub.b import f\n"
+                              "if TYPE_CHECKING:\n    from .a import x\n")
     graph = import_graph(pkg)
     assert graph == {"toy": set(), "toy.a": {"toy.sub.b"}, "toy.sub": {"toy.sub.b"},
                      "toy.sub.b": {"toy.c"}, "toy.c": {"toy.a"}, "toy.d": {"toy.sub.b"}}

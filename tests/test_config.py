@@ -38,7 +38,8 @@ def test_default_config_is_the_offline_digits_kd_run():
 
 @pytest.mark.parametrize("dataset,student,teacher", [
     ("digits", "cnn_small", "cnn"), ("synthetic", "mlp_small", "mlp_large"),
-    ("cifar10", "resnet8x4", "resnet32x4"), ("cifar100", "resnet8x4", "resnet32x4")])
+    ("cifar10", "resnet8x4", "resnet32x4"), ("cifar100", "resnet8x4", "resnet32x4"),
+    ("fashion_mnist", "vgg6", "vgg7x4")])
 def test_each_dataset_brings_its_pair_and_the_command_line_wins(dataset, student, teacher):
     cfg = compose([f"dataset={dataset}"])
     assert (cfg.choices.student, cfg.choices.teacher) == (student, teacher)

@@ -114,6 +114,33 @@ def test_a_checkpoint_on_other_data_matches_an_independent_evaluation(run, tmp_p
     assert (tmp_path / "eval-digits-val-best" / "eval.json").is_file()
 
 
+def test_the_prediction_is_the_methods_as_in_the_run(tmp_path, monkeypatch):
+    """mixup KD's prediction is s / std(s) (its ``predict``): kdlab eval measures that, as
+    the run's test did, not the raw logits' calibration."""
+    from kdlab.config import compose
+    from kdlab.evaluate import evaluate
+    from kdlab.train import run as train
+
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    results = train(compose([*FAST, "method=mixup_kd", "trainer.max_epochs=1",
+                             "teacher.max_epochs=1"]), tmp_path / "r")
+    report = evaluate(tmp_path / "r", [f"out={tmp_path / 'ev'}"])
+    for key, value in results["test"].items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    model = build_model(results["student"]["name"], 10, (1, 8, 8))
+    load_weights(model, results["checkpoints"]["best"])
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    test = dm.splits["test"]
+    with torch.no_grad():
+        s = model.eval()(test.inputs).double()
+    standardised = by_hand(s / s.std(-1, keepdim=True), test.targets.numpy())
+    raw = by_hand(s, test.targets.numpy())
+    assert report["metrics"]["nll"] == pytest.approx(standardised["nll"], rel=1e-4)
+    assert report["metrics"]["ece"] == pytest.approx(standardised["ece"], abs=1e-5)
+    assert abs(raw["nll"] - standardised["nll"]) > 0.05  # the two differ: the test can fail
+
+
 def test_a_noisy_runs_train_split_is_scored_on_the_labels_it_names(noisy_run):
     """split=train scores against the noisy labels the student trained on, and says so;
     labels=clean against the same examples' clean labels. Both checked by hand on the run's

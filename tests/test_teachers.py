@@ -9,10 +9,11 @@ import torch
 from kdlab import teachers as teachers_mod
 from kdlab.config import compose
 from kdlab.data.digits import DigitsDataModule
+from kdlab.methods.kd import KD
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
 from kdlab.pipeline import run
-from kdlab.teachers import Teachers
+from kdlab.teachers import Placement, Teachers
 
 TINY = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
         "num_threads=1"]
@@ -28,54 +29,71 @@ def train_batches(dm, size=100):
     return [{"input": x[pos], "index": pos} for pos in torch.arange(len(x)).split(size)]
 
 
+class BatchTransformKD(KD):
+    """KD with a batch transform (as mixup has): training batches are no longer stored
+    examples."""
+
+    def transform_batch(self, batch, ctx):
+        return batch
+
+
+def augmented_digits():
+    """Digits whose training batches count as augmented (random inputs per epoch)."""
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    dm.deterministic_train = False
+    return dm
+
+
 def test_logit_cache_holds_every_teachers_logits_and_stands_in_only_when_it_may():
     dm = DigitsDataModule(seed=0)
     dm.setup()
     teacher = frozen_teacher()
     teachers = Teachers([teacher])
-    assert teachers.plan_cache(dm.train_size, 10, deterministic=True, needs_features=False)
-    teachers.build_cache(train_batches(dm), dm.train_size, 10, "cpu", key=lambda: b"",
-                         save=False, show_progress=False)
+    teachers.prepare(dm, KD(), epochs=1, placement=Placement())  # built now: batches read it
     with torch.no_grad():
         expected = teacher(dm.splits["train"].inputs)
     idx = torch.tensor([5, 0, 7])
     x = torch.randn(3, 1, 8, 8)  # not the stored examples: shows which path answered
-    looked_up = teachers.for_training_batch({"input": x, "index": idx}, (), deterministic=True)
+    looked_up = teachers.for_training_batch({"input": x, "index": idx})
     torch.testing.assert_close(looked_up[0].logits, expected[idx], atol=1e-5, rtol=0)
     with torch.no_grad():
         fresh = teacher(x)
-    # an augmented batch, or a method that needs features, runs the teacher
-    computed = teachers.for_training_batch({"input": x, "index": idx}, (), deterministic=False)
-    torch.testing.assert_close(computed[0].logits, fresh)
-    with_features = teachers.for_training_batch({"input": x, "index": idx}, ("features.2",),
-                                                deterministic=True)
+    # a method that needs features runs the teacher
+    with_features = teachers.for_training_batch({"input": x, "index": idx}, ("features.2",))
     torch.testing.assert_close(with_features[0].logits, fresh)
     assert with_features[0].features["features.2"].shape[0] == 3
+    # so do augmented batches and transformed batches, even once the cache exists (built by a
+    # method's clean pass)
+    for data, method in ((augmented_digits(), KD()), (dm, BatchTransformKD())):
+        other = Teachers([teacher])
+        other.prepare(data, method, epochs=1, placement=Placement())
+        clean = other.for_train_examples({"input": x, "index": idx})  # builds it
+        torch.testing.assert_close(clean[0].logits, expected[idx], atol=1e-5, rtol=0)
+        computed = other.for_training_batch({"input": x, "index": idx})
+        torch.testing.assert_close(computed[0].logits, fresh)
 
 
-def test_augmented_training_builds_the_cache_on_first_clean_pass_only():
-    dm = DigitsDataModule(seed=0)
-    dm.setup()
+def test_augmented_training_builds_the_cache_on_first_clean_pass_only(monkeypatch):
+    dm = augmented_digits()
     teachers = Teachers([frozen_teacher()])
-    assert not teachers.plan_cache(dm.train_size, 10, deterministic=False, needs_features=False)
     built = []
-
-    def build():
-        built.append(1)
-        teachers.build_cache(train_batches(dm), dm.train_size, 10, "cpu", key=lambda: b"",
-                             save=False, show_progress=False)
-
+    build = teachers.build_cache
+    monkeypatch.setattr(teachers, "build_cache", lambda *a, **k: built.append(1) or build(*a, **k))
+    teachers.prepare(dm, KD(), epochs=1, placement=Placement())
+    assert built == []  # augmented batches never read it: not built before training
     idx = torch.tensor([3, 1])
     batch = {"input": dm.splits["train"].inputs[idx], "index": idx}
-    first = teachers.for_train_examples(batch, build)
-    second = teachers.for_train_examples(batch, build)
+    first = teachers.for_train_examples(batch)
+    second = teachers.for_train_examples(batch)
     assert built == [1]
     torch.testing.assert_close(first[0].logits, second[0].logits)
     off = Teachers([frozen_teacher()], cache_mode="off")
-    assert not off.plan_cache(dm.train_size, 10, deterministic=True, needs_features=False)
-    torch.testing.assert_close(off.for_train_examples(batch, build)[0].logits, first[0].logits,
+    off.prepare(dm, KD(), epochs=1, placement=Placement())
+    assert off._logits is None and off.views is None
+    torch.testing.assert_close(off.for_train_examples(batch)[0].logits, first[0].logits,
                                atol=1e-5, rtol=0)
-    assert built == [1]
+    assert off._logits is None
 
 
 def test_the_cache_progress_bar_counts_examples_and_ends_its_line(capsys):

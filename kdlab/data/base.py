@@ -210,11 +210,15 @@ class SplitDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True, drop_last=True)
 
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """All of ``split`` in order, in evaluation batches."""
+        return self._loader(split, self.eval_batch_size, shuffle=False, drop_last=False)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False, drop_last=False)
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
+        return self.eval_dataloader("test")
 
     # -- device-side preprocessing ---------------------------------------------------------
     def preprocess(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
@@ -229,6 +233,13 @@ class SplitDataModule(pl.LightningDataModule):
         """Move a batch from one of this module's loaders to ``device`` and preprocess it."""
         moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         return self.preprocess(moved, train=train)
+
+    def examples(self, split: str, index: Tensor | None, device) -> dict[str, Tensor]:
+        """Un-augmented examples of ``split`` at positions ``index`` (default: all of it), as
+        a model batch ``{input, target, index}`` on ``device``."""
+        ds = self.splits[split]
+        index = torch.arange(len(ds)) if index is None else index.cpu()
+        return self.model_batch(ds[index], device, train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training

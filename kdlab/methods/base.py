@@ -77,7 +77,9 @@ class Outputs:
 
 
 class MethodContext(Protocol):
-    """Everything a method may use of the running training (the LightningModule provides it).
+    """Everything a method may use of the running training (:class:`kdlab.context.RunContext`
+    serves it in a run; ``tests/helpers/context.py`` fakes it). A plain object, not a module:
+    a method may keep it as an attribute.
 
     Sizes and progress: ``num_classes``, ``input_shape``, ``train_size`` (examples in the
     train split), ``batch_size`` (train batch per rank), ``current_epoch``, ``global_step``,
@@ -85,27 +87,62 @@ class MethodContext(Protocol):
     ``seed``, ``device``, ``global_rank``, ``world_size``, ``is_global_zero``, ``run_dir``.
     Models: ``student``; ``teachers`` (frozen, eval mode). ``noise_mask`` marks the train
     examples whose label was corrupted: for analysis and reporting only, training must not
-    read it.
+    read it. All of these are read-only.
     """
 
-    student: nn.Module
-    teachers: Sequence[nn.Module]
-    num_classes: int
-    input_shape: tuple[int, ...]
-    train_size: int
-    batch_size: int
-    current_epoch: int
-    global_step: int
-    max_epochs: int
-    total_steps: int
-    current_lr: float
-    seed: int
-    device: torch.device
-    global_rank: int
-    world_size: int
-    is_global_zero: bool
-    run_dir: Path
-    noise_mask: Tensor | None
+    @property
+    def student(self) -> nn.Module: ...
+
+    @property
+    def teachers(self) -> Sequence[nn.Module]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def train_size(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def current_epoch(self) -> int: ...
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def max_epochs(self) -> int: ...
+
+    @property
+    def total_steps(self) -> int: ...
+
+    @property
+    def current_lr(self) -> float: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def global_rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def is_global_zero(self) -> bool: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def noise_mask(self) -> Tensor | None: ...
 
     def teacher_outputs(self, x: Tensor, paths: tuple[str, ...] = ()) -> list[Outputs]:
         """The frozen teachers on inputs ``x`` (float32, no autograd history)."""

@@ -116,9 +116,8 @@ class BDKD(DML):
             peer = balanced_divergence(log_s.detach(), log_t, r)
         else:
             peer = kl_divergence(log_s.detach(), log_t).mean()
-        ctx = self.__dict__.get("ctx")
-        if ctx is not None and torch.is_grad_enabled():
-            ctx.log("train/bdkd_reverse_weight", r.mean(), on_step=False, on_epoch=True,
+        if self.ctx is not None and torch.is_grad_enabled():
+            self.ctx.log("train/bdkd_reverse_weight", r.mean(), on_step=False, on_epoch=True,
                     batch_size=r.shape[0])
         return t * t * student, t * t * peer
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, find_classifier
-from .base import Method, Outputs, cross_entropy, require_teachers
+from .base import Method, MethodContext, Outputs, cross_entropy, require_teachers
 
 HEADS = ("linear", "mlp")
 
@@ -107,6 +107,7 @@ class DHKD(Method):
         self.head_kind = str(head)
         self.gradient_alignment = bool(gradient_alignment)
         self.aux_head: nn.Module | None = None  # built in setup() from the student's width
+        self.ctx: MethodContext | None = None  # the run, from setup()
 
     def check(self, student, teachers) -> None:
         require_teachers(self.name, len(teachers), exactly=1)
@@ -116,7 +117,7 @@ class DHKD(Method):
             raise ConfigError(f"dhkd needs a student with a linear classifier: {e}") from None
 
     def setup(self, ctx) -> None:
-        self.__dict__["ctx"] = ctx  # a plain reference (ctx is a Module, not a submodule)
+        self.ctx = ctx
         if self.aux_head is not None:  # idempotent: setup runs for every stage
             return
         self.check(ctx.student, ctx.teachers)
@@ -134,10 +135,9 @@ class DHKD(Method):
         aux = self.alpha * binary_kl_loss(aux_logits, teachers[0].logits, self.temperature)
         terms = {"ce": ce, "aux": aux}
         if self.gradient_alignment and torch.is_grad_enabled() and ce.requires_grad:
-            ctx = self.__dict__.get("ctx")
-            if ctx is None:
+            if self.ctx is None:
                 raise RuntimeError("dhkd gradient alignment needs setup(ctx) first")
-            params = [p for p in [*ctx.student.parameters(), *self.aux_head.parameters()]
+            params = [p for p in [*self.ctx.student.parameters(), *self.aux_head.parameters()]
                       if p.requires_grad]
             c = alignment_coefficient(ce, aux, params)
             terms["align"] = -c.detach() * ce

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models import build_model, model_config
-from .base import Method, Outputs, cross_entropy, kd_kl
+from .base import Method, MethodContext, Outputs, cross_entropy, kd_kl
 
 PEER_SEED_OFFSET = 7919  # the peer's initialisation seed: run seed + this
 
@@ -95,13 +95,14 @@ class DML(Method):
         self.kl_weight = float(kl_weight)
         self.temperature = float(temperature)
         self.peer: nn.Module | None = None  # built in setup()
+        self.ctx: MethodContext | None = None  # the run, from setup()
 
     def check(self, student, teachers) -> None:
         if isinstance(self.peer_config, str):
             model_config(self.peer_config)  # an unknown model name fails before any work
 
     def setup(self, ctx) -> None:
-        self.__dict__["ctx"] = ctx  # a plain reference (ctx is a Module, not a submodule)
+        self.ctx = ctx
         if self.peer is None:  # idempotent: setup runs for every stage
             self.peer = build_peer(self.peer_config, ctx)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Method, Outputs, cross_entropy, kd_kl, require_teachers
+from .base import Method, MethodContext, Outputs, cross_entropy, kd_kl, require_teachers
 
 MASKINGS = ("per_example", "released")
 
@@ -93,13 +93,14 @@ class MLKD(Method):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
         self.masking = masking
+        self.ctx: MethodContext | None = None  # the run, from on_fit_start()
 
     def on_fit_start(self, ctx) -> None:
-        self.__dict__["ctx"] = ctx  # the strong view's forward passes (not a submodule)
+        self.ctx = ctx  # the strong view's forward passes
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))
-        ctx = self.__dict__["ctx"]
+        ctx = self.ctx
         strong = batch["input_strong"]
         s_weak, s_strong = student.logits, ctx.student(strong)
         t_strong_all = [o.logits for o in ctx.teacher_outputs(strong)]

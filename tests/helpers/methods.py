@@ -22,7 +22,7 @@ class TransformProbe(Method):
         self.worst = 0.0
 
     def on_fit_start(self, ctx):
-        self.__dict__["ctx"] = ctx  # a plain reference: ctx is a Module, not a submodule
+        self.ctx = ctx
 
     def transform_batch(self, batch, ctx):
         return {**batch, "input": -batch["input"], "soft_target": F.one_hot(
@@ -52,7 +52,7 @@ class ViewProbe(Method):
         self.differs = 0
 
     def on_fit_start(self, ctx):
-        self.__dict__["ctx"] = ctx  # a plain reference: ctx is a Module, not a submodule
+        self.ctx = ctx
 
     def loss_terms(self, student, teachers, batch):
         strong = batch["input_strong"]
@@ -81,3 +81,44 @@ class PeerProbe(Method):
     def loss_terms(self, student, teachers, batch):
         return {"ce": cross_entropy(student.logits, batch["target"]),
                 "peer_ce": cross_entropy(self.peer(batch["input"]), batch["target"])}
+
+
+class ContextProbe(Method):
+    """CE, and a record of what the run context says in each hook (tests/test_context.py).
+    Keeps the context as an attribute, as any method may."""
+
+    name = "context_probe"
+
+    def __init__(self):
+        super().__init__()
+        self.ctx = None
+        self.seen: dict = {"step_ends": []}
+
+    def setup(self, ctx):
+        self.ctx = ctx
+
+    def on_fit_start(self, ctx):
+        index = torch.tensor([3, 1])
+        train = ctx.examples("train", index)
+        with ctx.precision_context():
+            self.seen["fit_start"] = {
+                "same_ctx": ctx is self.ctx,
+                **{k: getattr(ctx, k) for k in (
+                    "num_classes", "input_shape", "train_size", "batch_size", "max_epochs",
+                    "total_steps", "current_lr", "seed", "device", "global_rank", "world_size",
+                    "is_global_zero", "run_dir", "noise_mask", "current_epoch", "global_step")},
+                "student": ctx.student, "teachers": tuple(ctx.teachers),
+                "val": ctx.examples("val"), "train": train,
+                "teacher_outputs": ctx.teacher_outputs(train["input"])[0].logits,
+                "clean_train_teacher_outputs": ctx.clean_train_teacher_outputs(train)[0].logits,
+                "all_gather": ctx.all_gather(torch.tensor([2.0, 5.0])),
+            }
+
+    def on_train_epoch_start(self, ctx):
+        self.seen["epoch_start"] = (ctx.current_epoch, ctx.global_step)
+
+    def on_train_batch_end(self, ctx, batch):
+        self.seen["step_ends"].append(ctx.global_step)
+
+    def loss_terms(self, student, teachers, batch):
+        return {"ce": cross_entropy(student.logits, batch["target"])}

@@ -59,7 +59,7 @@ def test_learned_parts_resume_exactly(cache_dir, tmp_path, name):
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     fresh, _ = module_for(cfg)
     if part is not None:
-        fresh.method.setup(fresh)  # what Lightning does before restoring a checkpoint
+        fresh.method.setup(fresh.context)  # what Lightning does before restoring a checkpoint
         fresh.load_state_dict(ckpt["state_dict"])
         for key, value in getattr(fresh.method, part).state_dict().items():
             assert torch.equal(value, saved[f"w.{key}"]), key

@@ -134,3 +134,30 @@ def test_penultimate_feature_is_the_classifier_input(name):
     _, head = find_classifier(model)
     torch.testing.assert_close(head(feats["penultimate"]), logits)
     assert feats["penultimate"].shape == (3, head.in_features)
+
+
+def _vgg_macs(stages: list[list[int]], in_channels: int = 1, size: int = 28,
+              classes: int = 10) -> int:
+    """Multiply-accumulates of a three-stage VGG by hand: 3x3 convs at full size in stage 1,
+    each later stage after a 2x2 max-pool; the linear classifier on the pooled features."""
+    macs, c = 0, in_channels
+    for k, stage in enumerate(stages):
+        side = size // 2**k
+        for out in stage:
+            macs += side * side * c * out * 9
+            c = out
+    return macs + c * classes
+
+
+def test_the_fashion_mnist_student_has_under_an_eighth_of_the_teachers_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = {}
+    for name in ("vgg6", "vgg7x4"):
+        model = build_model(name, 10, (1, 28, 28)).eval()
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28))
+        counted[name] = flops.get_total_flops() // 2
+    assert counted["vgg6"] == _vgg_macs([[8], [16, 16], [32, 32]])  # 1.41 M
+    assert counted["vgg7x4"] == _vgg_macs([[32, 32], [64, 64], [128, 128]])  # 29.1 M
+    assert counted["vgg6"] * 8 <= counted["vgg7x4"]
