@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -46,7 +45,20 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, KdlabError
+from .config import (
+    changes_the_experiment,
+    check_added_keys,
+    compose,
+    conf_dir,
+    hydra_quoted,
+    import_target,
+    not_the_experiment,
+    use_config_sources,
+)
+from .errors import ConfigError, KdlabError, hydra_error_line
+
+# Modules that import torch or Lightning (~6 s) are imported inside the functions that need
+# them: `kdlab --help`, a bad override and Hydra's own flags answer without that wait.
 
 USAGE = __doc__.split("\n\n", 1)[1]  # from "usage:" on
 # Hydra's own flags that take a value, and those that make it do something else than run.
@@ -60,12 +72,12 @@ log = logging.getLogger("kdlab")
 
 @hydra.main(version_base="1.3", config_path="pkg://kdlab.conf", config_name="train")
 def train_app(cfg: DictConfig) -> float:
-    from .config import check_added_keys
-    from .run_dir import RunDir
+    from .run_dir import RunDir  # torch, Lightning: see above
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    use_config_sources(hc.runtime.config_sources)  # group files from the job's search path
     try:
         check_added_keys(cfg, list(hc.overrides.task))
         recorded = RunDir(output_dir).finished_results(cfg)  # resume=true: skip finished runs
@@ -74,7 +86,7 @@ def train_app(cfg: DictConfig) -> float:
             return float(recorded["val"]["acc"])
         check_launcher_strategy(cfg, hc, output_dir)
         print_plan(cfg)
-        from .train import run  # heavy imports (lightning) only once Hydra has parsed the args
+        from .pipeline import run  # torch, Lightning: see above
 
         results = run(cfg, output_dir)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into exit(1))
@@ -108,7 +120,7 @@ def _shown(path: Path) -> str:
 def continue_hint(hc: DictConfig, output_dir: Path) -> str:
     """How to continue after a failure or an interruption: the sweep's command + resume=true
     (from its multirun.yaml), or the run's own resume.sh."""
-    from .run_dir import RESUME_SCRIPT, config_dir_args, hydra_quoted, kdlab_executable
+    from .run_dir import RESUME_SCRIPT, config_dir_args, kdlab_executable  # see above
 
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = f"hydra.sweep.dir={hydra_quoted(str(hc.sweep.dir))}"
@@ -135,7 +147,7 @@ def _key(override: str) -> str:
 
 def print_plan(cfg: DictConfig) -> None:
     """What the run will do (teachers, student, epochs, schedule): rank 0, into train.log."""
-    from .plan import describe_plan
+    from .plan import describe_plan  # torch, Lightning: see above
     from .run_dir import is_launching_process
 
     if is_launching_process():
@@ -196,19 +208,6 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
     return overrides, config_dirs, multirun, other
 
 
-def hydra_error_line(error: Exception) -> str:
-    """Hydra's multi-line composition errors as one line naming the problem and the fix."""
-    text = str(error)
-    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
-    if missing:
-        group, name = missing.groups()
-        section = text.split("Available options", 1)[-1].split("Config search path")[0]
-        options = re.findall(r"^\t(\S+)$", section, flags=re.M)
-        return f"unknown {group} {name!r}; available: {', '.join(options)}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return "; ".join(line.rstrip(".") for line in lines[:2])
-
-
 def parsed_overrides(overrides: list[str]) -> list:
     """Hydra's reading of the overrides (key, value, sweep or not); [] if they do not parse
     (Hydra then reports the error itself)."""
@@ -233,7 +232,8 @@ def check_overrides(args: list[str]) -> None:
     overrides, config_dirs, multirun, other = split_arguments(args)
     if multirun or other:
         return  # sweeps: each job is validated before it starts; --help etc.: Hydra's
-    from .config import compose, instantiate_datamodule, validate
+    from .data import instantiate_datamodule  # torch, Lightning: see above
+    from .preflight import validate
     from .run_dir import RunDir, finished_run_error
 
     parsed = parsed_overrides(overrides)
@@ -267,9 +267,6 @@ def check_overrides(args: list[str]) -> None:
 def resume_sweep(args: list[str]) -> list[str]:
     """``-m ... resume=true`` without hydra.sweep.dir: the arguments + the directory of the
     latest sweep under hydra.sweep.dir's root (multirun/) that ran the same overrides."""
-    from .config import compose
-    from .run_dir import hydra_quoted
-
     overrides, config_dirs, multirun, other = split_arguments(args)
     parsed = parsed_overrides(overrides)
     if not multirun or other or given_value(parsed, "resume") is not True or any(
@@ -312,8 +309,6 @@ def name_swept_keys(args: list[str]) -> list[str]:
     """A sweep over keys that do not change the experiment (``logger=csv,wandb``,
     ``num_threads=1,4``) keeps those keys in its job directory names, which would be the same
     otherwise: the arguments + the exclude list without them."""
-    from .config import not_the_experiment
-
     overrides, _, multirun, other = split_arguments(args)
     parsed = parsed_overrides(overrides)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
@@ -327,8 +322,6 @@ def name_swept_keys(args: list[str]) -> list[str]:
 def same_sweep_key(overrides: list[str]) -> set:
     """What makes two sweeps the same: each experiment override's key and its values (in any
     order; resume, logger, threads, paths ... aside)."""
-    from .config import changes_the_experiment
-
     key = set()
     for o in parsed_overrides(list(overrides)):
         if o.key_or_group.startswith("hydra") or not changes_the_experiment(o.key_or_group):
@@ -377,7 +370,7 @@ def check_launcher_strategy(cfg: DictConfig, hc: DictConfig, output_dir: Path) -
     error = launcher_strategy_error(cfg.trainer, hc)
     if error is None:
         return
-    from .io import atomic_write_json
+    from .io import atomic_write_json  # torch: see above
 
     atomic_write_json(output_dir / "failed.json", {"status": "failed",
                                                    "error": f"ConfigError: {error}"})
@@ -472,8 +465,6 @@ def report_fail(message: str) -> None:
 
 def list_methods(config_dirs: list[str] = ()) -> str:
     """Every method config (kdlab's and those in ``config_dirs``) with its description."""
-    from .config import conf_dir, import_target
-
     found: dict[str, Path] = {}
     for root in [conf_dir(), *map(Path, config_dirs)]:
         for path in sorted((root / "method").glob("*.yaml")):
@@ -518,12 +509,14 @@ def main() -> None:
             print(f"kdlab: error: unknown command {command!r}; commands: train, eval, report, "
                   "methods", file=sys.stderr)
             raise SystemExit(2)
-    check_overrides(rest)
-    sys.argv = [sys.argv[0], *name_swept_keys(resume_sweep(rest))]
     try:
+        check_overrides(rest)
+        sys.argv = [sys.argv[0], *name_swept_keys(resume_sweep(rest))]
         train_app()
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # what was interrupted, and how to continue: above
+    finally:
+        use_config_sources(())  # the command's config directories end with it (in-process)
 
 
 if __name__ == "__main__":

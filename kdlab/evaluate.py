@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import KdlabError
+from .errors import KdlabError, hydra_error_line
 
 USAGE = """usage: kdlab eval RUN_DIR_OR_CKPT [key=value ...]
 
@@ -151,8 +151,6 @@ def _compose(overrides: list[str]) -> DictConfig:
     except KdlabError:
         raise
     except Exception as e:
-        from .cli import hydra_error_line
-
         raise EvalError(hydra_error_line(e)) from None
 
 
@@ -160,7 +158,8 @@ def data_config(run_cfg: DictConfig | None, overrides: list[str]) -> DictConfig:
     """dataset, noise, seed and choices for the evaluation: the run's own, with overrides;
     ``dataset=NAME`` / ``noise=NAME`` take kdlab's config of that name instead, and
     ``paths.data_dir=DIR`` moves the run's own dataset root as it would in kdlab train."""
-    from .config import check_noise, check_signature
+    from .config import check_signature
+    from .preflight import check_noise
 
     groups = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides
               if o.split("=", 1)[0] in ("dataset", "noise")}
@@ -231,7 +230,7 @@ def student_prediction(hparams: dict[str, Any]):
     """The prediction from the student's logits: its method's ``predict`` (mixup KD's
     s / std(s)), the method rebuilt from its configuration; the logits themselves for a
     checkpoint without a method."""
-    from .config import instantiate_method
+    from .methods import instantiate_method
 
     if not hparams.get("method"):
         return lambda logits: logits
@@ -262,7 +261,7 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     cfg = data_config(run_cfg, overrides)
     split, labels = options.get("split", "test"), options.get("labels", "given")
 
-    from .config import instantiate_datamodule
+    from .data import instantiate_datamodule
     from .data.base import ArrayDataset
     from .loggers import quiet_lightning
 
@@ -307,7 +306,7 @@ def describe_labels(split: str, labels: str, noise: dict[str, Any], trained_on: 
 
 def _evaluate(student, predict, dm, split: str, precision: str, accelerator: str):
     from .evaluation import evaluate_student
-    from .train import resolve_precision
+    from .trainer import resolve_precision
 
     # Lightning's banner lines (GPU available, ...) say nothing about an evaluation.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -318,8 +317,8 @@ def _evaluate(student, predict, dm, split: str, precision: str, accelerator: str
 def _write(out, ckpt, run_dir, run_cfg, run_results, data, student, cfg, dataset, split,
            labels, dm, precision, metrics, bins) -> dict[str, Any]:
     from .io import atomic_write_json
+    from .models import describe_model
     from .plots import reliability_diagram
-    from .teachers import describe_model
 
     name = ((run_cfg or {}).get("choices") or {}).get("student") or str(
         data["hyper_parameters"]["student"].get("_target_", "student")).rsplit(".", 1)[-1]

@@ -24,10 +24,14 @@ environment (``WANDB_API_KEY``) or ``wandb login``.
 from __future__ import annotations
 
 import logging
+import netrc
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -152,6 +156,41 @@ def _is_wandb(target: str) -> bool:
     return target.rsplit(".", 1)[-1] == "WandbLogger"
 
 
+def check_wandb(cfg: DictConfig) -> None:
+    """A wandb logger needs the package and, unless offline or disabled, an API key, which
+    never comes from a config (it would end up in config.yaml and the wandb run)."""
+    nodes = [(k, n) for k, n in (cfg.get("logger") or {}).items()
+             if str(n.get("_target_", "")).endswith("WandbLogger")]
+    if not nodes:
+        return
+    for name, node in nodes:
+        secrets = [k for k in node if str(k).lower() in SECRET_KEYS]
+        if secrets:
+            raise ConfigError(f"logger.{name}.{secrets[0]}: never put a W&B key into a config;"
+                              " set WANDB_API_KEY in the environment or run `wandb login`")
+    try:
+        import wandb  # noqa: F401  (optional: the `wandb` extra)
+    except ModuleNotFoundError:
+        raise ConfigError("logger=wandb needs the wandb package: pip install wandb") from None
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    if _wandb_logged_in():
+        return
+    raise ConfigError("logger=wandb has no W&B API key: run `wandb login`, set WANDB_API_KEY, "
+                      "or log without network with WANDB_MODE=offline (upload later with "
+                      "`wandb sync`)")
+
+
+def _wandb_logged_in() -> bool:
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(
+            os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
 def _wandb_kwargs(kwargs: dict[str, Any], cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     group, name = wandb_group_and_name(cfg, output_dir)
     kwargs["group"] = kwargs.get("group") or group
@@ -162,9 +201,6 @@ def _wandb_kwargs(kwargs: dict[str, Any], cfg: DictConfig, output_dir: Path) -> 
 
 def wandb_group_and_name(cfg: DictConfig, output_dir: Path) -> tuple[str | None, str]:
     """Defaults for wandb ``group`` and ``name``: the sweep, and the job's own overrides."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     seed = f"seed={cfg.get('seed')}"
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     job_dir = OmegaConf.select(hc, "runtime.output_dir", default=None,

@@ -22,10 +22,10 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from .config import instantiate_method
 from .context import RunContext
 from .errors import NonFiniteLossError
 from .evaluation import StudentMetrics
+from .methods import instantiate_method
 from .methods.base import Batch, derived_seed
 from .metrics import Agreement, classification_metrics
 from .models import build_model

@@ -1,21 +1,30 @@
 """What a ``kdlab train`` run is about to do, in a few lines printed before any work.
 
 For each teacher: loaded from a file, reused from the auto-trained teacher cache, or trained
-with CE first (its recipe, from :func:`kdlab.teachers.recipe_line`); then the student: method,
-epochs, optimiser and learning-rate schedule, batch, data and trainer. After the first epoch
-:class:`kdlab.callbacks.RunEstimate` adds how long the whole run should take.
+with CE first (its recipe, from :func:`kdlab.teacher_config.recipe_line`); then the student:
+method, epochs, optimiser and learning-rate schedule, batch, data and trainer. After the first
+epoch :class:`kdlab.callbacks.RunEstimate` adds how long the whole run should take.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import device_count
+from .methods import instantiate_method
+from .preflight import device_count
 from .selection import selection_rule
+from .teacher_config import (
+    recipe_line,
+    selected_checkpoint,
+    teacher_specs,
+    training_config,
+    weights_cache_dir,
+)
 
-SHORT = {"weight_decay": "wd"}  # as kdlab.teachers.recipe_line writes it
+SHORT = {"weight_decay": "wd"}  # as kdlab.teacher_config.recipe_line writes it
 SCHEDULES = {"CosineAnnealingLR": "cosine", "MultiStepLR": "multistep", "ConstantLR": "constant"}
 
 
@@ -51,15 +60,6 @@ def schedule_line(scheduler: DictConfig | None) -> str:
 
 
 def teacher_lines(cfg: DictConfig) -> list[str]:
-    from .config import instantiate_method
-    from .teachers import (
-        recipe_line,
-        selected_checkpoint,
-        teacher_specs,
-        training_config,
-        weights_cache_dir,
-    )
-
     method = cfg.choices.get("method") or _short(cfg.method.get("_target_"))
     if not instantiate_method(cfg.method).needs_teacher:
         return [f"teacher: none (method {method} does not use one)"]
@@ -97,8 +97,6 @@ def student_line(cfg: DictConfig) -> str:
 def _devices(trainer: DictConfig) -> int:
     """The devices per node: ``trainer.devices``, or for auto/-1 those Lightning will find
     (every CUDA GPU when it runs on them, else one)."""
-    import torch
-
     devices = device_count(trainer.get("devices", 1))
     if devices is not None:
         return devices

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import re
 import shlex
 import socket
 import sys
@@ -25,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from .config import changes_the_experiment, hydra_quoted
 from .errors import ConfigError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -98,8 +100,6 @@ class RunDir:
     def config_change(self, cfg: DictConfig) -> ConfigError | None:
         """resume=true with another experiment than the one this directory holds: refused
         (keys that do not change the experiment, e.g. logger or num_threads, may differ)."""
-        from .config import changes_the_experiment
-
         saved = self.path / "config.yaml"
         if not saved.exists():
             return None
@@ -135,8 +135,6 @@ class RunDir:
     def _write_resume_script(self) -> None:
         """``resume.sh``: the command that continues this run, when it is the Hydra job's own
         run (not an auto-trained teacher's or a generation's run inside it)."""
-        from hydra.core.hydra_config import HydraConfig
-
         if not (HydraConfig.initialized() and is_launching_process()):
             return
         hc = HydraConfig.get()
@@ -220,20 +218,11 @@ def _is_test_row(row: dict[str, str]) -> bool:
                for key, value in row.items())
 
 
-def hydra_quoted(value: str) -> str:
-    """A value in Hydra's override grammar as one quoted string (directory names of sweep
-    jobs hold ``=`` and ``,``, which Hydra would otherwise parse)."""
-    escaped = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', value)
-    return '"' + re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped) + '"'
-
-
 def resume_command(hc: DictConfig) -> str:
     """``<kdlab> train <the job's overrides> hydra.run.dir=<its directory> resume=true``, quoted
     for the shell (run from the job's working directory): a sweep job continues on its own.
     Of Hydra's own settings only the config search path is kept (and hydra.mode=RUN for a
     sweep job, whose config may ask for a sweep, e.g. hparams_search)."""
-    from hydra.types import RunMode
-
     args = ["train", *config_dir_args(hc)]
     args += [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "resume"]
     args += [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath=")]

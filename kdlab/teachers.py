@@ -1,57 +1,43 @@
-"""Everything about teachers: which ones a run has, where their weights come from, and
-their outputs during training.
+"""The teachers of a run: loaded and frozen, and their outputs during training.
 
-* Weights: ``teacher.ckpt`` (a kdlab checkpoint, a ``state_dict`` file, ``tv:<weights>``),
-  or ``auto``: the teacher is trained first with CE on the **dataset's recipe**
-  (``dataset.recipe``: epochs, SGD settings, schedule), whatever the student's optimiser,
-  schedule or epochs; ``teacher.max_epochs``, ``teacher.lr``, ``teacher.weight_decay`` and
-  ``teacher.label_noise`` (``same``: the run's noisy labels; ``none``: the clean labels of the
-  same train split) change it. The result is cached under ``paths.cache_dir/teachers``,
-  keyed by everything that determines it, and trained once under a file lock when several
-  jobs of a sweep need it.
+* :func:`load_teachers` builds each teacher, loads the weights its spec carries (a ``ckpt``
+  given, or an auto-trained teacher's, trained before by :mod:`kdlab.pipeline`), freezes it.
 * :class:`Teachers` is the one object the LightningModule calls for teacher outputs: frozen
-  models (eval mode, no gradients, channels_last), run under ``inference_mode``. It decides
-  its caches itself at fit start (:meth:`Teachers.prepare`: from the datamodule, the method's
-  declared needs and the precision). The **teacher-logit cache**: each teacher's logits on
-  the un-augmented train split, computed once and looked up by example index -- for training
-  batches when the train transform is deterministic, and for a method's own passes over the
-  clean train examples (e.g. a meta-learning pass) always (built on first use).
-  ``teacher_cache``: auto (when it fits in 4 GiB) | memory | disk (also saved under
-  ``paths.cache_dir/teacher_logits``, named by the teachers' weights, the train inputs, the
-  precision and the kdlab version) | views | off.
-* ``views`` (and ``auto`` when more epochs will read it than it costs): the teachers' logits
-  for every (example, augmented view) of an enumerable augmentation (CIFAR's crop + flip: 162
-  views), a memory-mapped :class:`ViewCache` built once (resumable, under a lock) and looked
-  up by the view each example got. Methods that need teacher features or transform the
-  batch always run the teachers.
+  models (eval mode, no gradients, channels_last) under ``inference_mode``, and the caches it
+  decides at fit start (:meth:`Teachers.prepare`: from the datamodule, the method's declared
+  needs and the precision). ``teacher_cache``: auto | memory | disk | views | off. The
+  **teacher-logit cache** holds each teacher's logits on the un-augmented train split (auto:
+  when it fits in 4 GiB; disk: also saved under ``paths.cache_dir/teacher_logits``, named by
+  the teachers' weights, the train inputs, the precision and the kdlab version), looked up by
+  example for training batches when the train transform is deterministic, and for a method's
+  passes over the clean train examples always. ``views`` (and ``auto`` when more epochs read
+  it than it costs): :class:`~kdlab.view_cache.ViewCache`, the logits of every augmented
+  view. Methods that need teacher features or transform the batch always run the teachers.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from . import __version__
-from .config import TEACHER_OPTIONS, conf_dir
-from .errors import ConfigError
-from .io import atomic_torch_save, atomic_write_json
+from .errors import ConfigError, TeacherLoadError
+from .io import atomic_torch_save, progress
 from .methods.base import Method, Outputs
-from .models import build_model, count_parameters, model_config
+from .models import build_model
 from .models.features import FeatureHooks
 from .models.loading import freeze, load_weights
-from .selection import selection_rule
+from .teacher_config import TeacherSpec
+from .view_cache import ViewCache
 
 log = logging.getLogger("kdlab")
 
@@ -59,190 +45,16 @@ log = logging.getLogger("kdlab")
 LOGIT_CACHE_AUTO_BYTES = 4 * 2**30
 
 
-# -- which teachers ------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherSpec:
-    where: str            # its config key: teacher, teachers[1], ...
-    name: str             # the config option (conf/model/<name>.yaml) or the _target_
-    arch: DictConfig      # _target_ + architecture options
-    options: dict[str, Any]  # ckpt, allow_pickle, label_noise, max_epochs, lr, weight_decay
-
-    @property
-    def ckpt(self) -> str:
-        return str(self.options.get("ckpt") or "auto")
-
-
-# Options of `teacher` that the entries of a `teachers` list inherit unless they set their own:
-# how an auto-trained teacher is trained (`teacher.label_noise=none` applies to all of them).
-INHERITED_OPTIONS = ("label_noise", "max_epochs", "lr", "weight_decay")
-
-
-def teacher_specs(cfg: DictConfig) -> list[TeacherSpec]:
-    """The run's teachers: the ``teachers`` list when set, else ``teacher``."""
-    inherited = {}
-    if cfg.get("teachers"):
-        nodes = [(f"teachers[{i}]", node, None) for i, node in enumerate(cfg.teachers)]
-        inherited = {k: cfg.teacher[k] for k in INHERITED_OPTIONS
-                     if cfg.get("teacher") is not None and cfg.teacher.get(k) is not None}
-    else:
-        nodes = [("teacher", cfg.teacher, (cfg.get("choices") or {}).get("teacher"))]
-    specs = []
-    for where, node, choice in nodes:
-        data = OmegaConf.to_container(node, resolve=True)
-        options = {**inherited, **{k: data.pop(k) for k in TEACHER_OPTIONS if k in data}}
-        model = options.pop("model", None)
-        arch = OmegaConf.merge(model_config(model), data) if model else OmegaConf.create(data)
-        name = model or choice or str(arch.get("_target_", "?")).rsplit(".", 1)[-1]
-        specs.append(TeacherSpec(where, str(name), arch, options))
-    return specs
-
-
-def describe_model(name: str, model: nn.Module) -> dict[str, Any]:
-    """What results.json and the summary say about a model: option name and architecture."""
-    return {"name": name, "arch": type(model).__name__, "params": count_parameters(model)}
-
-
-# -- auto-training -------------------------------------------------------------------------
-
-# Trainer settings that change what an auto-trained teacher learns (part of its cache key).
-TEACHER_TRAINER_KEYS = ("limit_train_batches", "limit_val_batches", "accumulate_grad_batches",
-                        "gradient_clip_val")
-
-
-def training_config(cfg: DictConfig, spec: TeacherSpec) -> DictConfig:
-    """The CE run that trains teacher ``spec``: the same data, split and seed as ``cfg``, on
-    the dataset's recipe (with the teacher's own overrides), one process, CSV log only."""
-    teacher_cfg = cfg.copy()
-    OmegaConf.set_struct(teacher_cfg, False)
-    recipe = teacher_cfg.dataset.recipe
-    for key in ("max_epochs", "lr", "weight_decay"):
-        if spec.options.get(key) is not None:
-            recipe[key] = spec.options[key]
-    # a shortened recipe (teacher.max_epochs) never reaches its later milestones
-    recipe.milestones = [m for m in recipe.get("milestones") or [] if m <= recipe.max_epochs]
-    if str(spec.options.get("label_noise") or "same") == "none":
-        teacher_cfg.noise = {"type": "none", "rate": 0.0}
-    teacher_cfg.method = {"_target_": "kdlab.methods.ce.CE"}
-    teacher_cfg.student = spec.arch
-    teacher_cfg.teachers = None
-    teacher_cfg.resume = False
-    teacher_cfg.choices = {**cfg.get("choices", {}), "method": "ce", "student": spec.name,
-                           "teacher": None, "noise": teacher_cfg.noise.type}
-    teacher_cfg.optimizer = OmegaConf.load(conf_dir() / "optimizer" / "sgd.yaml")
-    teacher_cfg.scheduler = OmegaConf.load(conf_dir() / "scheduler" / "recipe.yaml")
-    teacher_cfg.trainer.max_epochs = "${dataset.recipe.max_epochs}"
-    # Selection sees every epoch of the teacher (its epochs need not suit the student's
-    # validation cadence).
-    teacher_cfg.trainer.check_val_every_n_epoch = 1
-    # One process: a nested multi-process launch would re-run this whole script.
-    teacher_cfg.trainer.strategy = "auto"
-    teacher_cfg.trainer.devices = 1
-    teacher_cfg.logger = {"csv": cfg.logger.csv} if "csv" in (cfg.logger or {}) else {}
-    teacher_cfg.callbacks = {}
-    OmegaConf.resolve(teacher_cfg)
-    return teacher_cfg
-
-
-def weights_cache_dir(teacher_cfg: DictConfig) -> Path:
-    """Cache entry keyed by everything that determines a CE-trained teacher."""
-    dataset = OmegaConf.to_container(teacher_cfg.dataset, resolve=True)
-    # where/how the data is read changes nothing (its content is the same or refused)
-    for k in ("root", "system_root", "url", "download", "num_workers"):
-        dataset.pop(k, None)
-    dataset.get("recipe", {}).pop("num_threads", None)
-    key_source = {
-        "dataset": dataset,
-        "noise": OmegaConf.to_container(teacher_cfg.noise, resolve=True),
-        "arch": OmegaConf.to_container(teacher_cfg.student, resolve=True),
-        "optimizer": OmegaConf.to_container(teacher_cfg.optimizer, resolve=True),
-        "scheduler": OmegaConf.to_container(teacher_cfg.scheduler, resolve=True),
-        "max_epochs": teacher_cfg.trainer.max_epochs,
-        "precision": teacher_cfg.trainer.precision,
-        # which batches it trains and validates on, and how steps are taken
-        "trainer": {k: teacher_cfg.trainer.get(k) for k in TEACHER_TRAINER_KEYS},
-        "seed": teacher_cfg.seed,
-        # which of its epochs the students learn from
-        "selection": selection_rule(teacher_cfg).as_dict(),
-    }
-    digest = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
-    dataset_name = teacher_cfg.choices.get("dataset") or "data"
-    return (Path(teacher_cfg.paths.cache_dir) / "teachers"
-            / f"{dataset_name}-{teacher_cfg.choices.student}-{digest}")
-
-
-def selected_checkpoint(entry: Path) -> str | None:
-    """Which checkpoint of the auto-trained teacher in cache ``entry`` the students learn
-    from (``epoch 27 of 30, best val/acc, ties broken by ...``), from its meta.json."""
-    try:
-        meta = json.loads((Path(entry) / "meta.json").read_text())
-        selection = meta["selection"]
-        return f"epoch {selection['epoch']} of {meta['epochs']}, {selection['rule']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def recipe_line(teacher_cfg: DictConfig) -> str:
-    """``30 epochs, SGD lr 0.05 (momentum 0.9, wd 0.0005), cosine schedule, noisy labels``."""
-    r = teacher_cfg.dataset.recipe
-    labels = ("clean labels" if teacher_cfg.noise.type == "none"
-              else f"{teacher_cfg.noise.type} {teacher_cfg.noise.rate} noisy labels")
-    return (f"{r.max_epochs} epochs, SGD lr {r.lr:g} (momentum {r.momentum:g}, "
-            f"wd {r.weight_decay:g}{', nesterov' if r.nesterov else ''}), {r.schedule} "
-            f"schedule, {labels}")
-
-
-@contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def ensure_trained(cfg: DictConfig, spec: TeacherSpec) -> Path:
-    """The cached weights of an auto-trained teacher, training it with CE first if needed."""
-    from .train import run  # a teacher's training is a kdlab run of its own
-
-    teacher_cfg = training_config(cfg, spec)
-    entry = weights_cache_dir(teacher_cfg)
-    weights = entry / "teacher.pt"
-    if weights.is_file():
-        log.info("teacher %s: reuse %s (%s; CE: %s)", spec.name, weights,
-                 selected_checkpoint(entry) or "its best epoch", recipe_line(teacher_cfg))
-        return weights
-    with file_lock(entry.parent / ".locks" / f"{entry.name}.lock"):
-        if weights.is_file():  # another job trained it while we waited
-            return weights
-        log.info("teacher %s: no %s.ckpt given, training it with CE first: %s -> %s",
-                 spec.name, spec.where, recipe_line(teacher_cfg), entry)
-        run_dir = entry / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-        results = run(teacher_cfg, run_dir)
-        best = torch.load(results["checkpoints"]["best"], map_location="cpu", weights_only=True)
-        atomic_write_json(entry / "meta.json", {"arch": spec.name, "run_dir": str(run_dir),
-                                                "recipe": recipe_line(teacher_cfg),
-                                                "test": results["test"],
-                                                "best_epoch": results["best_epoch"],
-                                                "epochs": results["epochs"],
-                                                "selection": results["selection"]})
-        atomic_torch_save(best["state_dict"], weights)
-        log.info("teacher %s: trained; the students learn from %s (%s)", spec.name,
-                 selected_checkpoint(entry), results["selection"]["reason"])
-    return weights
-
-
-def load_teachers(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]
+def load_teachers(specs: list[TeacherSpec], num_classes: int, input_shape: tuple[int, ...]
                   ) -> list[tuple[TeacherSpec, nn.Module]]:
-    """Every teacher built, its weights loaded (auto-training it first if needed), frozen."""
+    """Every teacher built, its weights loaded (``spec.weights``), frozen."""
     out = []
-    for spec in teacher_specs(cfg):
+    for spec in specs:
+        if spec.weights is None:
+            raise TeacherLoadError(f"{spec.where} ({spec.name}) has no weights yet: "
+                                   "ckpt=auto teachers are trained by kdlab.pipeline first")
         model = build_model(spec.arch, num_classes, input_shape, where=spec.where)
-        ckpt = spec.ckpt if spec.ckpt != "auto" else str(ensure_trained(cfg, spec))
-        load_weights(model, ckpt, allow_pickle=bool(spec.options.get("allow_pickle", False)))
+        load_weights(model, spec.weights, allow_pickle=bool(spec.options.get("allow_pickle")))
         out.append((spec, freeze(model)))
     return out
 
@@ -271,20 +83,6 @@ def _as_float(t: Tensor) -> Tensor:
 def _tensor_buffer(t: Tensor):
     """The tensor's bytes as a buffer for hashing (no copy when it is already on the CPU)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-@contextmanager
-def _progress(description: str, total: int, unit: str, show: bool, done: int = 0):
-    """A progress bar on stderr over ``total`` units (``done`` of them already); yields
-    ``advance(n)``. The bar ends as one finished line and a newline; when another bar holds
-    the line (a lazy build inside Lightning's epoch bar) it is cleared instead."""
-    if not show:
-        yield lambda n=1: None
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, initial=done, desc=description, unit=unit, leave=None) as bar:
-        yield bar.update
 
 
 @dataclass(frozen=True)
@@ -438,8 +236,8 @@ class Teachers:
         self.cache_loaded = cache is not None
         if cache is None:
             cache = [torch.empty(train_size, num_classes, device=device) for _ in self.models]
-            with _progress("teacher logits (train split, once)", train_size, "example",
-                           show_progress) as advance:
+            with progress("teacher logits (train split, once)", train_size, "example",
+                          show_progress) as advance:
                 for batch in batches:
                     with precision():
                         outs = self.forward(batch["input"])
@@ -512,57 +310,6 @@ class Teachers:
                         path)
             return None
         return [c.float() for c in cache]
-
-
-class ViewCache:
-    """Every teacher's logits for every (train example, augmented view): a (K, N, V, C)
-    table in a memory-mapped file, built view by view (resumable: ``<name>.json`` records
-    how many views are done) under a file lock, so that the jobs of a sweep build it once.
-
-    Stored in the teachers' output precision: bfloat16 under bf16-mixed (the teachers' logits
-    are bfloat16 values there, so nothing is lost), float32 otherwise.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, int, int, int], dtype: torch.dtype):
-        self.path, self.shape, self.dtype = Path(path), tuple(shape), dtype
-        self.meta_path = self.path.with_suffix(".json")
-        self.table: Tensor | None = None
-
-    def _meta(self) -> dict[str, Any]:
-        expected = {"shape": list(self.shape), "dtype": str(self.dtype), "version": __version__}
-        if self.meta_path.is_file() and self.path.is_file():
-            meta = json.loads(self.meta_path.read_text())
-            if {k: meta.get(k) for k in expected} == expected:
-                return meta
-        return {**expected, "views_done": 0}
-
-    def build(self, fill_view: Callable[[int, Tensor], None], show_progress: bool) -> bool:
-        """Fill the views not done yet (``fill_view(v, table)`` writes view v); True if the
-        table was complete already."""
-        numel = int(torch.Size(self.shape).numel())
-        with file_lock(self.path.with_suffix(".lock")):
-            meta = self._meta()
-            if meta["views_done"] == 0:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "wb") as f:  # a sparse file of the final size
-                    f.truncate(numel * torch.empty(0, dtype=self.dtype).element_size())
-            table = torch.from_file(str(self.path), shared=True, size=numel,
-                                    dtype=self.dtype).view(self.shape)
-            complete = meta["views_done"] == self.shape[2]
-            with _progress("teacher logits (every augmented view, once)", self.shape[2], "view",
-                           show_progress and not complete, done=meta["views_done"]) as advance:
-                for v in range(meta["views_done"], self.shape[2]):
-                    fill_view(v, table)
-                    meta["views_done"] = v + 1
-                    atomic_write_json(self.meta_path, meta)
-                    advance(1)
-        self.table = table
-        return complete
-
-    def lookup(self, index: Tensor, views: Tensor) -> list[Outputs]:
-        at = torch.stack([index, views]).cpu()  # one device-to-host copy per step
-        rows = self.table[:, at[0], at[1]]  # (K, B, C)
-        return [Outputs(r.to(index.device, torch.float32)) for r in rows]
 
 
 def data_key(dm, precision: str) -> bytes:

@@ -1,10 +1,13 @@
-"""The one place that assembles a run from the composed config: instantiate, fit, test, write.
+"""The one place that assembles one run from the composed config: instantiate, fit, test,
+write. It is called by :mod:`kdlab.pipeline` (which validates the config, opens the run
+directory and trains the missing teachers first) and calls nothing back.
 
-datamodule, teachers, student + method (the :class:`DistillModule`), loggers, callbacks and
-trainer are built here; then fit (validating each epoch; :class:`SelectionCheckpoint` keeps
-the epoch the selection rule chooses), test (the last epoch, logged as ``test_last/...``;
-the selected epoch, logged as ``test/...`` with the teachers and peers), and the run
-directory is completed with ``results.json``, the reliability diagram and a summary table.
+datamodule, teachers (their weights given), student + method (the :class:`DistillModule`),
+loggers, callbacks and trainer are built here; then fit (validating each epoch;
+:class:`SelectionCheckpoint` keeps the epoch the selection rule chooses), test (the last
+epoch, logged as ``test_last/...``; the selected epoch, logged as ``test/...`` with the
+teachers and peers), and the run directory is completed with ``results.json``, the
+reliability diagram and a summary table.
 """
 
 from __future__ import annotations
@@ -16,36 +19,31 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar
 
-from .callbacks import EpochProgressBar, RunEstimate, SelectionCheckpoint, TrainThroughput
-from .config import instantiate_datamodule, instantiate_method, validate
-from .data.base import SplitDataModule
+from .callbacks import RunEstimate, SelectionCheckpoint, TrainThroughput
+from .data import SplitDataModule, instantiate_datamodule
 from .errors import KdlabError
-from .loggers import (
-    build_loggers,
-    close_loggers,
-    finalize_loggers,
-    quiet_lightning,
-    write_to_log_files,
-)
+from .loggers import close_loggers, finalize_loggers, quiet_lightning, write_to_log_files
 from .metrics import logged_metrics
+from .models import describe_model
 from .module import DistillModule
 from .plots import reliability_diagram
-from .run_dir import AtomicCheckpointIO, RunDir, host
+from .run_dir import RunDir, host
 from .selection import selection_rule
 from .summary import run_summary
-from .teachers import Teachers, describe_model, load_teachers
+from .teacher_config import TeacherSpec
+from .teachers import Teachers, load_teachers
+from .trainer import build_trainer
 
 
-def build_module(cfg: DictConfig, dm: SplitDataModule) -> DistillModule:
-    """The LightningModule of ``cfg`` for the (set-up) datamodule ``dm``: its teachers
-    loaded (auto-trained first if needed) and frozen, the student seeded by ``cfg.seed``."""
+def build_module(cfg: DictConfig, dm: SplitDataModule, teacher_specs: list[TeacherSpec]
+                 ) -> DistillModule:
+    """The LightningModule of ``cfg`` for the (set-up) datamodule ``dm``: the teachers
+    (their weights given: :func:`kdlab.pipeline.trained_teachers`) loaded and frozen, the
+    student seeded by ``cfg.seed``."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    loaded = (load_teachers(cfg, dm.num_classes, dm.input_shape)
-              if instantiate_method(cfg.method).needs_teacher else [])
+    loaded = load_teachers(teacher_specs, dm.num_classes, dm.input_shape)
     teachers = Teachers(loaded, cache_mode=str(cfg.teacher_cache),
                         cache_dir=Path(cfg.paths.cache_dir) / "teacher_logits",
                         cache_runs=int(cfg.get("teacher_cache_runs") or 1))
@@ -59,64 +57,17 @@ def build_module(cfg: DictConfig, dm: SplitDataModule) -> DistillModule:
                          seed=int(cfg.seed), teachers=teachers)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16-mixed where the hardware runs it natively, else 32-true."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16-mixed" if native else "32-true"
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list) -> pl.Trainer:
-    user_callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    if cfg.trainer.get("enable_progress_bar", True) and not any(
-            isinstance(c, ProgressBar) for c in user_callbacks):
-        user_callbacks.append(EpochProgressBar())
-    precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    return instantiate(cfg.trainer, precision=precision,
-                       logger=build_loggers(cfg, output_dir) or False,
-                       callbacks=callbacks + user_callbacks, plugins=[AtomicCheckpointIO()],
-                       default_root_dir=str(output_dir), use_distributed_sampler=False,
-                       enable_model_summary=False)
-
-
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate one configuration; everything lands in ``output_dir``.
-
-    A config that cannot run is refused before ``output_dir`` is created (in a directory a
-    launcher already made, e.g. a sweep job's, the refusal is recorded in failed.json).
-    """
-    run_dir = RunDir(output_dir)
-    try:
-        validate(cfg)
-    except KdlabError as e:
-        run_dir.record_refusal(e)
-        raise
-    if int(cfg.get("generations") or 1) > 1:
-        from .generations import run_generations
-
-        return run_generations(cfg, run_dir)
-    ckpt_path = run_dir.open(cfg)
-    try:
-        return _fit_and_test(cfg, run_dir, ckpt_path)
-    except BaseException as e:
-        if not (run_dir.path / "results.json").exists():  # e.g. a closed stdout after it
-            run_dir.write_failed(e)
-        raise
-
-
-def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: RunDir, teacher_specs: list[TeacherSpec],
+        ckpt_path: str | None = None) -> dict[str, Any]:
+    """One run of ``cfg`` in the opened ``run_dir`` (from ``ckpt_path`` when it resumes):
+    fit, test, and write results.json; returns the results."""
     start = time.time()
     quiet_lightning()
-    run_dir.write_config(cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     dm = instantiate_datamodule(cfg)
     dm.setup()
-    module = build_module(cfg, dm)
+    module = build_module(cfg, dm, teacher_specs)
     teachers = module.teachers
     if cfg.get("compile"):
         inductor = Path(cfg.paths.cache_dir) / "inductor"
@@ -191,5 +142,3 @@ def _fit_and_test(cfg: DictConfig, run_dir: RunDir, ckpt_path: str | None) -> di
         write_to_log_files(summary)  # train.log: which epoch was selected, and why
     return results
 
-
-__all__ = ["build_module", "build_trainer", "run"]

@@ -50,7 +50,7 @@ def run_cfg(overrides: list[str], run_dir: Path) -> dict:
     import shutil
 
     from kdlab.config import compose
-    from kdlab.train import run
+    from kdlab.pipeline import run
 
     os.environ.setdefault("KDLAB_CACHE_DIR", str(WORK / "cache"))
     if (run_dir / "results.json").exists():
@@ -67,14 +67,16 @@ def run_data(seed: int):
     """(config, set-up datamodule, the clean-label teacher, the student's config node)."""
     import os
 
-    from kdlab.config import compose, instantiate_datamodule
+    from kdlab.config import compose
+    from kdlab.data import instantiate_datamodule
+    from kdlab.pipeline import trained_teachers
     from kdlab.teachers import load_teachers
 
     os.environ.setdefault("KDLAB_CACHE_DIR", str(WORK / "cache"))
     cfg = compose(method_overrides("digits", "alm_kd", 0.4, seed))
     dm = instantiate_datamodule(cfg)
     dm.setup()
-    ((_, teacher),) = load_teachers(cfg, dm.num_classes, dm.input_shape)  # cached: loaded
+    ((_, teacher),) = load_teachers(trained_teachers(cfg), dm.num_classes, dm.input_shape)
     return cfg, dm, teacher.eval()
 
 

@@ -212,7 +212,7 @@ def teacher_pass(data_root: str, teacher_ckpt: str, bf16: bool, repeats: int = 3
 
 def kdlab_run(overrides: list[str], out_dir: str) -> dict:
     from kdlab.config import compose
-    from kdlab.train import run
+    from kdlab.pipeline import run
 
     results = run(compose(overrides), out_dir)
     return {**results["throughput"], "precision": results["precision"]}

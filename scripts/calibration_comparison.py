@@ -16,7 +16,7 @@ which the best epoch is selected; the test split is evaluated once for that epoc
   ``mixup_kd raw`` (the same training evaluated on the raw logits) and ``mixup_kd 41%``
   (the released code's draw).
 
-Every run goes through ``kdlab.train.run`` in this one process, fp32 on the CPU, one thread.
+Every run goes through ``kdlab.pipeline.run`` in this one process, fp32 on the CPU, one thread.
 Finished runs are reused when the script is started again with the same ``--work``
 directory. Tabulated with ``kdlab.report`` (results_frame / summarize / markdown_table):
 mean ± std over seeds. Output: ``scripts/results/calibration[_TAG].md`` and ``.json``.
@@ -75,7 +75,7 @@ def run_dir_name(dataset: str, variant: str, seed: int, epochs: int) -> str:
 
 def run_one(dataset: str, variant: str, seed: int, args) -> tuple[Path, bool]:
     from kdlab.config import compose
-    from kdlab.train import run
+    from kdlab.pipeline import run
 
     spec = DATASETS[dataset]
     epochs = args.epochs or spec["epochs"]

@@ -9,7 +9,7 @@ other change of the config) never reuses a run made with the old one. A director
 ``results.json`` is reused as it is; one holding an unfinished run (``checkpoints/last.ckpt``)
 continues from its last epoch-end checkpoint (``resume=true``), so a script stopped halfway
 picks up where it was when started again with the same ``--work``. Every run goes through
-``kdlab.train.run`` in-process, fp32 on the CPU (``trainer=cpu``), one torch thread per worker,
+``kdlab.pipeline.run`` in-process, fp32 on the CPU (``trainer=cpu``), one torch thread per worker,
 its output appended to ``<work>/runs.log``.
 """
 
@@ -59,7 +59,7 @@ def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
     run_dir = Path(work) / "runs" / run_key(cfg)
     done = run_dir / "results.json"
     if not done.exists():
-        from kdlab.train import run
+        from kdlab.pipeline import run
 
         for name in ("lightning", "pytorch_lightning", "kdlab"):
             logging.getLogger(name).setLevel(logging.WARNING)

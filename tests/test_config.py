@@ -1,16 +1,23 @@
-"""Config composition (in-process, Hydra's compose API), validation, and packaging of conf/."""
+"""Config composition (in-process, Hydra's compose API), the config search path, validation,
+and packaging of conf/."""
 
+import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from helpers.cli import cli
 from hydra import compose as raw_compose
 from hydra import initialize_config_module
+from hydra.errors import MissingConfigException
 
-from kdlab.config import compose, conf_dir, validate
-from kdlab.errors import ConfigError
+from kdlab.config import compose, conf_dir
+from kdlab.errors import ConfigError, hydra_error_line
+from kdlab.models import build_model, count_parameters
+from kdlab.preflight import validate
+from kdlab.teacher_config import teacher_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +131,56 @@ def test_conf_ships_in_the_wheel_without_setuptools_warnings(tmp_path):
               "kdlab/conf/teacher/resnet32x4.yaml", "kdlab/conf/dataset/digits.yaml",
               "kdlab/conf/optimizer/sgd.yaml", "kdlab/cli.py"):
         assert f in names
+
+
+# -- the config search path: a user's config directory is seen everywhere ------------------
+
+
+@pytest.fixture
+def user_conf(tmp_path):
+    """A user's config directory holding one model of its own (a narrow CNN)."""
+    conf = tmp_path / "my_conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "mycnn.yaml").write_text("_target_: kdlab.models.small.cnn\nwidth: 4\n")
+    return conf
+
+
+def test_a_teachers_entry_finds_a_model_of_the_users_config_dir(user_conf):
+    teachers = ["method=multi_teacher_kd", "teachers=[{model: mycnn}, {model: cnn}]"]
+    for cfg in (compose(teachers, [user_conf]),
+                compose([*teachers, f"hydra.searchpath=[file://{user_conf}]"])):
+        mine, kdlabs = teacher_specs(cfg)
+        assert (mine.name, mine.arch.width, kdlabs.name, kdlabs.arch.width) == (
+            "mycnn", 4, "cnn", 32)
+        validate(cfg)
+    # a composition without the directory does not see it
+    with pytest.raises(ConfigError, match="unknown model 'mycnn'; available: cnn, cnn_small"):
+        teacher_specs(compose(teachers))
+
+
+def test_a_users_model_in_a_teachers_list_trains_from_the_command_line(user_conf, tmp_path,
+                                                                       cache_dir):
+    run = tmp_path / "run"
+    out = cli("train", "--config-dir", str(user_conf), "method=multi_teacher_kd",
+              "teachers=[{model: mycnn}, {model: cnn}]", "trainer=cpu", "trainer.max_epochs=1",
+              "teacher.max_epochs=1", "trainer.enable_progress_bar=false", "num_threads=1",
+              f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    narrow = build_model({"_target_": "kdlab.models.small.cnn", "width": 4}, 10, (1, 8, 8))
+    assert [(t["name"], t["params"]) for t in results["teachers"]] == [
+        ("mycnn", count_parameters(narrow)), ("cnn", count_parameters(build_model(
+            "cnn", 10, (1, 8, 8))))]
+    assert len(list((cache_dir / "teachers").glob("digits-mycnn-*/teacher.pt"))) == 1
+
+
+def test_hydras_errors_become_one_line_from_their_types():
+    missing = MissingConfigException("In 'hydra/config': Could not find 'hydra/launcher/x'\n...",
+                                     missing_cfg_file="hydra/launcher/x",
+                                     options=["basic", "joblib"])
+    assert hydra_error_line(missing) == "unknown hydra/launcher 'x'; available: basic, joblib"
+    # an unknown key, or a key below one: the unknown key is named, with what its node takes
+    for override in ("trainer.nope=3", "trainer.nope.deeper=3"):
+        with pytest.raises(ConfigError, match=r"^unknown key trainer.nope \(pytorch_lightning"
+                                              r".Trainer takes: accelerator, devices, "):
+            compose([override])

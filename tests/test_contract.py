@@ -1,10 +1,9 @@
 """The method contract's extensions, end to end on digits: a batch transform that the
-teachers see too (no cache), an extra input view, a trainable peer tested like the student,
-and generations of students each distilled from the previous one."""
+teachers see too (no cache), an extra input view, and a trainable peer tested like the student
+(generations of students: test_pipeline.py, test_generations.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from helpers.context import FakeContext
 from kdlab.config import compose
 from kdlab.data.digits import DigitsDataModule
 from kdlab.module import DistillModule
-from kdlab.train import run
+from kdlab.pipeline import run
 
 HELPERS = Path(__file__).resolve().parent / "helpers" / "conf"
 TINY = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -37,8 +36,8 @@ def test_a_batch_transform_is_what_the_teachers_see_even_with_a_cache(tmp_path, 
 def test_an_extra_input_view_reaches_the_method(tmp_path, cache):
     results = run(compose([*TINY, "method=view_probe"], [HELPERS]), tmp_path / "r")
     assert results["probe"] == {"shapes_ok": 17, "differs": 17}
-    from kdlab.config import validate
     from kdlab.errors import ConfigError
+    from kdlab.preflight import validate
 
     with pytest.raises(ConfigError, match="needs image inputs"):
         validate(compose(["dataset=synthetic", "method=view_probe"], [HELPERS]))
@@ -58,20 +57,3 @@ def test_a_peer_is_trained_saved_and_tested_like_the_student(tmp_path, cache):
         acc = (peer.eval()(test.inputs).argmax(1) == test.targets).float().mean().item()
     assert results["peers"]["peer"]["acc"] == pytest.approx(acc, abs=1e-6)
     assert results["peers"]["peer"]["acc"] > 0.5  # it was trained, not left at random
-
-
-def test_generations_distil_each_student_from_the_previous_one(tmp_path, cache):
-    cfg = compose([*TINY, "generations=2", "teacher=cnn_small"])
-    summary = run(cfg, tmp_path / "r")
-    first, second = (json.loads((tmp_path / "r" / f"generation{k}" / "results.json")
-                                .read_text()) for k in (1, 2))
-    assert [g["generation"] for g in summary["generations"]] == [1, 2]
-    # generation 2's teacher is generation 1's best student, tested on the same test set
-    assert second["teachers"][0]["ckpt"] == first["checkpoints"]["best"]
-    assert second["teachers"][0]["test"]["acc"] == pytest.approx(first["test"]["acc"], abs=1e-6)
-    assert summary["test"] == second["test"] and summary["teachers"] == first["teachers"]
-    # continuing a finished chain is refused like any finished run; a stopped one reuses
-    # its finished generations
-    (tmp_path / "r" / "results.json").unlink()
-    again = run(cfg, tmp_path / "r")
-    assert again["generations"] == summary["generations"]

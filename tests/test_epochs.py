@@ -16,7 +16,7 @@ from helpers.runs import FAST
 from kdlab.callbacks import EpochProgressBar
 from kdlab.config import compose
 from kdlab.run_dir import RunDir
-from kdlab.train import build_trainer
+from kdlab.trainer import build_trainer
 
 
 def test_the_progress_bar_shows_the_epoch_from_1_of_all():

@@ -119,7 +119,7 @@ def test_the_prediction_is_the_methods_as_in_the_run(tmp_path, monkeypatch):
     the run's test did, not the raw logits' calibration."""
     from kdlab.config import compose
     from kdlab.evaluate import evaluate
-    from kdlab.train import run as train
+    from kdlab.pipeline import run as train
 
     monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
     results = train(compose([*FAST, "method=mixup_kd", "trainer.max_epochs=1",

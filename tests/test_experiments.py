@@ -12,7 +12,8 @@ from helpers.context import FakeContext
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdlab.config import compose, instantiate_method
+from kdlab.config import compose
+from kdlab.methods import instantiate_method
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 ALL = sorted(p.stem for p in EXPERIMENTS.glob("cifar100_*.yaml") if "_alm_" not in p.stem)

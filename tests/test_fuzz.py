@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdlab.config import compose, conf_dir, validate
+from kdlab.config import compose, conf_dir
 from kdlab.errors import KdlabError
-from kdlab.train import run
+from kdlab.pipeline import run
+from kdlab.preflight import validate
 
 counter = itertools.count()
 

@@ -12,9 +12,10 @@ import pytest
 from helpers.cli import cli
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from kdlab.config import compose, validate
+from kdlab.config import compose
 from kdlab.errors import ConfigError
 from kdlab.loggers import build_loggers, close_loggers, finalize_loggers, wandb_group_and_name
+from kdlab.preflight import validate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

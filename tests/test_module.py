@@ -10,8 +10,8 @@ from kdlab.errors import NonFiniteLossError
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
 from kdlab.module import DistillModule
+from kdlab.pipeline import run
 from kdlab.teachers import Teachers, forward_with_features
-from kdlab.train import run
 
 OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
 

@@ -15,7 +15,7 @@ from helpers.callbacks import Interrupted
 from helpers.cli import cli, kdlab_process
 
 from kdlab.config import compose
-from kdlab.train import run
+from kdlab.pipeline import run
 
 TESTS = Path(__file__).resolve().parent
 # 1149 train examples / batch 64 = 17 steps per epoch: step 30 is in the middle of epoch 1

@@ -18,8 +18,8 @@ from helpers.runs import FAST
 from kdlab.callbacks import SelectionCheckpoint
 from kdlab.config import compose
 from kdlab.errors import ConfigError
+from kdlab.pipeline import run
 from kdlab.selection import VAL_METRICS, Record, SelectionRule
-from kdlab.train import run
 
 ACC = [0.5, 0.9, 0.9, 0.9, 0.8]
 NLL = [1.0, 0.3, 0.2, 0.2, 0.1]

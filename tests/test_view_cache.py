@@ -19,8 +19,8 @@ from kdlab.data.cifar import Cifar10DataModule
 from kdlab.data.fashion_mnist import FashionMnistDataModule
 from kdlab.models import build_model
 from kdlab.models.loading import freeze
+from kdlab.pipeline import run
 from kdlab.teachers import Teachers, ViewCache
-from kdlab.train import run
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ A model config is a ``_target_`` (a constructor taking ``num_classes`` and ``inp
 (C, H, W) or (D,), and returning an ``nn.Module`` whose final layer is an ``nn.Linear``)
 plus its options. The file name is the architecture's one name: ``student=resnet8x4`` and
 ``teacher=resnet32x4`` choose from the same files, and a user's own model is a YAML with
-``_target_: my_package.MyNet`` in their own config directory.
+``_target_: my_package.MyNet`` in their own config directory (found through Hydra's config
+search path: ``--config-dir``, ``hydra.searchpath``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import conf_dir, unwrap_error
-from ..errors import ConfigError
+from ..config import group_options, read_group
+from ..errors import ConfigError, unwrap_error
 
 
 class UnknownModelError(ConfigError):
@@ -25,15 +27,19 @@ class UnknownModelError(ConfigError):
 
 
 def model_names() -> list[str]:
-    """The architectures shipped with kdlab (``conf/model/*.yaml``)."""
-    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+    """The architectures on the config search path (kdlab's ``conf/model/*.yaml`` and the
+    user's)."""
+    return group_options("model")
 
 
 def model_config(name: str) -> DictConfig:
-    path = conf_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(model_names())}")
-    return OmegaConf.load(path)
+    """The config ``conf/model/<name>.yaml`` (kdlab's, else from the user's directories)."""
+    try:
+        return read_group("model", name)
+    except MissingConfigException as e:
+        options = e.options or model_names()
+        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(options)}"
+                                ) from None
 
 
 def build_model(spec: str | Mapping[str, Any], num_classes: int,
@@ -59,4 +65,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["UnknownModelError", "build_model", "count_parameters", "model_config", "model_names"]
+def describe_model(name: str, model: nn.Module) -> dict[str, Any]:
+    """What results.json and the summary say about a model: option name and architecture."""
+    return {"name": name, "arch": type(model).__name__, "params": count_parameters(model)}
+
+
+__all__ = ["UnknownModelError", "build_model", "count_parameters", "describe_model",
+           "model_config", "model_names"]

@@ -9,18 +9,21 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from kdlab.config import instantiate_datamodule
+from kdlab.data import instantiate_datamodule
 from kdlab.module import DistillModule
-from kdlab.train import build_module, build_trainer
+from kdlab.pipeline import trained_teachers
+from kdlab.train import build_module
+from kdlab.trainer import build_trainer
 
 FAST = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1"]
 
 
 def module_for(cfg) -> tuple[DistillModule, object]:
-    """(module, datamodule) exactly as kdlab.train.run builds them."""
+    """(module, datamodule) exactly as kdlab.train.run builds them (auto-trained teachers
+    trained first, as kdlab.pipeline does)."""
     dm = instantiate_datamodule(cfg)
     dm.setup()
-    return build_module(cfg, dm), dm
+    return build_module(cfg, dm, trained_teachers(cfg)), dm
 
 
 def fit(cfg, run_dir: Path, callbacks=(), ckpt_path=None) -> DistillModule:

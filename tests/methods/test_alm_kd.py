@@ -660,7 +660,7 @@ COMMON = ["dataset=digits", "trainer=cpu", "trainer.max_epochs=2",
 @pytest.fixture(scope="module")
 def single_teacher_run(cache_dir, tmp_path_factory):
     from kdlab.config import compose
-    from kdlab.train import run
+    from kdlab.pipeline import run
 
     cfg = compose([*COMMON, "student=cnn_small", "teacher=cnn"])
     out = tmp_path_factory.mktemp("alm_single") / "run"
@@ -695,8 +695,8 @@ def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
     import pytorch_lightning as pl
     from helpers.runs import module_for
 
-    from kdlab.config import instantiate_datamodule
-    from kdlab.train import build_trainer
+    from kdlab.data import instantiate_datamodule
+    from kdlab.trainer import build_trainer
 
     cfg, out, results = single_teacher_run
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -730,8 +730,9 @@ def test_resume_restores_the_weight_table(single_teacher_run, tmp_path):
 
 
 def test_multi_teacher_experiment_end_to_end(cache_dir, tmp_path):
-    from kdlab.config import compose, instantiate_datamodule
-    from kdlab.train import run
+    from kdlab.config import compose
+    from kdlab.data import instantiate_datamodule
+    from kdlab.pipeline import run
 
     cfg = compose([*COMMON, "experiment=digits_alm_multi_teacher"])
     assert [t.model for t in cfg.teachers] == ["cnn", "mlp", "cnn"]

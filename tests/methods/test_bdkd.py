@@ -10,8 +10,9 @@ import torch
 from loss_cases import CASES, make_inputs
 from test_dml import FixedPeer, ref_ce, ref_kl
 
-from kdlab.config import compose, instantiate_method
+from kdlab.config import compose
 from kdlab.errors import ConfigError
+from kdlab.methods import instantiate_method
 from kdlab.methods.base import Outputs
 from kdlab.methods.bdkd import BDKD, reverse_weights
 from kdlab.methods.dml import DML, log_probs

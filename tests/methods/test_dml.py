@@ -12,8 +12,9 @@ from helpers.runs import FAST
 from loss_cases import CASES, make_inputs
 from torch import nn
 
-from kdlab.config import compose, instantiate_method
+from kdlab.config import compose
 from kdlab.errors import ConfigError
+from kdlab.methods import instantiate_method
 from kdlab.methods.base import Outputs
 from kdlab.methods.dml import DML
 from kdlab.models import build_model
@@ -150,7 +151,7 @@ def test_both_networks_are_tested_and_reported(tmp_path, monkeypatch):
     checkpoint (recomputed here), and both networks learned."""
     from kdlab.data.digits import DigitsDataModule
     from kdlab.module import DistillModule
-    from kdlab.train import run
+    from kdlab.pipeline import run
 
     monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
     cfg = compose([*FAST, "method=dml", "student=mlp", "student.hidden=[32]",

@@ -8,10 +8,12 @@ import pytest
 import torch
 from loss_cases import CASES, make_inputs
 
-from kdlab.config import compose, instantiate_method, validate
+from kdlab.config import compose
 from kdlab.errors import ConfigError
+from kdlab.methods import instantiate_method
 from kdlab.methods.base import Outputs
 from kdlab.methods.guided_self_distill import GuidedSelfDistill
+from kdlab.preflight import validate
 
 
 def np_softmax(z):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from loss_cases import CASES, make_inputs
 
-from kdlab.config import compose, instantiate_method
+from kdlab.config import compose
+from kdlab.methods import instantiate_method
 from kdlab.methods.base import Outputs
 from kdlab.methods.dkd import DKD
 from kdlab.methods.kd import KD

@@ -18,10 +18,11 @@ import pytest
 import torch
 from helpers.context import FakeContext, digits_data
 
-from kdlab.config import compose, conf_dir, instantiate_method
+from kdlab.config import compose, conf_dir
 from kdlab.errors import ConfigError
+from kdlab.methods import instantiate_method
 from kdlab.models import build_model
-from kdlab.train import run
+from kdlab.pipeline import run
 
 METHODS = sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
 COMMON = ["trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
