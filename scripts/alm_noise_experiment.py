@@ -292,7 +292,8 @@ def plot(records: list[dict], path: Path) -> None:
             ax.bar(x, means, width, yerr=stds, capsize=2, label=row,
                    color="black" if row == "alm_kd" else colors[j % len(colors)])
         finite = [100 * r["test"]["acc"] for r in records if r["teachers"] in (kind, "-")]
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
+        if finite:
+            ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"teachers trained on the {kind} labels (mean ± std over seeds)")
         ax.grid(axis="y", alpha=0.3)

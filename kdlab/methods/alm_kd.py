@@ -75,6 +75,21 @@ independent of the number of ranks):
 
 The rows move with d/dl_ij = c_j d/d(c_j l_ij).
 
+Row update, ``row_update``. ``raw``: the step above, meta_lr u g. Its size follows the size
+of the evidence, which depends on the data: on Fashion-MNIST's 48,000 examples (features
+clustered by class, so many meta examples resemble each row) every step reaches the clamp
+bounds and the rows end bang-bang at 0 and 2, clean and noisy alike (measured:
+scripts/results/alm_noise_notes.md). ``rms`` divides each column of a chunk's gradient g
+by its root mean square over the chunk's rows, ``zscore`` first centres it on its mean over
+the chunk:
+
+    l_ij <- P( l_ij - row_step (g_ij - gbar_j) / sd_j(g) )        (zscore)
+
+so a typical row moves by ``row_step`` per inner step whatever the data, rows with
+consistent evidence drift to a bound over passes, and (``zscore``) the rows carry only how
+an example differs from the others of its chunk; the column's common level is the global
+scale c_j's (``rebalance``).
+
 Convex mode. ``combination: convex`` keeps every row on the simplex with the early code's
 step: with one teacher, rows (1 - l, l) and l <- clip_[0, 1](l - meta_lr u (g_1 - g_0))
 (g_j = dL_meta/dl_ij); for K teachers rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j
@@ -117,6 +132,7 @@ from .lookahead import (
 )
 
 COMBINATIONS = ("free", "convex")
+ROW_UPDATES = ("raw", "rms", "zscore")
 STEP_SCALES = ("auto", "authors")
 RUN_PLOT = "alm_mixing_weights.png"  # the weights over training, in the run directory
 
@@ -161,6 +177,18 @@ def constrained_step(rows: Tensor, grad: Tensor, lr: float, combination: str,
         centred = grad64 - grad64.mean(1, keepdim=True)
         return project_simplex(rows64 - 2.0 * lr * centred).to(rows.dtype)
     return (rows - lr * grad).clamp(clamp_min, clamp_max)
+
+
+def normalized_grad(grad: Tensor, row_update: str) -> Tensor:
+    """The meta-gradient of a chunk's rows on a fixed scale (see "Row update" above): each
+    column divided by its root mean square over the chunk (``rms``), or first centred on
+    its mean over the chunk (``zscore``: mean 0, standard deviation 1); ``raw``: as it is."""
+    if row_update == "raw":
+        return grad
+    if row_update == "zscore":
+        grad = grad - grad.mean(0, keepdim=True)
+    scale = grad.pow(2).mean(0, keepdim=True).sqrt()
+    return grad / scale.clamp_min(torch.finfo(grad.dtype).tiny)
 
 
 def initial_weights(n: int, k: int, teacher_weight: float, combination: str) -> Tensor:
@@ -211,12 +239,14 @@ class ALMKD(Method):
                  meta_lr: float = 1500.0,
                  inner_steps: int = 5, chunk_batches: int = 3, meta_batch_size: int = 1000,
                  init_teacher_weight: float = 0.9, clamp_min: float = 1e-7,
-                 clamp_max: float = 2.0, plot: bool = True):
+                 clamp_max: float = 2.0, row_update: str = "raw", row_step: float = 0.05,
+                 plot: bool = True):
         super().__init__()
         if paper:  # the authors' algorithm: their step, their kernel, no global scales
             step_scale, kernel, rebalance = "authors", "raw", 0.0
         for key, value, allowed in (("combination", combination, COMBINATIONS),
-                                    ("step_scale", step_scale, STEP_SCALES)):
+                                    ("step_scale", step_scale, STEP_SCALES),
+                                    ("row_update", row_update, ROW_UPDATES)):
             if value not in allowed:
                 raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
         check_options(lookahead, kernel, kernel_scale)
@@ -246,6 +276,8 @@ class ALMKD(Method):
         self.init_teacher_weight = float(init_teacher_weight)
         self.clamp_min = float(clamp_min)
         self.clamp_max = float(clamp_max)
+        self.row_update = row_update
+        self.row_step = float(row_step)
         self.plot = bool(plot)
         # (N_train, K+1); sized in setup() once the data and the teachers are known.
         self.register_buffer("mixing_weights", torch.zeros(0, 0))
@@ -403,7 +435,9 @@ class ALMKD(Method):
                             scale_grad += factor * (lam * raw).sum(0)
                     if scales is not None:
                         grad = grad * scales  # d/dl_ij of the loss weights c_j l_ij
-                    lam = constrained_step(lam, grad, self.meta_lr * factor, self.combination,
+                    rate = self.meta_lr * factor if self.row_update == "raw" else self.row_step
+                    lam = constrained_step(lam, normalized_grad(grad, self.row_update), rate,
+                                           self.combination,
                                            self.clamp_min, self.clamp_max)
                 self.mixing_weights[idx] = lam.to(self.mixing_weights.dtype)
                 updated[idx] = True
@@ -441,6 +475,7 @@ class ALMKD(Method):
         extra = {"combination": self.combination, "lookahead": self.lookahead,
                  "step_scale": self.step_scale, "kernel": self.kernel,
                  "kernel_scale": self.kernel_scale, "rebalance": self.rebalance,
-                 "paper": self.paper}
+                 "paper": self.paper, "row_update": self.row_update,
+                 "row_step": self.row_step}
         return {"mixing": report.mixing_results(self.history, self._record(-1), self.column_names,
                                                 extra)}

@@ -266,10 +266,11 @@ def _toyrandom_problem(n=48, n_meta=20, d=5, c=4, seed=0):
 
 
 def transcribe_authors_chunk(lam, x, y, teacher_logits, layer, x_meta, y_meta, lr, b, meta_lr,
-                             inner_steps, lo, hi):
+                             inner_steps, lo, hi, step=None):
     """The authors' update of one chunk, written out: per-example gradients of the
     train-batch-mean loss (1/b) sum_j l_ij l_ij, summed over the chunk, one SGD step of the
-    last layer with the student's lr, validation CE, lambda -= meta_lr * grad, clamp."""
+    last layer with the student's lr, validation CE, lambda -= meta_lr * grad (or
+    ``step(grad)``), clamp."""
     w0, b0 = layer.weight.detach(), layer.bias.detach()
     for _ in range(inner_steps):
         lam_v = lam.clone().requires_grad_(True)
@@ -284,7 +285,7 @@ def transcribe_authors_chunk(lam, x, y, teacher_logits, layer, x_meta, y_meta, l
             grad_w, grad_b = grad_w + gw, grad_b + gb
         meta_logits = x_meta @ (w0 - lr * grad_w).T + (b0 - lr * grad_b)
         (g,) = torch.autograd.grad(F.cross_entropy(meta_logits, y_meta), lam_v)
-        lam = (lam - meta_lr * g).clamp(lo, hi).detach()
+        lam = (lam - (meta_lr * g if step is None else step(g))).clamp(lo, hi).detach()
     return lam
 
 
@@ -304,6 +305,29 @@ def test_authors_step_is_the_authors_update_rule():
     interior = (table > 1e-6) & (table < 2.0 - 1e-9)
     assert moved[:, 0].float().mean() > 0.5 and interior.float().mean() > 0.5  # non-trivial
     torch.testing.assert_close(table, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("row_update", ["rms", "zscore"])
+def test_a_normalised_row_update_moves_a_typical_row_by_row_step(row_update):
+    x, y, xm, ym = _toyrandom_problem()
+    student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
+    lr, b, row_step = 0.004, 16, 0.03
+    dm = _toy_from(x, y, xm, ym, batch_size=b)  # one chunk: the whole split
+    method = _one_pass(dm, student, teacher, lr, paper=True, inner_steps=3, chunk_batches=3,
+                       row_update=row_update, row_step=row_step)
+
+    def normalised(g):  # per column, over the chunk's 48 rows, written out
+        rows = g - g.mean(0) if row_update == "zscore" else g
+        return row_step * rows / (rows ** 2).mean(0).sqrt()
+
+    with torch.no_grad():
+        t_logits = teacher(x)[None]
+    expected = transcribe_authors_chunk(initial_weights(48, 1, 0.9, "free").double(), x, y,
+                                        t_logits, student, xm, ym, lr, b, None, 3, 1e-7, 2.0,
+                                        step=normalised)
+    torch.testing.assert_close(method.mixing_weights, expected, rtol=1e-9, atol=1e-11)
+    moved = (method.mixing_weights - initial_weights(48, 1, 0.9, "free").double()).abs()
+    assert 0.5 * 3 * row_step < float(moved.mean()) <= 3 * row_step  # ~ row_step per step
 
 
 def test_auto_step_is_the_authors_step_in_the_authors_setting():
