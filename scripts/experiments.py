@@ -73,28 +73,46 @@ def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
     return str(run_dir), json.loads(done.read_text())
 
 
+def run_or_fail(overrides: list[str], work: str) -> tuple[str, dict[str, Any] | None, str]:
+    """:func:`run_one`, with a failure caught: (run dir, results or None, the error line)."""
+    try:
+        return (*run_one(overrides, work), "")
+    except Exception as e:  # one failed run must not stop the others
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return "", None, f"{type(e).__name__}: {first}"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def execute(runs: list[Run], work: Path, jobs: int = 1) -> list[Run]:
     """Run (or reuse) every run, ``jobs`` at a time, printing one line per finished run with
-    the time so far and an estimate of the time left; returns the runs with their results."""
+    the time so far and an estimate of the time left; returns the runs that finished, with
+    their results (a failed run is reported and left out: start the script again to retry
+    it)."""
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
     try:
-        outs = (pool.map(run_one, [r.overrides for r in runs], [str(work)] * len(runs))
-                if pool else (run_one(r.overrides, str(work)) for r in runs))
-        for i, (run, (run_dir, results)) in enumerate(zip(runs, outs, strict=True), start=1):
+        outs = (pool.map(run_or_fail, [r.overrides for r in runs], [str(work)] * len(runs))
+                if pool else (run_or_fail(r.overrides, str(work)) for r in runs))
+        failed = []
+        for i, (run, (run_dir, results, error)) in enumerate(zip(runs, outs, strict=True), 1):
             run.run_dir, run.results = run_dir, results
             spent = time.time() - start
             left = spent / i * (len(runs) - i)
             labels = " ".join(str(v) for v in run.labels.values())
+            outcome = (f"FAILED: {error}" if results is None else
+                       f"val acc {results['val']['acc']:.4f} test acc {results['test']['acc']:.4f}")
             print(f"[{i}/{len(runs)} {_duration(spent)}, ~{_duration(left)} left] {labels}: "
-                  f"val acc {results['val']['acc']:.4f} test acc {results['test']['acc']:.4f}",
-                  flush=True)
+                  f"{outcome}", flush=True)
+            if results is None:
+                failed.append(f"{labels}: {error}")
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    return runs
+    if failed:
+        print(f"{len(failed)} runs failed (left out of the tables):\n  " + "\n  ".join(failed),
+              flush=True)
+    return [r for r in runs if r.results is not None]
