@@ -83,7 +83,7 @@ def train_app(cfg: DictConfig) -> float:
         recorded = RunDir(output_dir).finished_results(cfg)  # resume=true: skip finished runs
         if recorded is not None:
             log.info("already finished: %s, skipped", output_dir)
-            return float(recorded["val"]["acc"])
+            return sweep_objective(cfg, recorded)
         check_launcher_strategy(cfg, hc, output_dir)
         print_plan(cfg)
         from .pipeline import run  # torch, Lightning: see above
@@ -101,7 +101,16 @@ def train_app(cfg: DictConfig) -> float:
         print(f"kdlab: error: {message}", file=sys.stderr)
         raise SweepJobFailed(f"kdlab: first failed job: {message}\n"
                              f"{continue_hint(hc, output_dir)}") from None
-    return float(results["val"]["acc"])
+    return sweep_objective(cfg, results)
+
+
+def sweep_objective(cfg: DictConfig, results: dict) -> float:
+    """What a sweeper (Optuna) optimises: the run's selection metric (``selection.metric``,
+    ``val/acc`` by default) at the selected epoch. Set ``hydra.sweeper.direction`` to match
+    the metric's direction (``minimize`` for val/nll, val/ece, val/brier)."""
+    from .selection import selection_rule
+
+    return float(results["val"][selection_rule(cfg).metric.split("/", 1)[1]])
 
 
 class SweepJobFailed(CompactHydraException):

@@ -171,3 +171,14 @@ def test_a_sweep_over_such_a_key_keeps_it_in_the_names():
     job = ["hydra.mode=MULTIRUN", "logger=tensorboard", "num_threads=1", "seed=0", args[-1]]
     assert hydra_cfg(job).hydra.job.override_dirname == "logger=tensorboard,seed=0"
     assert name_swept_keys(["-m", "logger=csv", "seed=0,1"]) == ["-m", "logger=csv", "seed=0,1"]
+
+
+def test_a_sweeper_optimises_the_selection_metric():
+    from omegaconf import OmegaConf
+
+    from kdlab.cli import sweep_objective
+
+    results = {"val": {"acc": 0.9, "nll": 0.31, "ece": 0.05}}
+    assert sweep_objective(OmegaConf.create({}), results) == 0.9  # default: val/acc
+    cfg = OmegaConf.create({"selection": {"metric": "val/nll"}})
+    assert sweep_objective(cfg, results) == 0.31
