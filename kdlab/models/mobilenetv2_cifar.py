@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .init import init_cifar_weights
 from .shapes import image_channels
 
 # (expansion ratio or None for the model's ratio, output channels at width 1,
@@ -95,7 +96,7 @@ class CifarMobileNetV2(nn.Module):
         self.conv2 = ConvBNReLU(width, last_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last_channels, num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.conv1(x)
@@ -122,18 +123,6 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
     """Round ``value`` to the nearest multiple of ``divisor``, never going down by over 10%."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def mobilenetv2(num_classes, input_shape=(3, 32, 32), width_mult=0.5, expand_ratio=6):

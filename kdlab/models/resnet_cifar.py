@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_cifar_weights
 from .shapes import image_channels
 
 # Stem width followed by the widths of the three stages.
@@ -69,7 +70,7 @@ class CifarResNet(nn.Module):
         self.layer3 = _stage(stages[1], stages[2], blocks_per_stage, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(stages[2], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -81,15 +82,6 @@ def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) ->
     blocks = [BasicBlock(in_channels, out_channels, stride)]
     blocks += [BasicBlock(out_channels, out_channels) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _resnet(depth: int, widths: tuple[int, int, int, int], num_classes: int,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .init import init_cifar_weights
 from .shapes import image_channels
 
 # Output channels of the convs in each of the five stages.
@@ -69,7 +70,7 @@ class CifarVGG(nn.Module):
             self.add_module(name, _stage(widths[k], channels, pool=k > 0))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(widths[-1], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward(self, x):
         for name in self.stage_names:
@@ -83,19 +84,6 @@ def _stage(in_channels: int, channels: tuple[int, ...], pool: bool) -> nn.Sequen
         layers.append(ConvBNReLU(in_channels, out_channels))
         in_channels = out_channels
     return nn.Sequential(*layers)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...]) -> CifarVGG:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_cifar_weights
 from .shapes import image_channels
 
 
@@ -71,7 +72,7 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[2])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(widths[2], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
@@ -85,17 +86,6 @@ def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int,
     blocks += [PreActBlock(out_channels, out_channels, 1, dropout)
                for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
 
 
 def _wrn(depth: int, widen_factor: int, num_classes: int, input_shape: tuple[int, ...],
