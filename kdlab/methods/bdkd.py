@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import cross_entropy, kl_divergence
+from .base import kl_divergence
 from .dml import DML, Peer, log_probs
 
 Weighting = Literal["hard", "soft", "constant"]
@@ -84,6 +84,7 @@ class BDKD(DML):
     name = "bdkd"
     description = ("BD-KD online KD: student and peer mix forward/reverse KL per example "
                    "by their entropy gap")
+    distill_term = "kd"
 
     def __init__(self, peer: Peer = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  temperature: float = 1.0, weighting: Weighting = "hard",
@@ -111,13 +112,3 @@ class BDKD(DML):
             self.ctx.log("train/bdkd_reverse_weight", r.mean(), on_step=False, on_epoch=True,
                     batch_size=r.shape[0])
         return t * t * student, t * t * peer
-
-    def loss_terms(self, student, teachers, batch):
-        s, q, y = student.logits, self.peer_logits(batch), batch["target"]
-        kd_student, kd_peer = self.mutual_terms(s, q)
-        return {
-            "ce": self.ce_weight * cross_entropy(s, y),
-            "kd": self.kl_weight * kd_student,
-            "peer_ce": self.ce_weight * cross_entropy(q, y),
-            "peer_kd": self.kl_weight * kd_peer,
-        }

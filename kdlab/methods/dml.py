@@ -84,6 +84,7 @@ class DML(Method):
     name = "dml"
     description = "Deep mutual learning: student and a peer, each CE + KL to the other (online)"
     needs_teacher = False
+    distill_term = "kl"  # the names of the distillation terms: kl and peer_kl
 
     def __init__(self, peer: Peer = None, ce_weight: float = 1.0, kl_weight: float = 1.0,
                  temperature: float = 1.0):
@@ -120,10 +121,10 @@ class DML(Method):
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         s, q, y = student.logits, self.peer_logits(batch), batch["target"]
-        kl_student, kl_peer = self.mutual_terms(s, q)
+        student_term, peer_term = self.mutual_terms(s, q)
         return {
             "ce": self.ce_weight * cross_entropy(s, y),
-            "kl": self.kl_weight * kl_student,
+            self.distill_term: self.kl_weight * student_term,
             "peer_ce": self.ce_weight * cross_entropy(q, y),
-            "peer_kl": self.kl_weight * kl_peer,
+            f"peer_{self.distill_term}": self.kl_weight * peer_term,
         }

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .init import init_cifar_weights
 from .shapes import image_channels
+from .shared import init_cifar_weights, stage
 
 # (expansion ratio or None for the model's ratio, output channels at width 1,
 #  number of blocks, stride of the first block) for the seven stages.
@@ -85,7 +85,7 @@ class CifarMobileNetV2(nn.Module):
         stages = []
         for ratio, channels, num_blocks, stride in _STAGES:
             out_channels = int(channels * width_mult)
-            stages.append(_stage(width, out_channels, num_blocks, stride,
+            stages.append(stage(InvertedResidual, width, out_channels, num_blocks, stride,
                                  expand_ratio if ratio is None else ratio))
             width = out_channels
         (self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6,
@@ -109,14 +109,6 @@ class CifarMobileNetV2(nn.Module):
         x = self.layer7(x)
         x = self.conv2(x)
         return self.classifier(self.avgpool(x).flatten(1))
-
-
-def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int,
-           expand_ratio: int) -> nn.Sequential:
-    blocks = [InvertedResidual(in_channels, out_channels, stride, expand_ratio)]
-    blocks += [InvertedResidual(out_channels, out_channels, 1, expand_ratio)
-               for _ in range(num_blocks - 1)]
-    return nn.Sequential(*blocks)
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import init_cifar_weights
 from .shapes import image_channels
+from .shared import init_cifar_weights
 
 _V1_STAGES = {"channels": (240, 480, 960), "units": (4, 8, 4), "groups": 3}
 _V1_STEM = 24

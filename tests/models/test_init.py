@@ -1,4 +1,4 @@
-"""One weight initialisation for the CIFAR model zoo (kdlab/models/init.py): what it does to
+"""One weight initialisation for the CIFAR model zoo (kdlab/models/shared.py): what it does to
 each kind of layer, and that every CIFAR architecture initialises exactly as before the
 five per-family copies became one helper."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdlab.models import build_model
-from kdlab.models.init import init_cifar_weights
+from kdlab.models.shared import init_cifar_weights
 
 # (sum, sum of squares) over every tensor of the state dict (parameters and BN buffers, in
 # float64) of build_model(name, 10, shape) right after torch.manual_seed(0), shape (1, 28, 28)
