@@ -92,7 +92,11 @@ CASES = {
         ["resume=true with another config than the run in", "differs in: ", "method"], None),
     "loss becomes nan": (["method=ce", "method.weight=nan"], ["'ce'", "nan", "step 0",
                                                              "(epoch 1)"], False),
-    "value of the wrong type": (["method=kd", "method.temperature=hot"], ["method", "hot"], True),
+    "value of the wrong type": (["method=kd", "method.temperature=hot"],
+                                ["method.temperature must be a number, got 'hot'"], True),
+    "integer setting given a fraction": (["method=dkd", "method.warmup_epochs=2.5"],
+                                         ["method.warmup_epochs must be an integer, got 2.5"],
+                                         True),
     "unknown teacher cache mode": (["teacher_cache=bogus"], ["teacher_cache", "bogus", "disk"],
                                    True),
 }

@@ -107,7 +107,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,9 @@ from . import alm_kd_report as report
 from .alm_kd_plots import LABEL_WEIGHTS, plot_mixing_history
 from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
 from .lookahead import (
-    check_options,
+    Kernel,
+    Lookahead,
+    check_kernel_scale,
     eval_mode,
     full_lookahead_meta_grad,
     last_layer_meta_grad,
@@ -131,9 +133,9 @@ from .lookahead import (
     work_dtype,
 )
 
-COMBINATIONS = ("free", "convex")
-ROW_UPDATES = ("raw", "rms", "zscore")
-STEP_SCALES = ("auto", "authors")
+Combination = Literal["free", "convex"]
+StepScale = Literal["auto", "authors"]
+RowUpdate = Literal["raw", "rms", "zscore"]
 RUN_PLOT = "alm_mixing_weights.png"  # the weights over training, in the run directory
 
 # The authors' CIFAR-100 setting (ResNet56 -> ResNet8), where step_scale=auto is their step.
@@ -155,7 +157,7 @@ def simulated_step(step_scale: str, lr: float, batch_size: int, num_classes: int
         return s, 1.0
     if step_scale == "auto":
         return s, (AUTHORS_LR / AUTHORS_BATCH) / s * num_classes / AUTHORS_CLASSES
-    raise ConfigError(f"method.step_scale must be one of {STEP_SCALES}, got {step_scale!r}")
+    raise ConfigError(f"method.step_scale must be auto or authors, got {step_scale!r}")
 
 
 def project_simplex(rows: Tensor) -> Tensor:
@@ -231,54 +233,29 @@ class ALMKD(Method):
     report_plots = (LABEL_WEIGHTS,)
     run_plots = {RUN_PLOT: "ALM-KD mixing weights, run by run"}
 
-    def __init__(self, temperature: float = 4.0, combination: str = "free",
-                 lookahead: str = "last_layer", paper: bool = False, step_scale: str = "auto",
-                 kernel: str = "centered", kernel_scale: float = 1000.0, rebalance: float = 100.0,
-                 scale_max: float | None = None,
-                 meta_every: int | str = "auto", meta_start: int | str = "auto",
-                 meta_lr: float = 1500.0,
+    def __init__(self, temperature: float = 4.0, combination: Combination = "free",
+                 lookahead: Lookahead = "last_layer", paper: bool = False,
+                 step_scale: StepScale = "auto", kernel: Kernel = "centered",
+                 kernel_scale: float = 1000.0, rebalance: float = 100.0,
+                 scale_max: float | None = None, meta_every: int | Literal["auto"] = "auto",
+                 meta_start: int | Literal["auto"] = "auto", meta_lr: float = 1500.0,
                  inner_steps: int = 5, chunk_batches: int = 3, meta_batch_size: int = 1000,
                  init_teacher_weight: float = 0.9, clamp_min: float = 1e-7,
-                 clamp_max: float = 2.0, row_update: str = "raw", row_step: float = 0.05,
+                 clamp_max: float = 2.0, row_update: RowUpdate = "raw", row_step: float = 0.05,
                  plot: bool = True):
         super().__init__()
         if paper:  # the authors' algorithm: their step, their kernel, no global scales
-            step_scale, kernel, rebalance = "authors", "raw", 0.0
-        for key, value, allowed in (("combination", combination, COMBINATIONS),
-                                    ("step_scale", step_scale, STEP_SCALES),
-                                    ("row_update", row_update, ROW_UPDATES)):
-            if value not in allowed:
-                raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
-        check_options(lookahead, kernel, kernel_scale)
-        for key, value in (("meta_every", meta_every), ("meta_start", meta_start)):
-            if value != "auto" and not (isinstance(value, int) and value >= int(
-                    key == "meta_every")):
-                raise ConfigError(f"method.{key} must be auto or an integer >= "
-                                  f"{int(key == 'meta_every')}, got {value!r}")
-        if int(inner_steps) < 0 or int(chunk_batches) < 1:
+            self.step_scale, self.kernel, self.rebalance = "authors", "raw", 0.0
+        check_kernel_scale(kernel_scale)
+        for key, value, low in (("meta_every", meta_every, 1), ("meta_start", meta_start, 0)):
+            if value != "auto" and value < low:
+                raise ConfigError(f"method.{key} must be auto or an integer >= {low}, "
+                                  f"got {value!r}")
+        if inner_steps < 0 or chunk_batches < 1:
             raise ConfigError("method.chunk_batches must be >= 1, method.inner_steps >= 0")
-        if not float(clamp_min) <= float(clamp_max):
+        if not clamp_min <= clamp_max:
             raise ConfigError(f"method.clamp_min {clamp_min} > method.clamp_max {clamp_max}")
-        self.temperature = float(temperature)
-        self.combination = combination
-        self.lookahead = lookahead
-        self.step_scale = step_scale
-        self.kernel = kernel
-        self.kernel_scale = float(kernel_scale)
-        self.paper = bool(paper)
-        self.rebalance = float(rebalance)
-        self.scale_max = float(clamp_max if scale_max is None else scale_max)
-        self.meta_every, self.meta_start = meta_every, meta_start  # resolved in setup
-        self.meta_lr = float(meta_lr)
-        self.inner_steps = int(inner_steps)
-        self.chunk_batches = int(chunk_batches)
-        self.meta_batch_size = int(meta_batch_size)
-        self.init_teacher_weight = float(init_teacher_weight)
-        self.clamp_min = float(clamp_min)
-        self.clamp_max = float(clamp_max)
-        self.row_update = row_update
-        self.row_step = float(row_step)
-        self.plot = bool(plot)
+        self.scale_max = clamp_max if scale_max is None else scale_max
         # (N_train, K+1); sized in setup() once the data and the teachers are known.
         self.register_buffer("mixing_weights", torch.zeros(0, 0))
         # (K+1,) global column scales (rebalance); ones = no rebalancing.
@@ -303,8 +280,8 @@ class ALMKD(Method):
 
     def setup(self, ctx: MethodContext) -> None:
         every = max(1, round(int(ctx.max_epochs) / 20))  # auto: 5 % of the run
-        self.meta_every = every if self.meta_every == "auto" else int(self.meta_every)
-        self.meta_start = self.meta_every if self.meta_start == "auto" else int(self.meta_start)
+        self.meta_every = every if self.meta_every == "auto" else self.meta_every
+        self.meta_start = self.meta_every if self.meta_start == "auto" else self.meta_start
         k = len(ctx.teachers)
         require_teachers(self.name, k)
         n = int(ctx.train_size)

@@ -46,11 +46,11 @@ def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 
-def as_paths(layers) -> list[str] | None:
+def as_paths(layers: str | list[str]) -> list[str] | None:
     """``auto`` -> None (resolved in setup), else the list of module paths."""
     if isinstance(layers, str):
         return None if layers == "auto" else [layers]
-    return [str(p) for p in layers]
+    return list(layers)
 
 
 def probe_layers(model, fixed: list[str] | None, input_shape, extra: tuple[str, ...] = ()
@@ -108,15 +108,12 @@ class AT(Method):
     name = "at"
     description = "Attention transfer: CE + beta * MSE of normalised attention maps per stage"
 
-    def __init__(self, student_layers="auto", teacher_layers="auto", beta: float = 1000.0,
+    def __init__(self, student_layers: str | list[str] = "auto",
+                 teacher_layers: str | list[str] = "auto", beta: float = 1000.0,
                  ce_weight: float = 1.0, p: float = 2.0, max_stages: int = 4):
         super().__init__()
         self.fixed = {"student": as_paths(student_layers), "teacher": as_paths(teacher_layers)}
         self.layers: dict[str, list[str]] | None = None  # resolved in setup()
-        self.beta = float(beta)
-        self.ce_weight = float(ce_weight)
-        self.p = float(p)
-        self.max_stages = int(max_stages)
 
     @property
     def student_features(self) -> tuple[str, ...]:

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .hyperparameters import typed_init
 
 Batch = dict[str, Tensor]
 
@@ -197,7 +198,13 @@ class MethodContext(Protocol):
 
 
 class Method(nn.Module):
-    """Base class: subclasses set ``name``/``description`` and implement ``loss_terms``."""
+    """Base class: subclasses set ``name``/``description`` and implement ``loss_terms``.
+
+    Hyper-parameters are the keyword parameters of the subclass's ``__init__``, each with an
+    annotation and a default (``temperature: float = 4.0``): the value is converted to that
+    type, or refused with one error line, and kept as ``self.temperature`` before the body
+    runs (:mod:`kdlab.methods.hyperparameters`). Unannotated ones pass through untouched.
+    """
 
     name: str = "method"
     description: str = ""
@@ -210,6 +217,11 @@ class Method(nn.Module):
     report_metrics: ClassVar[dict[str, str]] = {}
     report_plots: ClassVar[tuple[ReportPlot, ...]] = ()
     run_plots: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = typed_init(cls.__init__)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch: Batch
                    ) -> dict[str, Tensor]:

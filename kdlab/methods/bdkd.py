@@ -44,17 +44,17 @@ implementation's, made explicit as options. Defaults: T = 1, w_ce = w_kd = 1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import cross_entropy, kl_divergence
-from .dml import DML, log_probs
+from .base import kl_divergence
+from .dml import DML, Peer, log_probs
 
-WEIGHTINGS = ("hard", "soft", "constant")
-PEER_DIVERGENCES = ("balanced", "reverse")
+Weighting = Literal["hard", "soft", "constant"]
+PeerDivergence = Literal["balanced", "reverse"]
 
 
 def entropy(log_p: Tensor) -> Tensor:
@@ -84,26 +84,18 @@ class BDKD(DML):
     name = "bdkd"
     description = ("BD-KD online KD: student and peer mix forward/reverse KL per example "
                    "by their entropy gap")
+    distill_term = "kd"
 
-    def __init__(self, peer: Any = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
-                 temperature: float = 1.0, weighting: str = "hard", gap_scale: float = 1.0,
-                 reverse_weight: float = 0.5, peer_divergence: str = "balanced"):
+    def __init__(self, peer: Peer = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+                 temperature: float = 1.0, weighting: Weighting = "hard",
+                 gap_scale: float = 1.0, reverse_weight: float = 0.5,
+                 peer_divergence: PeerDivergence = "balanced"):
         super().__init__(peer=peer, ce_weight=ce_weight, kl_weight=kd_weight,
                          temperature=temperature)
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"method.weighting must be one of {', '.join(WEIGHTINGS)}, "
-                              f"got {weighting!r}")
-        if peer_divergence not in PEER_DIVERGENCES:
-            raise ConfigError(f"method.peer_divergence must be one of "
-                              f"{', '.join(PEER_DIVERGENCES)}, got {peer_divergence!r}")
-        if float(gap_scale) <= 0:
+        if gap_scale <= 0:
             raise ConfigError(f"method.gap_scale must be > 0, got {gap_scale}")
-        if not 0.0 <= float(reverse_weight) <= 1.0:
+        if not 0.0 <= reverse_weight <= 1.0:
             raise ConfigError(f"method.reverse_weight must be in [0, 1], got {reverse_weight}")
-        self.weighting = str(weighting)
-        self.gap_scale = float(gap_scale)
-        self.reverse_weight = float(reverse_weight)
-        self.peer_divergence = str(peer_divergence)
 
     def mutual_terms(self, student_logits: Tensor, peer_logits: Tensor
                      ) -> tuple[Tensor, Tensor]:
@@ -120,13 +112,3 @@ class BDKD(DML):
             self.ctx.log("train/bdkd_reverse_weight", r.mean(), on_step=False, on_epoch=True,
                     batch_size=r.shape[0])
         return t * t * student, t * t * peer
-
-    def loss_terms(self, student, teachers, batch):
-        s, q, y = student.logits, self.peer_logits(batch), batch["target"]
-        kd_student, kd_peer = self.mutual_terms(s, q)
-        return {
-            "ce": self.ce_weight * cross_entropy(s, y),
-            "kd": self.kl_weight * kd_student,
-            "peer_ce": self.ce_weight * cross_entropy(q, y),
-            "peer_kd": self.kl_weight * kd_peer,
-        }

@@ -15,7 +15,6 @@ class CE(Method):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        self.weight = float(weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         return {"ce": self.weight * cross_entropy(student.logits, batch["target"])}

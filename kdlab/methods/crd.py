@@ -89,12 +89,6 @@ class CRD(Method):
                  nce_temperature: float = 0.07, momentum: float = 0.5, weight: float = 0.8,
                  ce_weight: float = 1.0):
         super().__init__()
-        self.feat_dim = int(feat_dim)
-        self.num_negatives = int(num_negatives)
-        self.nce_temperature = float(nce_temperature)
-        self.momentum = float(momentum)
-        self.weight = float(weight)
-        self.ce_weight = float(ce_weight)
         self.embed_student: nn.Linear | None = None  # built in setup() from probed widths
         self.embed_teacher: nn.Linear | None = None
         self.register_buffer("memory_student", torch.zeros(0, self.feat_dim))

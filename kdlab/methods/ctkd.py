@@ -56,10 +56,7 @@ class CTKD(Method):
     def __init__(self, t_min: float = 1.0, t_range: float = 20.0, theta_init: float = 1.0,
                  curriculum_epochs: int = 10, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__()
-        self.t_min, self.t_range = float(t_min), float(t_range)
-        self.curriculum_epochs = int(curriculum_epochs)
-        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
-        self.theta = nn.Parameter(torch.tensor(float(theta_init)))
+        self.theta = nn.Parameter(torch.tensor(theta_init))
         self.register_buffer("reversal", torch.tensor(0.0))
         self._final_theta: Tensor | None = None  # for results(), which sees the best checkpoint
 

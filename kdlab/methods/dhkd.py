@@ -40,6 +40,7 @@ One teacher.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from ..errors import ConfigError
 from ..models.features import PENULTIMATE, find_classifier
 from .base import Method, MethodContext, Outputs, cross_entropy, require_teachers
 
-HEADS = ("linear", "mlp")
+Head = Literal["linear", "mlp"]
 
 
 def log_cosh(x: Tensor) -> Tensor:
@@ -65,7 +66,7 @@ def binary_kl_loss(aux_logits: Tensor, teacher_logits: Tensor, temperature: floa
     return temperature ** 2 * log_cosh(d / 2).sum(-1).mean()
 
 
-def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
+def make_head(kind: Head, in_features: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
     return nn.Sequential(nn.Linear(in_features, 200), nn.Dropout(0.1), nn.BatchNorm1d(200),
@@ -95,17 +96,10 @@ class DHKD(Method):
     student_features = (PENULTIMATE,)
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, ce_weight: float = 1.0,
-                 head: str = "linear", gradient_alignment: bool = False):
+                 head: Head = "linear", gradient_alignment: bool = False):
         super().__init__()
-        if head not in HEADS:
-            raise ConfigError(f"method.head must be one of {', '.join(HEADS)}, got {head!r}")
-        if float(temperature) <= 0:
+        if temperature <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {temperature}")
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.head_kind = str(head)
-        self.gradient_alignment = bool(gradient_alignment)
         self.aux_head: nn.Module | None = None  # built in setup() from the student's width
         self.ctx: MethodContext | None = None  # the run, from setup()
 
@@ -123,7 +117,7 @@ class DHKD(Method):
         self.check(ctx.student, ctx.teachers)
         _, classifier = find_classifier(ctx.student)
         device = classifier.weight.device
-        self.aux_head = make_head(self.head_kind, classifier.in_features,
+        self.aux_head = make_head(self.head, classifier.in_features,
                                   int(ctx.num_classes)).to(device)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):

@@ -53,9 +53,6 @@ class DIST(Method):
     def __init__(self, temperature: float = 4.0, beta: float = 2.0, gamma: float = 2.0,
                  ce_weight: float = 1.0):
         super().__init__()
-        self.temperature = float(temperature)
-        self.beta, self.gamma = float(beta), float(gamma)
-        self.ce_weight = float(ce_weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))

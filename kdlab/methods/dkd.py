@@ -85,12 +85,6 @@ class DKD(Method):
                  warmup_epochs: int = 20, ce_weight: float = 1.0,
                  logit_standardization: bool = False):
         super().__init__()
-        self.logit_standardization = bool(logit_standardization)
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.warmup_epochs = int(warmup_epochs)
-        self.ce_weight = float(ce_weight)
         # The training epoch, counted from 1; module state so a resumed run warms up alike.
         self.register_buffer("epoch", torch.tensor(1, dtype=torch.long))
 

@@ -37,6 +37,8 @@ from ..models import build_model, model_config
 from .base import Method, MethodContext, Outputs, cross_entropy, kd_kl
 
 PEER_SEED_OFFSET = 7919  # the peer's initialisation seed: run seed + this
+# The peer option: a model name, a model config node, or None (a fresh copy of the student).
+Peer = str | Mapping[str, Any] | None
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -44,17 +46,15 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
 
 
-def peer_spec(peer: Any) -> Any:
+def peer_spec(peer: Peer) -> str | dict[str, Any] | None:
     """The peer option as a model name or a plain dict (``None``: copy the student)."""
-    if peer is None or isinstance(peer, str):
+    if not isinstance(peer, Mapping):
         return peer
-    if isinstance(peer, Mapping):
-        spec = dict(peer)
-        if "_target_" not in spec:
-            raise ConfigError(f"method.peer needs a _target_ (got keys {sorted(spec)}); give "
-                              "a model config node or a model name such as cnn_small")
-        return spec
-    raise ConfigError(f"method.peer must be a model name or a model config, got {peer!r}")
+    spec = dict(peer)
+    if "_target_" not in spec:
+        raise ConfigError(f"method.peer needs a _target_ (got keys {sorted(spec)}); give "
+                          "a model config node or a model name such as cnn_small")
+    return spec
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:
@@ -84,17 +84,15 @@ class DML(Method):
     name = "dml"
     description = "Deep mutual learning: student and a peer, each CE + KL to the other (online)"
     needs_teacher = False
+    distill_term = "kl"  # the names of the distillation terms: kl and peer_kl
 
-    def __init__(self, peer: Any = None, ce_weight: float = 1.0, kl_weight: float = 1.0,
+    def __init__(self, peer: Peer = None, ce_weight: float = 1.0, kl_weight: float = 1.0,
                  temperature: float = 1.0):
         super().__init__()
-        if float(temperature) <= 0:
+        if temperature <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {temperature}")
         self.peer_config = peer_spec(peer)
-        self.ce_weight = float(ce_weight)
-        self.kl_weight = float(kl_weight)
-        self.temperature = float(temperature)
-        self.peer: nn.Module | None = None  # built in setup()
+        self.peer: nn.Module | None = None  # built in setup() (replaces the option's value)
         self.ctx: MethodContext | None = None  # the run, from setup()
 
     def check(self, student, teachers) -> None:
@@ -123,10 +121,10 @@ class DML(Method):
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         s, q, y = student.logits, self.peer_logits(batch), batch["target"]
-        kl_student, kl_peer = self.mutual_terms(s, q)
+        student_term, peer_term = self.mutual_terms(s, q)
         return {
             "ce": self.ce_weight * cross_entropy(s, y),
-            "kl": self.kl_weight * kl_student,
+            self.distill_term: self.kl_weight * student_term,
             "peer_ce": self.ce_weight * cross_entropy(q, y),
-            "peer_kl": self.kl_weight * kl_peer,
+            f"peer_{self.distill_term}": self.kl_weight * peer_term,
         }

@@ -40,6 +40,8 @@ feature facing a 2-d one is global-average pooled first.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,7 +49,7 @@ from ..errors import ConfigError
 from ..models.features import middle_stage, pool_to_smaller, probe_features
 from .base import Method, Outputs, cross_entropy, require_teachers
 
-SPATIAL = ("conv", "pool")
+Spatial = Literal["conv", "pool"]
 
 
 def align_features(student: Tensor, teacher: Tensor, pool_maps: bool = True
@@ -82,8 +84,8 @@ def resampling_conv(student_shape: tuple[int, ...], teacher_shape: tuple[int, ..
     return None
 
 
-def make_regressor(student: Tensor, teacher: Tensor, relu: bool = True, spatial: str = "conv"
-                   ) -> tuple[nn.Module, bool]:
+def make_regressor(student: Tensor, teacher: Tensor, relu: bool = True,
+                   spatial: Spatial = "conv") -> tuple[nn.Module, bool]:
     """(r, pool_maps) for these probed features: the regressor, and whether the two maps are
     pooled to a common size before it (:func:`align_features`)."""
     if student.dim() == 4 and teacher.dim() == 4:
@@ -119,25 +121,10 @@ class FitNet(Method):
 
     def __init__(self, student_layer: str = "auto", teacher_layer: str = "auto",
                  beta: float = 100.0, ce_weight: float = 1.0, regressor_relu: bool = True,
-                 spatial: str = "conv"):
+                 spatial: Spatial = "conv"):
         super().__init__()
-        if spatial not in SPATIAL:
-            raise ConfigError(f"method.spatial must be one of {SPATIAL}, got {spatial!r}")
-        self.layers = {"student": str(student_layer), "teacher": str(teacher_layer)}
-        self.beta = float(beta)
-        self.ce_weight = float(ce_weight)
-        self.regressor_relu = bool(regressor_relu)
-        self.spatial = spatial
         self.regressor: nn.Module | None = None  # built in setup() from the feature shapes
         self.pool_maps = True                    # decided with the regressor
-
-    @property
-    def student_layer(self) -> str:
-        return self.layers["student"]
-
-    @property
-    def teacher_layer(self) -> str:
-        return self.layers["teacher"]
 
     @property
     def student_features(self) -> tuple[str, ...]:
@@ -151,13 +138,13 @@ class FitNet(Method):
         """Resolves ``auto`` to each model's middle stage; every path must exist."""
         require_teachers(self.name, len(teachers), exactly=1)
         for who, model in (("student", student), ("teacher", teachers[0])):
-            option = f"method.{who}_layer"
-            if self.layers[who] == "auto":
-                self.layers[who] = middle_stage(model, option)
-            path = self.layers[who]
+            key = f"{who}_layer"
+            if getattr(self, key) == "auto":
+                setattr(self, key, middle_stage(model, f"method.{key}"))
+            path = getattr(self, key)
             if path not in dict(model.named_modules()):
                 top = ", ".join(n for n, _ in model.named_children())
-                raise ConfigError(f"{option}={path!r}: no module at that path in "
+                raise ConfigError(f"method.{key}={path!r}: no module at that path in "
                                   f"{type(model).__name__} (top-level modules: {top})")
 
     def setup(self, ctx) -> None:

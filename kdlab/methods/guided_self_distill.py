@@ -54,9 +54,8 @@ class GuidedSelfDistill(Method):
 
     def __init__(self, alpha: float = 0.6):
         super().__init__()
-        if not 0.0 <= float(alpha) <= 1.0:
+        if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"method.alpha must be in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
 
     def check(self, student, teachers) -> None:
         require_teachers(self.name, len(teachers), exactly=1)

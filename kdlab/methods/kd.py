@@ -48,10 +48,6 @@ class KD(Method):
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  logit_standardization: bool = False):
         super().__init__()
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
-        self.logit_standardization = bool(logit_standardization)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))

@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +66,16 @@ from ..errors import ConfigError
 from ..models.features import PENULTIMATE, FeatureHooks, find_classifier
 from .base import kd_kl
 
-LOOKAHEADS = ("last_layer", "full")
-KERNELS = ("raw", "centered")
+# The methods' options: the simulated step of the last layer only or of the whole network,
+# and the last-layer step's kernel (the exact one, or centred and normalised).
+Lookahead = Literal["last_layer", "full"]
+Kernel = Literal["raw", "centered"]
+KERNELS = get_args(Kernel)
 
 
-def check_options(lookahead: str, kernel: str, kernel_scale: float) -> None:
-    """A one-line ConfigError naming the first bad lookahead option of a method's config."""
-    for key, value, allowed in (("lookahead", lookahead, LOOKAHEADS),
-                                ("kernel", kernel, KERNELS)):
-        if value not in allowed:
-            raise ConfigError(f"method.{key} must be one of {allowed}, got {value!r}")
-    if float(kernel_scale) <= 0:
+def check_kernel_scale(kernel_scale: float) -> None:
+    """A one-line ConfigError unless the centred kernel's scale is positive."""
+    if kernel_scale <= 0:
         raise ConfigError(f"method.kernel_scale must be > 0, got {kernel_scale}")
 
 # -- loss terms, per example (dtype preserved: the tests run them in float64) ----------------

@@ -44,6 +44,8 @@ One teacher (several: the KD term is averaged over them).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,7 +53,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .base import Method, Outputs, derived_seed, kl_divergence, require_teachers
 
-PARTIAL_MODES = ("stated", "released")
+Partial = Literal["stated", "released"]
 STD_FLOOR = 1e-6  # a constant logit vector has sigma = 0: keep the division finite
 
 
@@ -83,7 +85,7 @@ def mixed_rows(batch_size: int, mixed_fraction: float, partial: str,
 
 
 def partial_mixup(inputs: Tensor, targets: Tensor, num_classes: int, mixed_fraction: float,
-                  beta_alpha: float, partial: str = "stated"
+                  beta_alpha: float, partial: Partial = "stated"
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mixed inputs, soft targets, mixing weights l (B,), first permutation)."""
     b = inputs.shape[0]
@@ -124,23 +126,14 @@ class MixupKD(Method):
     name = "mixup_kd"
     description = "Mixup KD: partial mixup batches, CE + KL on logits divided by their std"
 
-    def __init__(self, mixed_fraction: float = 0.1, partial: str = "stated",
+    def __init__(self, mixed_fraction: float = 0.1, partial: Partial = "stated",
                  beta_alpha: float = 1.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  standardize_eval_logits: bool = True):
         super().__init__()
-        if not 0.0 <= float(mixed_fraction) <= 1.0:
+        if not 0.0 <= mixed_fraction <= 1.0:
             raise ConfigError(f"method.mixed_fraction must be in [0, 1], got {mixed_fraction}")
-        if partial not in PARTIAL_MODES:
-            raise ConfigError(f"method.partial must be one of {', '.join(PARTIAL_MODES)}, "
-                              f"got {partial!r}")
-        if float(beta_alpha) <= 0:
+        if beta_alpha <= 0:
             raise ConfigError(f"method.beta_alpha must be > 0, got {beta_alpha}")
-        self.mixed_fraction = float(mixed_fraction)
-        self.partial = str(partial)
-        self.beta_alpha = float(beta_alpha)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
-        self.standardize_eval_logits = bool(standardize_eval_logits)
 
     def predict(self, logits: Tensor) -> Tensor:
         """The prediction is softmax(s / sigma(s)) (the loss never sees s's own scale)."""

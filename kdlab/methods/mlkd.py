@@ -31,14 +31,15 @@ averaged over the teachers when there are several.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
 from .base import Method, MethodContext, Outputs, cross_entropy, kd_kl, require_teachers
 
-MASKINGS = ("per_example", "released")
+Masking = Literal["per_example", "released"]
 
 
 def softened(logits: Tensor, temperature: float) -> Tensor:
@@ -85,14 +86,8 @@ class MLKD(Method):
 
     def __init__(self, temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
                  ce_weight: float = 0.1, kd_weight: float = 0.9,
-                 masking: str = "per_example"):
+                 masking: Masking = "per_example"):
         super().__init__()
-        if masking not in MASKINGS:
-            raise ConfigError(f"method.masking must be one of {', '.join(MASKINGS)}, "
-                              f"got {masking!r}")
-        self.temperatures = tuple(float(t) for t in temperatures)
-        self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
-        self.masking = masking
         self.ctx: MethodContext | None = None  # the run, from on_fit_start()
 
     def on_fit_start(self, ctx) -> None:

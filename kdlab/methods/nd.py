@@ -29,6 +29,8 @@ resumed run keeps the saved ones. ``epoch`` (for the warm-up). One teacher.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,7 +40,8 @@ from ..models.features import PENULTIMATE, feature_shapes
 from .base import Method, Outputs, cross_entropy, epoch_seed, kd_kl, linear_warmup, require_teachers
 from .dkd import nckd, tckd
 
-BASES = ("kd", "dkd")
+Base = Literal["kd", "dkd"]
+Projector = Literal["auto", "always", "never"]
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -95,23 +98,12 @@ class ND(Method):
     student_features = (PENULTIMATE,)
     teacher_features = (PENULTIMATE,)
 
-    def __init__(self, base: str = "kd", temperature: float = 4.0, ce_weight: float = 1.0,
+    def __init__(self, base: Base = "kd", temperature: float = 4.0, ce_weight: float = 1.0,
                  kd_weight: float = 3.5, alpha: float = 2.0, beta: float = 8.0,
-                 nd_weight: float = 2.0, warmup_epochs: int = 20, projector: str = "auto",
+                 nd_weight: float = 2.0, warmup_epochs: int = 20, projector: Projector = "auto",
                  batch_size: int = 512):
         super().__init__()
-        if base not in BASES:
-            raise ConfigError(f"method.base must be one of {', '.join(BASES)}, got {base!r}")
-        if projector not in ("auto", "always", "never"):
-            raise ConfigError(f"method.projector must be auto, always or never, got {projector!r}")
-        self.base = base
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight, self.alpha, self.beta = float(kd_weight), float(alpha), float(beta)
-        self.nd_weight = float(nd_weight)
-        self.warmup_epochs = int(warmup_epochs)
         self.projector_mode = projector
-        self.batch_size = int(batch_size)
         self.projector: nn.Module | None = None  # built in setup() when the widths differ
         self._built = False
         self.register_buffer("class_means", torch.zeros(0, 0))

@@ -43,8 +43,6 @@ class PLD(Method):
 
     def __init__(self, temperature: float = 4.0, weight: float = 1.0):
         super().__init__()
-        self.temperature = float(temperature)
-        self.weight = float(weight)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):
         require_teachers(self.name, len(teachers))

@@ -39,8 +39,6 @@ class PSKD(Method):
 
     def __init__(self, alpha_T: float = 0.8, max_epochs: int | None = None):
         super().__init__()
-        self.alpha_T = float(alpha_T)
-        self.max_epochs = None if max_epochs is None else int(max_epochs)
         # Sized in setup() once the training-set size is known.
         self.register_buffer("memory", torch.zeros(0, 0))
         self.register_buffer("has_memory", torch.zeros(0, dtype=torch.bool))

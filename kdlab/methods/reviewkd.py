@@ -89,17 +89,13 @@ class ReviewKD(Method):
     name = "reviewkd"
     description = "ReviewKD: CE + w * HCL between attention-fused student stages and teacher stages"
 
-    def __init__(self, student_layers="auto", teacher_layers="auto", weight: float = 5.0,
+    def __init__(self, student_layers: str | list[str] = "auto",
+                 teacher_layers: str | list[str] = "auto", weight: float = 5.0,
                  warmup_epochs: int = 20, ce_weight: float = 1.0, max_stages: int = 4,
                  max_mid_channels: int = 512):
         super().__init__()
         self.fixed = {"student": as_paths(student_layers), "teacher": as_paths(teacher_layers)}
         self.layers: dict[str, list[str]] | None = None  # resolved in setup()
-        self.weight = float(weight)
-        self.warmup_epochs = int(warmup_epochs)
-        self.ce_weight = float(ce_weight)
-        self.max_stages = int(max_stages)
-        self.max_mid_channels = int(max_mid_channels)
         self.abfs: nn.ModuleList | None = None  # built in setup(), shallow to deep
         # The teacher's map size (H, W) per stage, the ABF output sizes; set with the ABFs.
         self.register_buffer("out_sizes", torch.zeros(0, 2, dtype=torch.long))

@@ -65,9 +65,6 @@ class RKD(Method):
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0,
                  ce_weight: float = 1.0):
         super().__init__()
-        self.distance_weight = float(distance_weight)
-        self.angle_weight = float(angle_weight)
-        self.ce_weight = float(ce_weight)
 
     def check(self, student, teachers) -> None:
         require_teachers(self.name, len(teachers), exactly=1)

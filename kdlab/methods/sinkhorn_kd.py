@@ -70,17 +70,11 @@ class SinkhornKD(Method):
     def __init__(self, temperature: float = 2.0, ce_weight: float = 0.2, kd_weight: float = 0.8,
                  sinkhorn_weight: float = 0.001, epsilon: float = 0.1, iterations: int = 20):
         super().__init__()
-        if float(temperature) <= 0 or float(epsilon) <= 0:
+        if temperature <= 0 or epsilon <= 0:
             raise ConfigError(f"method.temperature and method.epsilon must be > 0, got "
                               f"{temperature} and {epsilon}")
-        if int(iterations) < 1:
+        if iterations < 1:
             raise ConfigError(f"method.iterations must be >= 1, got {iterations}")
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
-        self.sinkhorn_weight = float(sinkhorn_weight)
-        self.epsilon = float(epsilon)
-        self.iterations = int(iterations)
 
     def check(self, student, teachers) -> None:
         require_teachers(self.name, len(teachers), exactly=1)

@@ -46,6 +46,7 @@ keeps the same t (the release keeps one t per rank). One teacher.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,8 @@ def interpolated_target(student_logits: Tensor, teacher_logits: Tensor, t: Tenso
     return F.softmax(mixed, dim=-1)
 
 
-FLOOR_PROGRESS = ("released", "ahead")
-OBJECTIVES = ("ce", "kl")
+FloorProgress = Literal["released", "ahead"]
+Objective = Literal["ce", "kl"]
 
 
 class TAID(Method):
@@ -72,24 +73,15 @@ class TAID(Method):
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
                  beta: float = 0.99, total_steps: int | None = None,
-                 floor_progress: str = "released", objective: str = "ce"):
+                 floor_progress: FloorProgress = "released", objective: Objective = "ce"):
         super().__init__()
         if not 0.0 <= t_start <= t_end <= 1.0:
             raise ConfigError(f"taid needs 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
-        if floor_progress not in FLOOR_PROGRESS:
-            raise ConfigError(f"method.floor_progress must be one of {FLOOR_PROGRESS}, got "
-                              f"{floor_progress!r}")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"method.objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.floor_progress, self.objective = floor_progress, objective
-        self.t_start, self.t_end = float(t_start), float(t_end)
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.total_steps = None if total_steps is None else int(total_steps)
-        self.register_buffer("t", torch.tensor(float(t_start)))
+        self.register_buffer("t", torch.tensor(t_start))
         self.register_buffer("momentum", torch.tensor(0.0))
         self.register_buffer("prev_objective", torch.tensor(float("nan")))  # nan: none yet
         self._objective: Tensor | None = None
-        self._steps = float(self.total_steps) if self.total_steps else math.inf
+        self._steps = total_steps or math.inf  # the floor's N (the trainer's, from setup)
 
     def check(self, student, teachers) -> None:
         require_teachers(self.name, len(teachers), exactly=1)

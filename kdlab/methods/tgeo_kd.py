@@ -66,7 +66,9 @@ from .base import (
     step_with_flat_state,
 )
 from .lookahead import (
-    check_options,
+    Kernel,
+    Lookahead,
+    check_kernel_scale,
     eval_mode,
     lookahead_meta_loss,
     meta_pick,
@@ -174,38 +176,24 @@ class TGeoKD(Method):
                    "label geometry, trained bilevel on the clean meta split")
     report_plots = (LABEL_WEIGHTS,)  # its results' "mixing" has ALM-KD's label weights
 
-    def __init__(self, temperature: float = 4.0, lookahead: str = "last_layer",
-                 kernel: str = "raw", kernel_scale: float = 100.0, meta_interval: int = 1,
+    def __init__(self, temperature: float = 4.0, lookahead: Lookahead = "last_layer",
+                 kernel: Kernel = "raw", kernel_scale: float = 100.0, meta_interval: int = 1,
                  meta_batch_size: int = 128, init_alpha: float | None = 0.9,
                  controller_lr: float = 1e-3, controller_betas: tuple[float, float] = (0.9, 0.999),
                  controller_eps: float = 1e-8, controller_weight_decay: float = 0.0,
                  class_means_batch_size: int = 512, released_double_softmax: bool = False):
         super().__init__()
-        check_options(lookahead, kernel, kernel_scale)
-        if float(temperature) <= 0:
+        check_kernel_scale(kernel_scale)
+        if temperature <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {temperature}")
-        if int(meta_interval) < 0 or int(meta_batch_size) < 1:
+        if meta_interval < 0 or meta_batch_size < 1:
             raise ConfigError("method.meta_interval must be >= 0 (0: never update the "
                               "controller) and method.meta_batch_size >= 1")
-        if init_alpha is not None and not 0.0 < float(init_alpha) < 1.0:
+        if init_alpha is not None and not 0.0 < init_alpha < 1.0:
             raise ConfigError(f"method.init_alpha must be in (0, 1) or null, got {init_alpha}")
-        betas = tuple(float(b) for b in controller_betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas) or controller_lr < 0:
+        if not all(0.0 <= b < 1.0 for b in controller_betas) or controller_lr < 0:
             raise ConfigError("method.controller_betas must be two numbers in [0, 1) and "
                               "method.controller_lr >= 0")
-        self.temperature = float(temperature)
-        self.lookahead = lookahead
-        self.kernel = kernel
-        self.kernel_scale = float(kernel_scale)
-        self.meta_interval = int(meta_interval)
-        self.meta_batch_size = int(meta_batch_size)
-        self.init_alpha = None if init_alpha is None else float(init_alpha)
-        self.controller_lr = float(controller_lr)
-        self.controller_betas = (betas[0], betas[1])
-        self.controller_eps = float(controller_eps)
-        self.controller_weight_decay = float(controller_weight_decay)
-        self.class_means_batch_size = int(class_means_batch_size)
-        self.released_double_softmax = bool(released_double_softmax)
         self.controller: nn.Sequential | None = None  # built in setup() (needs C)
         self.register_buffer("class_means", torch.zeros(0, 0))
         self.register_buffer("has_class_means", torch.tensor(False))

@@ -26,6 +26,7 @@ from __future__ import annotations
 from torch import nn
 
 from .shapes import image_channels
+from .shared import init_cifar_weights, stage
 
 # (expansion ratio or None for the model's ratio, output channels at width 1,
 #  number of blocks, stride of the first block) for the seven stages.
@@ -84,7 +85,7 @@ class CifarMobileNetV2(nn.Module):
         stages = []
         for ratio, channels, num_blocks, stride in _STAGES:
             out_channels = int(channels * width_mult)
-            stages.append(_stage(width, out_channels, num_blocks, stride,
+            stages.append(stage(InvertedResidual, width, out_channels, num_blocks, stride,
                                  expand_ratio if ratio is None else ratio))
             width = out_channels
         (self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6,
@@ -95,7 +96,7 @@ class CifarMobileNetV2(nn.Module):
         self.conv2 = ConvBNReLU(width, last_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last_channels, num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.conv1(x)
@@ -110,30 +111,10 @@ class CifarMobileNetV2(nn.Module):
         return self.classifier(self.avgpool(x).flatten(1))
 
 
-def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int,
-           expand_ratio: int) -> nn.Sequential:
-    blocks = [InvertedResidual(in_channels, out_channels, stride, expand_ratio)]
-    blocks += [InvertedResidual(out_channels, out_channels, 1, expand_ratio)
-               for _ in range(num_blocks - 1)]
-    return nn.Sequential(*blocks)
-
-
 def _make_divisible(value: float, divisor: int = 8) -> int:
     """Round ``value`` to the nearest multiple of ``divisor``, never going down by over 10%."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def mobilenetv2(num_classes, input_shape=(3, 32, 32), width_mult=0.5, expand_ratio=6):

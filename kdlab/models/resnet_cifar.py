@@ -19,10 +19,13 @@ No operation is in place, so tensors captured by forward hooks are never overwri
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 from torch import nn
 
 from .shapes import image_channels
+from .shared import init_cifar_weights, stage
 
 # Stem width followed by the widths of the three stages.
 _NARROW = (16, 16, 32, 64)
@@ -64,12 +67,12 @@ class CifarResNet(nn.Module):
         stem, *stages = widths
         self.conv1 = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        self.layer1 = _stage(stem, stages[0], blocks_per_stage, stride=1)
-        self.layer2 = _stage(stages[0], stages[1], blocks_per_stage, stride=2)
-        self.layer3 = _stage(stages[1], stages[2], blocks_per_stage, stride=2)
+        self.layer1 = stage(BasicBlock, stem, stages[0], blocks_per_stage, 1)
+        self.layer2 = stage(BasicBlock, stages[0], stages[1], blocks_per_stage, 2)
+        self.layer3 = stage(BasicBlock, stages[1], stages[2], blocks_per_stage, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(stages[2], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -77,58 +80,19 @@ class CifarResNet(nn.Module):
         return self.classifier(self.avgpool(x).flatten(1))
 
 
-def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) -> nn.Sequential:
-    blocks = [BasicBlock(in_channels, out_channels, stride)]
-    blocks += [BasicBlock(out_channels, out_channels) for _ in range(num_blocks - 1)]
-    return nn.Sequential(*blocks)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def _resnet(depth: int, widths: tuple[int, int, int, int], num_classes: int,
-            input_shape: tuple[int, ...]) -> CifarResNet:
+            input_shape: tuple[int, ...] = (3, 32, 32)) -> CifarResNet:
     return CifarResNet(depth, widths, num_classes,
                        in_channels=image_channels("CIFAR ResNets", input_shape))
 
 
-def resnet8(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(8, _NARROW, num_classes, input_shape)
-
-
-def resnet14(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(14, _NARROW, num_classes, input_shape)
-
-
-def resnet20(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(20, _NARROW, num_classes, input_shape)
-
-
-def resnet32(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(32, _NARROW, num_classes, input_shape)
-
-
-def resnet44(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(44, _NARROW, num_classes, input_shape)
-
-
-def resnet56(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(56, _NARROW, num_classes, input_shape)
-
-
-def resnet110(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(110, _NARROW, num_classes, input_shape)
-
-
-def resnet8x4(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(8, _WIDE, num_classes, input_shape)
-
-
-def resnet32x4(num_classes, input_shape=(3, 32, 32)):
-    return _resnet(32, _WIDE, num_classes, input_shape)
+# The architectures (conf/model/<name>.yaml): each a callable of (num_classes, input_shape).
+resnet8 = partial(_resnet, 8, _NARROW)
+resnet14 = partial(_resnet, 14, _NARROW)
+resnet20 = partial(_resnet, 20, _NARROW)
+resnet32 = partial(_resnet, 32, _NARROW)
+resnet44 = partial(_resnet, 44, _NARROW)
+resnet56 = partial(_resnet, 56, _NARROW)
+resnet110 = partial(_resnet, 110, _NARROW)
+resnet8x4 = partial(_resnet, 8, _WIDE)
+resnet32x4 = partial(_resnet, 32, _WIDE)

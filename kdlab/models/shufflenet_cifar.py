@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .shapes import image_channels
+from .shared import init_cifar_weights
 
 _V1_STAGES = {"channels": (240, 480, 960), "units": (4, 8, 4), "groups": 3}
 _V1_STEM = 24
@@ -102,7 +103,7 @@ class ShuffleNetV1(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(width, num_classes)
-        _init_weights(self)
+        init_cifar_weights(self)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -182,22 +183,13 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(last_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last_channels, num_classes)
-        _init_weights(self)
+        init_cifar_weights(self)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.classifier(self.avgpool(x).flatten(1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def shufflenetv1(num_classes, input_shape=(3, 32, 32)):

@@ -28,9 +28,12 @@ No operation is in place, so tensors captured by forward hooks are never overwri
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from .shapes import image_channels
+from .shared import init_cifar_weights
 
 # Output channels of the convs in each of the five stages.
 _CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -69,7 +72,7 @@ class CifarVGG(nn.Module):
             self.add_module(name, _stage(widths[k], channels, pool=k > 0))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(widths[-1], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward(self, x):
         for name in self.stage_names:
@@ -85,50 +88,16 @@ def _stage(in_channels: int, channels: tuple[int, ...], pool: bool) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-
-
-def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...]) -> CifarVGG:
+def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...] = (3, 32, 32)) -> CifarVGG:
     return CifarVGG(_CONFIGS[name], num_classes, in_channels=image_channels(name, input_shape))
 
 
-def vgg8(num_classes, input_shape=(3, 32, 32)):
-    return _vgg("vgg8", num_classes, input_shape)
-
-
-def vgg11(num_classes, input_shape=(3, 32, 32)):
-    return _vgg("vgg11", num_classes, input_shape)
-
-
-def vgg13(num_classes, input_shape=(3, 32, 32)):
-    return _vgg("vgg13", num_classes, input_shape)
-
-
-def vgg16(num_classes, input_shape=(3, 32, 32)):
-    return _vgg("vgg16", num_classes, input_shape)
-
-
-def vgg19(num_classes, input_shape=(3, 32, 32)):
-    return _vgg("vgg19", num_classes, input_shape)
-
-
-def vgg6(num_classes, input_shape=(1, 28, 28)):
-    return _vgg("vgg6", num_classes, input_shape)
-
-
-def vgg7(num_classes, input_shape=(1, 28, 28)):
-    return _vgg("vgg7", num_classes, input_shape)
-
-
-def vgg7x4(num_classes, input_shape=(1, 28, 28)):
-    return _vgg("vgg7x4", num_classes, input_shape)
+# The architectures (conf/model/<name>.yaml): each a callable of (num_classes, input_shape).
+vgg8 = partial(_vgg, "vgg8")
+vgg11 = partial(_vgg, "vgg11")
+vgg13 = partial(_vgg, "vgg13")
+vgg16 = partial(_vgg, "vgg16")
+vgg19 = partial(_vgg, "vgg19")
+vgg6 = partial(_vgg, "vgg6", input_shape=(1, 28, 28))
+vgg7 = partial(_vgg, "vgg7", input_shape=(1, 28, 28))
+vgg7x4 = partial(_vgg, "vgg7x4", input_shape=(1, 28, 28))

@@ -20,10 +20,13 @@ in place, so tensors captured by forward hooks are never overwritten.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 from torch import nn
 
 from .shapes import image_channels
+from .shared import init_cifar_weights, stage
 
 
 class PreActBlock(nn.Module):
@@ -65,13 +68,13 @@ class WideResNet(nn.Module):
         blocks_per_stage = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.layer1 = _stage(16, widths[0], blocks_per_stage, 1, dropout)
-        self.layer2 = _stage(widths[0], widths[1], blocks_per_stage, 2, dropout)
-        self.layer3 = _stage(widths[1], widths[2], blocks_per_stage, 2, dropout)
+        self.layer1 = stage(PreActBlock, 16, widths[0], blocks_per_stage, 1, dropout)
+        self.layer2 = stage(PreActBlock, widths[0], widths[1], blocks_per_stage, 2, dropout)
+        self.layer3 = stage(PreActBlock, widths[1], widths[2], blocks_per_stage, 2, dropout)
         self.bn = nn.BatchNorm2d(widths[2])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(widths[2], num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
@@ -79,42 +82,15 @@ class WideResNet(nn.Module):
         return self.classifier(self.avgpool(x).flatten(1))
 
 
-def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int,
-           dropout: float) -> nn.Sequential:
-    blocks = [PreActBlock(in_channels, out_channels, stride, dropout)]
-    blocks += [PreActBlock(out_channels, out_channels, 1, dropout)
-               for _ in range(num_blocks - 1)]
-    return nn.Sequential(*blocks)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
-def _wrn(depth: int, widen_factor: int, num_classes: int, input_shape: tuple[int, ...],
-         dropout: float) -> WideResNet:
+def _wrn(depth: int, widen_factor: int, num_classes: int,
+         input_shape: tuple[int, ...] = (3, 32, 32), dropout: float = 0.0) -> WideResNet:
     return WideResNet(depth, widen_factor, num_classes, image_channels("WRNs", input_shape),
                       dropout)
 
 
-def wrn_16_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
-    return _wrn(16, 1, num_classes, input_shape, dropout)
-
-
-def wrn_16_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
-    return _wrn(16, 2, num_classes, input_shape, dropout)
-
-
-def wrn_40_1(num_classes, input_shape=(3, 32, 32), dropout=0.0):
-    return _wrn(40, 1, num_classes, input_shape, dropout)
-
-
-def wrn_40_2(num_classes, input_shape=(3, 32, 32), dropout=0.0):
-    return _wrn(40, 2, num_classes, input_shape, dropout)
+# The architectures (conf/model/<name>.yaml): each a callable of (num_classes, input_shape,
+# dropout).
+wrn_16_1 = partial(_wrn, 16, 1)
+wrn_16_2 = partial(_wrn, 16, 2)
+wrn_40_1 = partial(_wrn, 40, 1)
+wrn_40_2 = partial(_wrn, 40, 2)
