@@ -85,8 +85,10 @@ the chunk:
 
     l_ij <- P( l_ij - row_step (g_ij - gbar_j) / sd_j(g) )        (zscore)
 
-so a typical row moves by ``row_step`` per inner step whatever the data, rows with
-consistent evidence drift to a bound over passes, and (``zscore``) the rows carry only how
+so a typical row moves by ``row_step`` x lr_t / (the highest lr a pass has seen) per inner
+step whatever the data: rows with consistent evidence drift to a bound over passes, the
+passes late in a decaying schedule (when the student has fitted its noisy labels and the
+lookahead no longer tells them apart) move little, and (``zscore``) the rows carry only how
 an example differs from the others of its chunk; the column's common level is the global
 scale c_j's (``rebalance``).
 
@@ -260,6 +262,8 @@ class ALMKD(Method):
         self.register_buffer("mixing_weights", torch.zeros(0, 0))
         # (K+1,) global column scales (rebalance); ones = no rebalancing.
         self.register_buffer("column_scales", torch.zeros(0))
+        # The highest learning rate a meta pass has seen (rms / zscore: row steps follow lr).
+        self.register_buffer("peak_lr", torch.zeros((), dtype=torch.float64))
         # One record per meta pass; epoch -1 = initial weights.
         self.history: list[report.PassRecord] = []
         self._noise_mask: Tensor | None = None  # reporting only
@@ -291,6 +295,11 @@ class ALMKD(Method):
                 n, k, self.init_teacher_weight, self.combination).to(self.mixing_weights.device)
         if self.column_scales.shape != (k + 1,):
             self.column_scales = torch.ones(k + 1, device=self.mixing_weights.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before peak_lr existed: no pass has set it yet
+        state_dict.setdefault(prefix + "peak_lr", torch.zeros((), dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> Tensor:
         """The meta-pass history as one float tensor (checkpoints stay tensors-only)."""
@@ -371,6 +380,9 @@ class ALMKD(Method):
         dtype = work_dtype(head.weight)
         chunk_size = self.chunk_batches * run.chunk_base
         step, factor = simulated_step(self.step_scale, run.lr, run.batch_size, num_classes)
+        self.peak_lr.fill_(max(float(self.peak_lr), run.lr))
+        rate = (self.meta_lr * factor if self.row_update == "raw"
+                else self.row_step * run.lr / max(float(self.peak_lr), 1e-12))
         with eval_mode(student):
             with torch.no_grad(), run.precision():
                 meta = self._meta_split(run, student, head)
@@ -412,7 +424,6 @@ class ALMKD(Method):
                             scale_grad += factor * (lam * raw).sum(0)
                     if scales is not None:
                         grad = grad * scales  # d/dl_ij of the loss weights c_j l_ij
-                    rate = self.meta_lr * factor if self.row_update == "raw" else self.row_step
                     lam = constrained_step(lam, normalized_grad(grad, self.row_update), rate,
                                            self.combination,
                                            self.clamp_min, self.clamp_max)

@@ -330,6 +330,30 @@ def test_a_normalised_row_update_moves_a_typical_row_by_row_step(row_update):
     assert 0.5 * 3 * row_step < float(moved.mean()) <= 3 * row_step  # ~ row_step per step
 
 
+def test_a_normalised_row_step_follows_the_learning_rate_schedule():
+    """A later pass at half the highest lr seen moves the rows half as far (same evidence:
+    the same student, teacher and chunk, passes at epochs 0 and 1 from one start)."""
+    x, y, xm, ym = _toyrandom_problem()
+    student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
+    dm = _toy_from(x, y, xm, ym, batch_size=16)
+    moves = {}
+    for lrs in ((0.004,), (0.008, 0.004)):
+        method = ALMKD(meta_start=0, meta_every=1, plot=False, paper=True, inner_steps=1,
+                       chunk_batches=3, row_update="zscore", row_step=0.03)
+        method.setup(FakeCtx(dm, student, [teacher], "unused"))
+        method.mixing_weights = method.mixing_weights.double()
+        for epoch, lr in enumerate(lrs):  # a first pass at a higher lr sets the peak
+            before = method.mixing_weights.clone()
+            method.on_train_epoch_start(FakeCtx(dm, student, [teacher], "unused", epoch=epoch,
+                                                lr=lr))
+        moves[lrs] = (method.mixing_weights - before)
+        assert float(method.peak_lr) == max(lrs)
+    # the evidence of the last pass differs only by the table it starts from; compare the
+    # typical move (RMS over the rows of the label column, which no clamp touched)
+    rms = {k: float(v[:, 1].pow(2).mean().sqrt()) for k, v in moves.items()}
+    assert rms[(0.008, 0.004)] == pytest.approx(0.5 * rms[(0.004,)], rel=1e-6)
+
+
 def test_auto_step_is_the_authors_step_in_the_authors_setting():
     n = AUTHORS_CHUNK_BATCHES * AUTHORS_BATCH
     assert simulated_step("auto", AUTHORS_LR, AUTHORS_BATCH, AUTHORS_CLASSES) == \
