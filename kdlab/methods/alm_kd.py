@@ -55,9 +55,8 @@ class), so it shrinks like 1/C in the number of classes C.
       meta_lr u dL_meta/dl_ij = meta_lr (lr_A / b_A) (C / C_A) E_ij
 
   with the authors' CIFAR-100 setting A (ResNet56 -> ResNet8: lr_A = 0.1, b_A = 128,
-  chunks of 3 batches, meta batch 1000, C_A = 100), where u = 1. A row moves by the same
-  amount per unit of evidence E whatever the lr and its schedule, b, the chunk and meta
-  batch sizes (to first order), corrected for the 1/C dilution; it still grows with |h|^2.
+  C_A = 100), where u = 1: the same move per unit of evidence E at any lr, schedule, b,
+  chunk and meta batch (to first order), corrected for the 1/C dilution.
 
 ``kernel``: ``raw`` (the paper) or ``centered`` (:mod:`.lookahead`: W stepped on h - mu,
 the class biases fixed, the kernel (h_i - mu) . (h_v - mu) normalised to mean diagonal
@@ -75,28 +74,16 @@ independent of the number of ranks):
 
 The rows move with d/dl_ij = c_j d/d(c_j l_ij).
 
-Row update, ``row_update``. ``raw``: the step above, meta_lr u g. Its size follows the size
-of the evidence, which depends on the data: on Fashion-MNIST's 48,000 examples (features
-clustered by class, so many meta examples resemble each row) every step reaches the clamp
-bounds and the rows end bang-bang at 0 and 2, clean and noisy alike (measured:
-scripts/results/alm_noise_notes.md). ``rms`` divides each column of a chunk's gradient g
-by its root mean square over the chunk's rows, ``zscore`` first centres it on its mean over
-the chunk:
+Row update, ``row_update`` (why, measured on Fashion-MNIST: docs/methods.md). ``raw``: the
+step above, meta_lr u g (its size follows the size of the evidence, which depends on the
+data). ``rms`` divides each column of a chunk's g by its root mean square over the chunk's
+rows; ``zscore`` first centres it on the chunk's mean:
 
-    l_ij <- P( l_ij - row_step (g_ij - gbar_j) / sd_j(g) )        (zscore)
+    l_ij <- P( l_ij - row_step (lr_t / peak lr) (g_ij - gbar_j) / sd_j(g) )        (zscore)
 
-so a typical row moves by ``row_step`` x lr_t / (the highest lr a pass has seen) per inner
-step whatever the data: rows with consistent evidence drift to a bound over passes, the
-passes late in a decaying schedule (when the student has fitted its noisy labels and the
-lookahead no longer tells them apart) move little, and (``zscore``) the rows carry only how
-an example differs from the others of its chunk; the column's common level is the global
-scale c_j's (``rebalance``).
-
-Convex mode. ``combination: convex`` keeps every row on the simplex with the early code's
-step: with one teacher, rows (1 - l, l) and l <- clip_[0, 1](l - meta_lr u (g_1 - g_0))
-(g_j = dL_meta/dl_ij); for K teachers rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j
-g_j)), twice the move of projecting the free step. With ``rebalance`` the loss weights are
-c_j times the (simplex) rows.
+Convex mode (``combination: convex``): rows stay on the simplex with the early code's step,
+l <- clip_[0, 1](l - meta_lr u (g_1 - g_0)) for rows (1 - l, l); for K teachers
+rows <- proj_simplex(rows - 2 meta_lr u (g - mean_j g_j)).
 
 The table is module state (a buffer): saved in checkpoints, restored on resume. Under DDP
 every rank updates the rows of its share of the chunks and :func:`~.lookahead.sync_rows`
@@ -253,10 +240,9 @@ class ALMKD(Method):
             if value != "auto" and value < low:
                 raise ConfigError(f"method.{key} must be auto or an integer >= {low}, "
                                   f"got {value!r}")
-        if inner_steps < 0 or chunk_batches < 1:
-            raise ConfigError("method.chunk_batches must be >= 1, method.inner_steps >= 0")
-        if not clamp_min <= clamp_max:
-            raise ConfigError(f"method.clamp_min {clamp_min} > method.clamp_max {clamp_max}")
+        if inner_steps < 0 or chunk_batches < 1 or not clamp_min <= clamp_max:
+            raise ConfigError("method.chunk_batches must be >= 1, method.inner_steps >= 0 and "
+                              f"method.clamp_min <= clamp_max (got {clamp_min}, {clamp_max})")
         self.scale_max = clamp_max if scale_max is None else scale_max
         # (N_train, K+1); sized in setup() once the data and the teachers are known.
         self.register_buffer("mixing_weights", torch.zeros(0, 0))
@@ -425,8 +411,7 @@ class ALMKD(Method):
                     if scales is not None:
                         grad = grad * scales  # d/dl_ij of the loss weights c_j l_ij
                     lam = constrained_step(lam, normalized_grad(grad, self.row_update), rate,
-                                           self.combination,
-                                           self.clamp_min, self.clamp_max)
+                                           self.combination, self.clamp_min, self.clamp_max)
                 self.mixing_weights[idx] = lam.to(self.mixing_weights.dtype)
                 updated[idx] = True
             sync_rows(self.mixing_weights, updated)
@@ -439,14 +424,12 @@ class ALMKD(Method):
 
     def _meta_split(self, run: MetaPassInputs, student: nn.Module, head: nn.Linear) -> dict:
         """The clean meta split on the device: targets and features (or inputs for full)."""
-        out: dict[str, list[Tensor]] = {"target": [], "h": [], "input": []}
-        for batch in run.meta_batches():
-            out["target"].append(batch["target"])
-            if self.lookahead == "last_layer":
-                out["h"].append(penultimate_and_logits(student, batch["input"])[0])
-            else:
-                out["input"].append(batch["input"])
-        return {k: torch.cat(v) for k, v in out.items() if v}
+        batches = run.meta_batches()
+        if self.lookahead == "last_layer":
+            key, parts = "h", [penultimate_and_logits(student, b["input"])[0] for b in batches]
+        else:
+            key, parts = "input", [b["input"] for b in batches]
+        return {"target": torch.cat([b["target"] for b in batches]), key: torch.cat(parts)}
 
     # -- reporting -------------------------------------------------------------------------
     def _record(self, epoch: int) -> report.PassRecord:
@@ -460,10 +443,8 @@ class ALMKD(Method):
                             self.column_names, path, bounds)
 
     def results(self) -> dict[str, Any]:
-        extra = {"combination": self.combination, "lookahead": self.lookahead,
-                 "step_scale": self.step_scale, "kernel": self.kernel,
-                 "kernel_scale": self.kernel_scale, "rebalance": self.rebalance,
-                 "paper": self.paper, "row_update": self.row_update,
-                 "row_step": self.row_step}
+        extra = {key: getattr(self, key) for key in (
+            "combination", "lookahead", "step_scale", "kernel", "kernel_scale", "rebalance",
+            "paper", "row_update", "row_step")}
         return {"mixing": report.mixing_results(self.history, self._record(-1), self.column_names,
                                                 extra)}
