@@ -37,7 +37,7 @@ P clamps to [clamp_min, clamp_max] (``combination: free``, the authors' final co
 projects onto the simplex (``convex``, below). ``lookahead: full``: one SGD step of the
 whole student instead, differentiated through (exact, costlier). The simulated step is
 plain SGD, as in the paper. ``paper: true``: ``step_scale: authors``, ``kernel: raw``,
-``rebalance: 0``, with the other defaults the authors' final code.
+``rebalance: 0``, ``row_update: raw``, with the other defaults the authors' final code.
 
 The step, ``step_scale``. For one inner step, with r_v = softmax(o'_v) - e_{y_v} the
 residuals after the step and M = |V|:
@@ -230,11 +230,11 @@ class ALMKD(Method):
                  meta_start: int | Literal["auto"] = "auto", meta_lr: float = 1500.0,
                  inner_steps: int = 5, chunk_batches: int = 3, meta_batch_size: int = 1000,
                  init_teacher_weight: float = 0.9, clamp_min: float = 1e-7,
-                 clamp_max: float = 2.0, row_update: RowUpdate = "raw", row_step: float = 0.05,
+                 clamp_max: float = 2.0, row_update: RowUpdate = "zscore", row_step: float = 0.1,
                  plot: bool = True):
         super().__init__()
-        if paper:  # the authors' algorithm: their step, their kernel, no global scales
-            self.step_scale, self.kernel, self.rebalance = "authors", "raw", 0.0
+        if paper:  # the authors' algorithm: their step and kernel, no global scales, raw rows
+            vars(self).update(step_scale="authors", kernel="raw", rebalance=0.0, row_update="raw")
         check_kernel_scale(kernel_scale)
         for key, value, low in (("meta_every", meta_every, 1), ("meta_start", meta_start, 0)):
             if value != "auto" and value < low:

@@ -105,6 +105,7 @@ def test_meta_pass_respects_constraints_and_leaves_the_student_alone(tmp_path, c
     dm = _digits()
     student, teachers = _cnn(8, 0).train(), [_cnn(16, 1), _cnn(16, 2)]
     method = ALMKD(combination=combination, lookahead=lookahead, meta_lr=1e6, meta_start=0,
+                   row_update="raw",  # a huge raw step: every row reaches a bound
                    meta_every=1, inner_steps=2, clamp_min=0.05, clamp_max=1.5,
                    meta_batch_size=100, chunk_batches=4 if lookahead == "last_layer" else 10)
     ctx = FakeCtx(dm, student, teachers, tmp_path)
@@ -248,7 +249,9 @@ def _linear(d, c, seed, scale=1.0):
 
 
 def _one_pass(dm, student, teacher, lr, **kwargs):
-    """The table after one meta pass (float64 throughout: a float64 student and table)."""
+    """The table after one meta pass (float64 throughout: a float64 student and table); the
+    raw row update (meta_lr's step, which the step tests measure) unless a test names another."""
+    kwargs.setdefault("row_update", "raw")
     method = ALMKD(meta_start=0, meta_every=1, plot=False, **kwargs)
     ctx = FakeCtx(dm, student, [teacher], "unused", lr=lr)
     method.setup(ctx)
@@ -307,14 +310,18 @@ def test_authors_step_is_the_authors_update_rule():
     torch.testing.assert_close(table, expected, rtol=1e-9, atol=1e-11)
 
 
+# paper=true's step and kernel without its raw row update
+AUTHORS_STEP = {"step_scale": "authors", "kernel": "raw", "rebalance": 0.0}
+
+
 @pytest.mark.parametrize("row_update", ["rms", "zscore"])
 def test_a_normalised_row_update_moves_a_typical_row_by_row_step(row_update):
     x, y, xm, ym = _toyrandom_problem()
     student, teacher = _linear(5, 4, 0), _linear(5, 4, 1, scale=3.0)
     lr, b, row_step = 0.004, 16, 0.03
     dm = _toy_from(x, y, xm, ym, batch_size=b)  # one chunk: the whole split
-    method = _one_pass(dm, student, teacher, lr, paper=True, inner_steps=3, chunk_batches=3,
-                       row_update=row_update, row_step=row_step)
+    method = _one_pass(dm, student, teacher, lr, inner_steps=3, chunk_batches=3,
+                       row_update=row_update, row_step=row_step, **AUTHORS_STEP)
 
     def normalised(g):  # per column, over the chunk's 48 rows, written out
         rows = g - g.mean(0) if row_update == "zscore" else g
@@ -338,8 +345,8 @@ def test_a_normalised_row_step_follows_the_learning_rate_schedule():
     dm = _toy_from(x, y, xm, ym, batch_size=16)
     moves = {}
     for lrs in ((0.004,), (0.008, 0.004)):
-        method = ALMKD(meta_start=0, meta_every=1, plot=False, paper=True, inner_steps=1,
-                       chunk_batches=3, row_update="zscore", row_step=0.03)
+        method = ALMKD(meta_start=0, meta_every=1, plot=False, inner_steps=1, chunk_batches=3,
+                       row_update="zscore", row_step=0.03, **AUTHORS_STEP)
         method.setup(FakeCtx(dm, student, [teacher], "unused"))
         method.mixing_weights = method.mixing_weights.double()
         for epoch, lr in enumerate(lrs):  # a first pass at a higher lr sets the peak
@@ -824,3 +831,10 @@ def test_auto_meta_schedule_is_every_five_percent_of_the_run(epochs, every):
     fixed = ALMKD(meta_start=3, meta_every=4)
     fixed.setup(ctx)
     assert (fixed.meta_start, fixed.meta_every) == (3, 4)
+
+
+def test_paper_is_the_authors_algorithm_whatever_the_row_update():
+    method = ALMKD(paper=True, row_update="zscore")
+    assert (method.step_scale, method.kernel, method.rebalance, method.row_update) == \
+        ("authors", "raw", 0.0, "raw")
+    assert ALMKD().row_update == "zscore"  # kdlab's default (scripts/results/alm_noise_notes.md)
