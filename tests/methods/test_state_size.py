@@ -81,3 +81,27 @@ def test_pskd_bytes_per_example_by_hand():
     # more classes than int16 holds: the ids take int32
     wide = instantiate_method(compose(["method=pskd", "method.store=topk"]).method)
     assert wide.state_buffers(StateSizes(n, 40_000))["memory_classes"].dtype == torch.int32
+
+
+def test_docs_memory_table_is_the_declarations_at_imagenet_scale():
+    """docs/methods.md's memory table is scripts/state_memory.py's output (so it follows the
+    declarations), and its PS-KD figures are the hand counts at N = 1,281,167, C = 1000."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("state_memory",
+                                                  root / "scripts" / "state_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    docs = (root / "docs" / "methods.md").read_text()
+    begin = "<!-- scripts/state_memory.py: begin -->\n"
+    end = "\n<!-- scripts/state_memory.py: end -->"
+    assert docs.count(begin) == 1 and docs.count(end) == 1
+    table = docs.split(begin)[1].split(end)[0]
+    assert table == script.table(), "rerun: python scripts/state_memory.py"
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()}
+    n, c = 1_281_167, 1000
+    assert f"{n * (4 * c + 1) / 1e6:,.1f} MB" in rows["| `pskd`"]
+    topk = rows["| `pskd` (store=topk, precision=float16)"]
+    assert f"{n * (2 * 10 + 2 * 10 + 1) / 1e6:,.1f} MB" in topk and n * 41 < 1.5e9
