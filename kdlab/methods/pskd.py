@@ -26,7 +26,7 @@ docs/methods.md gives the bytes at ImageNet scale):
 
 * ``store=full`` (default): the whole softmax, ``memory`` (N_train, C) -- the paper.
 * ``store=topk``: only the ``top_k`` largest probabilities of each row (``memory``
-  (N_train, k)) and their classes (``memory_classes`` (N_train, k), int16 below 32768
+  (N_train, k)) and their classes (``memory_classes`` (N_train, k), int16 up to 32768
   classes, else int32). The stored prediction is those k probabilities, with the rest of
   the mass, 1 - their sum, spread evenly over the other C - k classes. A deviation from the
   paper, which keeps the full distribution: the tail's ranking is lost. For large N x C
