@@ -106,7 +106,7 @@ from ..errors import ConfigError
 from ..models.features import find_classifier
 from . import alm_kd_report as report
 from .alm_kd_plots import LABEL_WEIGHTS, plot_mixing_history
-from .base import Method, MethodContext, Outputs, kd_kl, require_teachers
+from .base import Method, MethodContext, Outputs, StateBuffer, StateSizes, kd_kl, require_teachers
 from .lookahead import (
     Kernel,
     Lookahead,
@@ -281,6 +281,10 @@ class ALMKD(Method):
                 n, k, self.init_teacher_weight, self.combination).to(self.mixing_weights.device)
         if self.column_scales.shape != (k + 1,):
             self.column_scales = torch.ones(k + 1, device=self.mixing_weights.device)
+
+    def state_buffers(self, sizes: StateSizes) -> dict[str, StateBuffer]:
+        shape = (sizes.num_examples, sizes.num_teachers + 1)
+        return {"mixing_weights": StateBuffer(shape, torch.float32)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before peak_lr existed: no pass has set it yet

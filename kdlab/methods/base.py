@@ -51,6 +51,11 @@ How the contract grows for methods that need more than a loss:
    to the report's default table for runs of the method), ``report_plots``
    (:class:`ReportPlot`: a figure over the report's groups of runs) and ``run_plots`` (files
    the method writes into its run directory that ``report.html`` shows, with a heading).
+8. **State that grows with the data** -- ``state_buffers(sizes)``: the buffers whose size
+   grows with the train split or the classes (:class:`StateSizes`), with the shape and dtype
+   ``setup`` gives them (:class:`StateBuffer`). docs/methods.md's memory table is made from
+   it (``scripts/state_memory.py``) and a test checks it against the buffers ``setup``
+   makes.
 
 A method sees the run only through :class:`MethodContext`, never the Trainer or the
 DataModule; ``tests/helpers`` has one fake context that serves every method test.
@@ -59,11 +64,12 @@ DataModule; ``tests/helpers`` has one fake context that serves every method test
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +111,37 @@ class ReportPlot:
     columns: tuple[str, ...]
     draw: Callable[[list[GroupStats], Path], Any]
     caption: str
+
+
+@dataclass(frozen=True)
+class StateSizes:
+    """What the size of a method's state depends on besides the method's own settings: the
+    train examples N, the classes C, the teachers K and the (first) teacher's penultimate
+    feature width."""
+
+    num_examples: int
+    num_classes: int
+    num_teachers: int = 1
+    teacher_width: int = 512
+
+
+@dataclass(frozen=True)
+class StateBuffer:
+    """One buffer of a method's state that grows with the data, as ``setup`` shapes it:
+    ``rows`` says what its first dimension counts (``"example"``: the train examples,
+    ``"class"``: the classes; ``""``: a flat vector whose length depends on C)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: Literal["example", "class", ""] = "example"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def bytes_per_row(self) -> int | None:
+        return self.nbytes // self.shape[0] if self.rows and self.shape[0] else None
 
 
 class MethodContext(Protocol):
@@ -286,6 +323,13 @@ class Method(nn.Module):
         pass
 
     def results(self) -> dict[str, Any]:
+        return {}
+
+    def state_buffers(self, sizes: StateSizes) -> dict[str, StateBuffer]:
+        """The buffers whose size grows with the train split or the classes, by name, with
+        the shape and dtype ``setup`` gives them for ``sizes`` (every DDP rank holds them
+        whole). Learned parts (parameters) and their optimiser state count with the models
+        unless they are buffers. Default: none."""
         return {}
 
     def extra_parameters(self) -> list[nn.Parameter]:

@@ -26,8 +26,9 @@ the scores are taken as (M h) then gathered, which gives the same values as gath
 
 State (module buffers, saved in checkpoints): ``memory_student`` and ``memory_teacher``
 (N x 128; initialised uniform in [-a, a], a = 1/sqrt(128/3), from the run seed so every DDP
-rank starts alike), ``normalizers`` (Z_s, Z_t; -1 = not set yet). The train labels (for the
-negatives) are read once per fit from the un-augmented train split. The negatives are drawn
+rank starts alike), ``normalizers`` (Z_s, Z_t; -1 = not set yet). The train labels and the
+examples sorted by class (for the negatives; ``train_labels``, ``by_class``: N int64 each,
+not saved) are read once per fit from the un-augmented train split. The negatives are drawn
 from the method's own generator, seeded at every epoch start from (seed, epoch, rank), so a
 resumed run draws the same ones. The embeddings are built
 in ``setup`` and trained with the student. Under DDP the new embeddings and the first step's
@@ -45,7 +46,16 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, feature_shapes
-from .base import Method, Outputs, cross_entropy, epoch_seed, gather_from_ranks, require_teachers
+from .base import (
+    Method,
+    Outputs,
+    StateBuffer,
+    StateSizes,
+    cross_entropy,
+    epoch_seed,
+    gather_from_ranks,
+    require_teachers,
+)
 
 NCE_EPS = 1e-7
 
@@ -96,8 +106,9 @@ class CRD(Method):
         self.register_buffer("normalizers", torch.tensor([-1.0, -1.0]))
         # Labels of the train split (for the negatives), read in on_fit_start; not saved.
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long), persistent=False)
+        # The train examples sorted by class (for the negatives), from train_labels; not saved.
+        self.register_buffer("by_class", torch.zeros(0, dtype=torch.long), persistent=False)
         self._negatives = 0
-        self._by_class = torch.zeros(0, dtype=torch.long)
         self._class_counts: list[int] = []
         self._class_starts: list[int] = []
         self._generator: torch.Generator | None = None  # the negatives' draws (reseed())
@@ -125,6 +136,12 @@ class CRD(Method):
             for name in ("memory_student", "memory_teacher"):
                 bank = (torch.rand(n, self.feat_dim, generator=g) * 2 - 1) * bound
                 setattr(self, name, bank.to(device))
+
+    def state_buffers(self, sizes: StateSizes) -> dict[str, StateBuffer]:
+        bank = StateBuffer((sizes.num_examples, self.feat_dim), torch.float32)
+        ids = StateBuffer((sizes.num_examples,), torch.int64)
+        return {"memory_student": bank, "memory_teacher": bank, "train_labels": ids,
+                "by_class": ids}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A method that has not run setup() yet (e.g. DistillModule.load_from_checkpoint) takes
@@ -155,7 +172,7 @@ class CRD(Method):
         if pool <= 0:
             raise ConfigError("crd needs examples of at least two classes in the train split")
         self.train_labels = labels
-        self._by_class = torch.argsort(labels, stable=True)  # the examples, class by class
+        self.by_class = torch.argsort(labels, stable=True)  # the examples, class by class
         self._class_counts = counts.tolist()
         self._class_starts = (torch.cumsum(counts, 0) - counts).tolist()
         self._negatives = min(self.num_negatives, pool)
@@ -180,7 +197,7 @@ class CRD(Method):
             picked = torch.randperm(n - count, device=device,
                                     generator=self._generator)[:self._negatives]
             picked = picked + (picked >= start) * count  # skip the block of class c
-            rows.append(self._by_class[picked])
+            rows.append(self.by_class[picked])
         return torch.cat([index[:, None], torch.stack(rows)], dim=1)
 
     def loss_terms(self, student: Outputs, teachers: list[Outputs], batch):

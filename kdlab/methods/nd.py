@@ -37,7 +37,17 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.features import PENULTIMATE, feature_shapes
-from .base import Method, Outputs, cross_entropy, epoch_seed, kd_kl, linear_warmup, require_teachers
+from .base import (
+    Method,
+    Outputs,
+    StateBuffer,
+    StateSizes,
+    cross_entropy,
+    epoch_seed,
+    kd_kl,
+    linear_warmup,
+    require_teachers,
+)
 from .dkd import nckd, tckd
 
 Base = Literal["kd", "dkd"]
@@ -135,6 +145,10 @@ class ND(Method):
             self.has_class_means.fill_(False)
             self._means_ready = False
         self._built = True
+
+    def state_buffers(self, sizes: StateSizes) -> dict[str, StateBuffer]:
+        shape = (sizes.num_classes, sizes.teacher_width)
+        return {"class_means": StateBuffer(shape, torch.float32, rows="class")}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A method that has not run setup() yet takes the projector and means from the

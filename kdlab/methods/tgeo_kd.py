@@ -60,6 +60,8 @@ from .alm_kd_report import ratio_results
 from .base import (
     Method,
     Outputs,
+    StateBuffer,
+    StateSizes,
     gather_from_ranks,
     kd_kl,
     require_teachers,
@@ -237,6 +239,14 @@ class TGeoKD(Method):
         if self.report_alpha.shape != (n,):
             self.report_alpha = torch.full((n,), float("nan"), device=device)
         self._noise_mask = ctx.noise_mask  # for results() only
+
+    def state_buffers(self, sizes: StateSizes) -> dict[str, StateBuffer]:
+        c = sizes.num_classes
+        adam = StateBuffer((sum(p.numel() for p in make_controller(c, None, 0).parameters()),),
+                           torch.float32, rows="")
+        return {"class_means": StateBuffer((c, c), torch.float32, rows="class"),
+                "controller_exp_avg": adam, "controller_exp_avg_sq": adam,
+                "report_alpha": StateBuffer((sizes.num_examples,), torch.float32)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A method that has not run setup() (e.g. DistillModule.load_from_checkpoint, which

@@ -1,6 +1,7 @@
-"""State methods resume exactly: PS-KD's memory, TAID's schedule, DKD's warm-up epoch, CRD's
-memory banks, ND's class means (computed once, not again on resume), CTKD's temperature,
-TGeo-KD's controller with its own optimiser's state and its class means.
+"""State methods resume exactly: PS-KD's memory (whole, and top-k in float16), TAID's
+schedule, DKD's warm-up epoch, CRD's memory banks, ND's class means (computed once, not again
+on resume), CTKD's temperature, TGeo-KD's controller with its own optimiser's state and its
+class means.
 
 For each: an uninterrupted 2-epoch fit; the same configuration interrupted after epoch 1
 (its run dir's ``checkpoints/last.ckpt``), whose method state a fresh module restores; and a
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*treespec"),
 
 STATE = {
     "pskd": ("memory", "has_memory", "alpha"),
+    "pskd_topk": ("memory", "memory_classes", "has_memory"),
     "taid": ("t", "momentum", "prev_objective"),
     "dkd": ("epoch",),
     "crd": ("memory_student", "memory_teacher", "normalizers", "embed_student.weight"),
@@ -38,13 +40,18 @@ STATE = {
 }
 
 
+# Configurations named otherwise than their method (default: method=<name>).
+OVERRIDES = {"pskd_topk": ["method=pskd", "method.store=topk", "method.top_k=3",
+                           "method.precision=float16"]}
+
+
 def method_state(module: DistillModule) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.method.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(STATE))
 def test_resume_restores_method_state_exactly(cache_dir, tmp_path, name):
-    cfg = compose([*COMMON, f"method={name}"])
+    cfg = compose([*COMMON, *OVERRIDES.get(name, [f"method={name}"])])
     full = fit(cfg, tmp_path / "full")
     interrupted = fit(cfg, tmp_path / "interrupted", stop_after=1)
     last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
