@@ -95,6 +95,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -341,9 +342,6 @@ class ALMKD(Method):
     def _meta_pass_inputs(self, ctx: MethodContext) -> MetaPassInputs:
         world, rank = int(ctx.world_size), int(ctx.global_rank)
 
-        def train_batch(positions: Tensor) -> dict[str, Tensor]:
-            return ctx.examples("train", positions)
-
         def meta_batches() -> list[dict[str, Tensor]]:
             meta = ctx.examples("meta")
             return [{k: v[pos] for k, v in meta.items()}
@@ -357,9 +355,9 @@ class ALMKD(Method):
             student=ctx.student, device=ctx.device, lr=float(ctx.current_lr),
             epoch=int(ctx.current_epoch), seed=int(ctx.seed),
             batch_size=int(ctx.batch_size) * world, chunk_base=int(ctx.batch_size),
-            rank=rank, world=world, n_train=int(ctx.train_size), train_batch=train_batch,
-            meta_batches=meta_batches, teacher_logits=teacher_logits,
-            precision=ctx.precision_context)
+            rank=rank, world=world, n_train=int(ctx.train_size),
+            train_batch=partial(ctx.examples, "train"), meta_batches=meta_batches,
+            teacher_logits=teacher_logits, precision=ctx.precision_context)
 
     # -- meta pass: the work ---------------------------------------------------------------
     def meta_pass(self, run: MetaPassInputs) -> None:
@@ -376,12 +374,10 @@ class ALMKD(Method):
         with eval_mode(student):
             with torch.no_grad(), run.precision():
                 meta = self._meta_split(run, student, head)
-            updated = torch.zeros(len(self.mixing_weights), dtype=torch.bool,
-                                  device=self.mixing_weights.device)
+            updated = torch.zeros_like(self.mixing_weights[:, 0], dtype=torch.bool)
             # Loss weights are c_j l_ij; c (the column scales) stays fixed during the pass.
             scales = self.column_scales.to(dtype) if self.column_scales.numel() else None
-            scale_grad = torch.zeros(self.mixing_weights.shape[1], device=run.device,
-                                     dtype=dtype)
+            scale_grad = torch.zeros(self.mixing_weights.shape[1], device=run.device, dtype=dtype)
             for chunk_id, positions in pass_chunks(run.n_train, chunk_size, run.seed,
                                                    run.epoch, run.rank, run.world):
                 chunk = run.train_batch(positions)
