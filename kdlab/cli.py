@@ -349,7 +349,8 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
 
     DDP re-launches the script once per rank, which a joblib worker or a submitit_local job
     cannot do (kdlab does not support ddp_spawn). On SLURM ddp runs one task per device:
-    hydra.launcher.tasks_per_node must equal trainer.devices.
+    hydra.launcher.tasks_per_node must equal trainer.devices, and hydra.launcher.nodes
+    trainer.num_nodes.
     """
     strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
     multi_process = strategy.startswith(("ddp", "fsdp", "deepspeed")) or (
@@ -367,6 +368,10 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
         return (f"trainer.strategy={strategy} on SLURM runs one task per device: set "
                 f"hydra.launcher.tasks_per_node={devices} and gpus_per_node={devices} "
                 f"(now tasks_per_node={tasks}) to match trainer.devices={devices}.")
+    nodes, num_nodes = hydra_cfg.launcher.get("nodes", 1), trainer.get("num_nodes", 1)
+    if launcher == "SlurmLauncher" and nodes != num_nodes:
+        return (f"trainer.num_nodes={num_nodes} but the SLURM job asks for "
+                f"hydra.launcher.nodes={nodes}: set both to the same number of nodes.")
     return None
 
 
