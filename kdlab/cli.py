@@ -14,6 +14,9 @@ usage: kdlab COMMAND [ARGS...]
                                    mean +/- std tables and plots over run directories;
                                    --html: one self-contained page
   kdlab methods [--config-dir D]   the distillation methods, one line each
+  kdlab data prepare SOURCE OUT    a class-per-folder image tree (ImageNet's train/ or val/)
+                                   -> LitData chunks for dataset=streaming (resumable:
+                                   run it again after an interruption; kdlab data --help)
 
 examples:
   kdlab train                                  # digits: cnn_small <- cnn, KD
@@ -24,6 +27,8 @@ examples:
   kdlab eval outputs/2026-11-23/18-25-14-kd dataset=cifar10
   kdlab report multirun/2026-11-23/19-00-00 --html
   python scripts/reproduce_cifar100.py --dry-run   # the README's CIFAR-100 table on a GPU
+  kdlab data prepare ~/imagenet/train chunks/train  # then: kdlab train dataset=streaming
+                                                    #   dataset.path=chunks/train
 
 Your own methods, models and datamodules: YAMLs with `_target_: my_package.Thing` in a
 config directory of yours (method/, student/, teacher/, dataset/ ...), given with
@@ -353,7 +358,8 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
 
     DDP re-launches the script once per rank, which a joblib worker or a submitit_local job
     cannot do (kdlab does not support ddp_spawn). On SLURM ddp runs one task per device:
-    hydra.launcher.tasks_per_node must equal trainer.devices.
+    hydra.launcher.tasks_per_node must equal trainer.devices, and hydra.launcher.nodes
+    trainer.num_nodes.
     """
     strategy, devices = str(trainer.get("strategy", "auto")), trainer.get("devices", 1)
     multi_process = strategy.startswith(("ddp", "fsdp", "deepspeed")) or (
@@ -371,6 +377,10 @@ def launcher_strategy_error(trainer: DictConfig, hydra_cfg: DictConfig) -> str |
         return (f"trainer.strategy={strategy} on SLURM runs one task per device: set "
                 f"hydra.launcher.tasks_per_node={devices} and gpus_per_node={devices} "
                 f"(now tasks_per_node={tasks}) to match trainer.devices={devices}.")
+    nodes, num_nodes = hydra_cfg.launcher.get("nodes", 1), trainer.get("num_nodes", 1)
+    if launcher == "SlurmLauncher" and nodes != num_nodes:
+        return (f"trainer.num_nodes={num_nodes} but the SLURM job asks for "
+                f"hydra.launcher.nodes={nodes}: set both to the same number of nodes.")
     return None
 
 
@@ -469,6 +479,62 @@ def report_fail(message: str) -> None:
     raise SystemExit(2)
 
 
+# -- kdlab data ----------------------------------------------------------------------------
+
+
+def data_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kdlab data", description="Prepare datasets beyond memory for dataset=streaming.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prepare = actions.add_parser(
+        "prepare", help="a class-per-folder image tree -> LitData chunks",
+        description="Convert a class-per-folder image tree (SOURCE/<class>/<image>: ImageNet's "
+                    "train/ and val/ folders, Tiny-ImageNet's train/) into LitData chunks in "
+                    "OUT, for `kdlab train dataset=streaming dataset.path=OUT` (OUT, or OUT "
+                    "uploaded whole to an object store: dataset.path=s3://...). Every image's "
+                    "header is checked first; images are stored as they are (PNG and CMYK "
+                    "JPEG re-encoded as RGB JPEG). Interrupted, the same command continues "
+                    "from the last finished chunk; OUT/kdlab.json, written last, records the "
+                    "format version, the classes and every example's id, label and file.",
+        epilog="example: kdlab data prepare ~/data/imagenet/train chunks/imagenet-train && "
+               "kdlab data prepare ~/data/imagenet/val chunks/imagenet-val")
+    prepare.add_argument("source", type=Path, metavar="SOURCE",
+                         help="the tree: one folder of images per class")
+    prepare.add_argument("out", type=Path, metavar="OUT",
+                         help="where the chunks go: a new or empty directory, or an "
+                              "interrupted prepare of SOURCE to continue")
+    prepare.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="processes writing chunks (default: min(8, CPUs)); a continued "
+                              "prepare keeps the number it started with")
+    prepare.add_argument("--chunk-bytes", default="64MB", metavar="SIZE",
+                         help="largest chunk (default 64MB, LitData's advice for object "
+                              "stores)")
+    return parser.parse_args(argv)
+
+
+def data_main(argv: list[str]) -> None:
+    """``kdlab data prepare SOURCE OUT``: :func:`kdlab.data.prepare.prepare`; bad input is
+    one ``kdlab: error:`` line and exit 1."""
+    args = data_arguments(argv)
+    if args.workers is not None and args.workers < 1:
+        fail(ConfigError(f"--workers must be >= 1, got {args.workers}"))
+    from .data.prepare import prepare  # torch: see above
+    from .data.streaming import require_litdata
+
+    try:
+        require_litdata("kdlab data prepare")
+        manifest = prepare(args.source, args.out, args.workers, args.chunk_bytes)
+    except KeyboardInterrupt:
+        print(f"kdlab: interrupted: run the same command again to continue the prepare in "
+              f"{args.out}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        fail(e)
+    print(f"prepared {manifest['num_examples']} images of {len(manifest['classes'])} classes "
+          f"into {args.out} ({manifest['num_chunks']} chunks); train on them with: kdlab train "
+          f"dataset=streaming dataset.path={shlex.quote(str(args.out))}")
+
+
 # -- kdlab methods -------------------------------------------------------------------------
 
 
@@ -506,6 +572,9 @@ def main() -> None:
     if command == "report":
         report_main(rest)
         return
+    if command == "data":
+        data_main(rest)
+        return
     if command == "eval":
         from .evaluate import main as eval_main
 
@@ -516,7 +585,7 @@ def main() -> None:
             rest = args  # `kdlab key=value ...` (how DDP re-launches ranks) means train
         else:
             print(f"kdlab: error: unknown command {command!r}; commands: train, eval, report, "
-                  "methods", file=sys.stderr)
+                  "methods, data", file=sys.stderr)
             raise SystemExit(2)
     try:
         check_overrides(rest)

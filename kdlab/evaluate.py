@@ -262,7 +262,6 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     split, labels = options.get("split", "test"), options.get("labels", "given")
 
     from .data import instantiate_datamodule
-    from .data.base import ArrayDataset
     from .loggers import quiet_lightning
 
     quiet_lightning()
@@ -275,8 +274,7 @@ def evaluate(path: str | Path, args: list[str] = ()) -> dict[str, Any]:
     dm.setup()
     check_data_fits(hparams, dm, dataset)
     if labels == "clean":
-        chosen = dm.splits[split]
-        dm.splits[split] = ArrayDataset(chosen.inputs, chosen.clean_targets)
+        dm.use_clean_labels(split)
 
     precision = options.get("precision") or (run_results or {}).get("precision") or "32-true"
     metrics, bins = _evaluate(student, student_prediction(hparams), dm, split, precision,

@@ -316,5 +316,5 @@ def data_key(dm, precision: str) -> bytes:
     """What a teacher-logit cache of ``dm``'s train split depends on besides the teachers."""
     h = hashlib.sha256()
     h.update(f"{dm.name}|{dm.num_classes}|{precision}".encode())
-    h.update(_tensor_buffer(dm.splits["train"].inputs))
+    dm.hash_train_inputs(h)
     return h.digest()

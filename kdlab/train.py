@@ -98,6 +98,7 @@ def run(cfg: DictConfig, run_dir: RunDir, teacher_specs: list[TeacherSpec],
         raise
     rule = checkpoint.rule
     epochs = int(trainer.current_epoch)
+    data_report = dm.data_report()  # every rank: the streaming datasets gather their counts
     results = {
         "status": "finished",
         "method": cfg.choices.method or module.method.name,
@@ -119,6 +120,7 @@ def run(cfg: DictConfig, run_dir: RunDir, teacher_specs: list[TeacherSpec],
                         **{k: [float(x) for x in v] for k, v in bins.items()}},
         "noise": dm.describe()["noise"],
         "split_sizes": dm.describe()["sizes"],
+        **({"data": data_report} if data_report else {}),
         "checkpoints": {"best": checkpoint.best_path, "last": checkpoint.last_path},
         "precision": str(trainer.precision),
         "throughput": {**throughput.summary(),

@@ -1,6 +1,7 @@
 """Throughput of kdlab against the classic CIFAR KD training loop, measured side by side.
 
     .venv/bin/python scripts/bench.py [--train 1280] [--epochs 5] [--out scripts/results/bench.json]
+    .venv/bin/python scripts/bench.py --streaming [--train 512] [--epochs 3] [--workers 2]
 
 All measurements use resnet32x4 -> resnet8x4 on CIFAR-shaped data this script generates
 (100 classes, 32x32x3 uint8), batch 64, SGD(lr 0.05, momentum 0.9, wd 5e-4), and run one
@@ -18,6 +19,14 @@ after another in fresh processes (so each peak memory is its own):
 - kdlab kd / ce with a deterministic transform (dataset.augment=false), where kd reads the
   per-example teacher logits cache;
 - kdlab kd in fp32 (trainer.precision=32-true): the like-for-like ratio on any CPU.
+
+``--streaming`` measures the data paths instead, on one set of generated images held both
+as the CIFAR-100 files (the in-memory path) and as a class-per-folder tree of JPEGs (quality
+95) with its ``kdlab data prepare`` chunks: the train split's loader alone (batches as the
+model gets them: decoded, cropped, normalised) for the in-memory datamodule, dataset=
+imagefolder and dataset=streaming (decoded in ``--workers`` loader workers, and in the main
+process as ``decode=device`` does on a GPU), then KD and CE training on the in-memory and
+the streaming paths (32x32 crops: RandomResizedCrop for the JPEG paths, pad-crop for CIFAR).
 
 It prints a table and writes it as JSON. Ratios are what matter: absolute images/s depend
 on the machine. Each run's speed is its fastest timed epoch. The model-FLOP utilisation
@@ -219,6 +228,10 @@ def kdlab_run(overrides: list[str], out_dir: str) -> dict:
 
 
 def _job(fn, args, queue):
+    if sys.platform == "linux":
+        # a spawned process makes spawn its children's default too: loader workers would
+        # re-import torch at every epoch, which `kdlab train` (forking them) never does
+        mp.set_start_method("fork", force=True)
     result = fn(*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(result)
@@ -261,13 +274,146 @@ def best_epoch_speed(row: dict) -> float:
     return max(n / s for n, s in timed)
 
 
+# -- the data paths (--streaming) ------------------------------------------------------------
+
+
+def write_jpeg_trees(data_root: Path, tree: Path) -> None:
+    """The generated CIFAR-100 images as class-per-folder JPEG trees (train/ and test/)."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    from kdlab.data.cifar import read_cifar_batch
+
+    for split in ("train", "test"):
+        raw = read_cifar_batch(data_root / "cifar-100-python" / split)
+        images = raw["data"].reshape(-1, 3, 32, 32)
+        for i, (image, label) in enumerate(zip(images, raw["fine_labels"], strict=True)):
+            folder = tree / split / f"class{label:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            data = encode_jpeg(torch.from_numpy(image.copy()), quality=95)
+            (folder / f"img{i:05d}.JPEG").write_bytes(bytes(data.numpy()))
+
+
+def loader_speed(overrides: list[str], epochs: int) -> dict:
+    """Images/s of the train split's batches as the model gets them (loader + decode + views
+    + normalisation, no model), the fastest of ``epochs`` passes after a warm-up pass."""
+    import torch
+
+    from kdlab.config import compose
+    from kdlab.data import instantiate_datamodule
+
+    torch.set_num_threads(1)
+    dm = instantiate_datamodule(compose(overrides))
+    dm.check()
+    dm.setup()
+    loader = dm.train_dataloader()
+    per_epoch = []
+    for epoch in range(epochs + 1):
+        if hasattr(loader, "epoch_of"):
+            loader.epoch_of = lambda e=epoch: e
+        else:
+            loader.sampler.set_epoch(epoch)
+        start, n = time.perf_counter(), 0
+        for raw in loader:
+            n += len(dm.model_batch(raw, "cpu", train=True)["target"])
+        per_epoch.append((n, time.perf_counter() - start))
+    return {"epoch_images": [n for n, _ in per_epoch],
+            "epoch_seconds": [round(s, 3) for _, s in per_epoch], "precision": "-"}
+
+
+def streaming_main(args) -> None:
+    import torch
+
+    from kdlab.data.prepare import prepare
+    from kdlab.models import build_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdlab-bench-streaming-"))
+    write_cifar100_folder(tmp / "data", args.train, 128)
+    write_jpeg_trees(tmp / "data", tmp / "tree")
+    start = time.perf_counter()
+    for split in ("train", "test"):
+        prepare(tmp / "tree" / split, tmp / "chunks" / split, workers=args.workers,
+                show_progress=False)
+    prepare_s = time.perf_counter() - start
+    torch.manual_seed(0)
+    teacher_ckpt = tmp / "resnet32x4.pt"
+    torch.save(build_model("resnet32x4", 100).state_dict(), teacher_ckpt)
+    os.environ["KDLAB_CACHE_DIR"] = str(tmp / "cache")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    memory = ["dataset=cifar100", f"dataset.root={tmp / 'data'}", "dataset.download=false",
+              f"dataset.num_workers={args.workers}"]
+    jpeg = ["dataset.crop_size=32", "dataset.resize_size=36", f"dataset.batch_size={BATCH}",
+            f"dataset.num_workers={args.workers}"]
+    folder = ["dataset=imagefolder", f"dataset.path={tmp / 'tree' / 'train'}",
+              f"dataset.test_path={tmp / 'tree' / 'test'}", *jpeg]
+    stream = ["dataset=streaming", f"dataset.path={tmp / 'chunks' / 'train'}",
+              f"dataset.test_path={tmp / 'chunks' / 'test'}",
+              f"dataset.cache_dir={tmp / 'cache' / 'streaming'}", *jpeg]
+    loaders = {
+        "loader: in-memory uint8 (cifar100)": [*memory, "dataset.num_workers=0"],
+        f"loader: imagefolder, {args.workers} workers decode": [*folder, "dataset.decode=workers"],
+        f"loader: streaming, {args.workers} workers decode": [*stream, "dataset.decode=workers"],
+        "loader: streaming, main process decodes (decode=device, CPU here)":
+            [*stream, "dataset.decode=device", "dataset.num_workers=0"],
+    }
+    model = ["student=resnet8x4", "teacher=resnet32x4", f"teacher.ckpt={teacher_ckpt}",
+             "optimizer.lr=0.05", f"trainer.max_epochs={args.epochs}", "scheduler=constant",
+             "trainer.enable_progress_bar=false"]
+    training = {
+        "kdlab kd, in-memory (cifar100)": [*memory, "dataset.num_workers=0", *model, "method=kd",
+                                           f"dataset.batch_size={BATCH}"],
+        f"kdlab kd, streaming ({args.workers} workers)": [*stream, *model, "method=kd"],
+        "kdlab ce, in-memory (cifar100)": [*memory, "dataset.num_workers=0", *model, "method=ce",
+                                           f"dataset.batch_size={BATCH}"],
+        f"kdlab ce, streaming ({args.workers} workers)": [*stream, *model, "method=ce"],
+    }
+    rows: dict[str, dict] = {}
+    for name, overrides in loaders.items():
+        print(f"{name} ...", flush=True)
+        rows[name] = in_fresh_process(loader_speed, overrides, args.epochs)
+    for name, overrides in training.items():
+        print(f"{name} ...", flush=True)
+        rows[name] = in_fresh_process(kdlab_run, overrides,
+                                      str(tmp / name.replace(" ", "_").replace(",", "")))
+    for row in rows.values():
+        row["images_per_s"] = best_epoch_speed(row)
+    lines = ["| data path | precision | images/s | peak RSS MB |", "|---|---|---:|---:|"]
+    lines += [f"| {name} | {row['precision']} | {row['images_per_s']:.1f} | "
+              f"{row['peak_rss_mb']:.0f} |" for name, row in rows.items()]
+    lines += ["", f"The same {args.train} generated 32x32 images (train split: "
+              f"{rows[next(iter(loaders))]['epoch_images'][0]} after the 10% meta and 10% val "
+              f"held out; the JPEG paths read the {args.train} images as JPEGs, test from "
+              f"their own tree); batch {BATCH}; `kdlab data prepare` of both trees took "
+              f"{prepare_s:.1f} s with {args.workers} workers. Loader rows: batches as the "
+              "model gets them, one torch thread, no model; images/s: the fastest of "
+              f"{args.epochs} epochs after a warm-up. Training rows: resnet32x4 -> resnet8x4 "
+              f"(kd) or resnet8x4 alone (ce), {args.epochs} epochs, the fastest after the "
+              f"first; peak RSS: the measuring process (loader workers not counted); torch "
+              f"{torch.__version__}, {os.cpu_count()} CPU threads."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "prepare_s": prepare_s, "args": vars(args)},
+                              indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=1280, help="generated training images")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per measurement (>= 4)")
     parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
-    parser.add_argument("--out", default="scripts/results/bench.json")
+    parser.add_argument("--out", default=None,
+                        help="default: scripts/results/bench.json (--streaming: "
+                             "bench_streaming.json)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="measure the data paths: in-memory, imagefolder, streaming")
     args = parser.parse_args(argv)
+    if args.streaming:
+        args.out = args.out or "scripts/results/bench_streaming.json"
+        return streaming_main(args)
+    args.out = args.out or "scripts/results/bench.json"
     if args.epochs < 4:
         parser.error("--epochs must be >= 4 (a warm-up epoch, plain epochs, two meta epochs)")
     import torch

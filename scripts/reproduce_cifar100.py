@@ -249,16 +249,17 @@ def student_commands(jobs: list[Job], args: argparse.Namespace) -> list[list[str
 
 
 @cache
-def forward_flops(arch: str) -> int:
-    """FLOPs of one 32x32 image through ``arch`` (100 classes), counted by torch."""
+def forward_flops(arch: str, num_classes: int = 100, side: int = 32) -> int:
+    """FLOPs of one ``side`` x ``side`` image (32x32) through ``arch`` (``num_classes``
+    100), counted by torch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from kdlab.models import build_model
 
-    model = build_model(arch, 100, (3, 32, 32)).eval()
+    model = build_model(arch, num_classes, (3, side, side)).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
+        model(torch.zeros(1, 3, side, side))
     return int(counter.get_total_flops())
 
 

@@ -5,30 +5,23 @@ and a resumed run after an interruption."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from helpers.cifar import LocalServer, make_cifar100
 from helpers.cli import cli
+from helpers.scripts import loaded_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_cifar100.py"
 TINY_RUN = ["trainer=cpu", "trainer.enable_progress_bar=false", "num_threads=1",
             "dataset.batch_size=16", "+trainer.limit_train_batches=2"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_cifar100", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from loaded_script("reproduce_cifar100")
 
 
 def test_dry_run_plans_the_readme_table_and_estimates_its_gpu_hours(script, tmp_path,

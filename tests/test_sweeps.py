@@ -123,6 +123,12 @@ def test_submitit_local_runs_the_sweep_and_refuses_ddp(tmp_path):
     (["hydra/launcher=slurm", "trainer.strategy=ddp", "trainer.devices=2"], "tasks_per_node=2"),
     (["hydra/launcher=slurm", "trainer.strategy=ddp", "trainer.devices=2",
       "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=2"], None),
+    # two nodes: the SLURM job's nodes and Lightning's num_nodes must agree
+    (["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
+      "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=2"],
+     "hydra.launcher.nodes=1"),
+    (["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
+      "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=2"], None),
 ])
 def test_ddp_guard_under_sweep_launchers(args, refused):
     cfg = hydra_cfg(["hydra.mode=MULTIRUN", *args])

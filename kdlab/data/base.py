@@ -18,6 +18,7 @@ every rank sees the same permutation and resumes reproduce the data order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError
 from .noise import apply_label_noise, check_noise
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Positions (in the training set) of the train, meta and val examples (``val`` None: val
+    is meta), and the train split's labels in its row order: ``train_targets`` (after label
+    noise), ``train_clean`` and ``noise_mask`` (the rows whose label the noise changed)."""
+
+    train: np.ndarray
+    meta: np.ndarray
+    val: np.ndarray | None
+    train_targets: Tensor
+    train_clean: Tensor
+    noise_mask: Tensor
 
 
 class ArrayDataset(Dataset):
@@ -161,29 +176,42 @@ class SplitDataModule(pl.LightningDataModule):
             return
         data = self.load()
         x, y = data["train_inputs"], data["train_targets"].long()
-        positions = np.arange(len(y))
-        train_pos, meta_pos = _stratified_split(positions, y, self.meta_fraction, self.seed)
+        plan = self.split_plan(y, data.get("train_coarse"))
+        self.noise_mask = plan.noise_mask
+        self.splits["train"] = ArrayDataset(x[plan.train], plan.train_targets,
+                                            clean_targets=plan.train_clean)
+        self.splits["meta"] = ArrayDataset(x[plan.meta], y[plan.meta])
+        self.splits["val"] = (ArrayDataset(x[plan.val], y[plan.val]) if plan.val is not None
+                              else self.splits["meta"])
+        self.splits["test"] = ArrayDataset(data["test_inputs"], data["test_targets"].long())
+
+    def split_plan(self, labels: Tensor, coarse: Tensor | None = None) -> SplitPlan:
+        """Which examples of a training set with ``labels`` go to train, meta and val, and
+        the train split's labels after label noise (from the seed; see ``SplitPlan``)."""
+        positions = np.arange(len(labels))
+        train_pos, meta_pos = _stratified_split(positions, labels, self.meta_fraction, self.seed)
         val_pos = None
         if self.val_fraction > 0:
             frac = self.val_fraction / (1.0 - self.meta_fraction)
-            train_pos, val_pos = _stratified_split(train_pos, y, frac, self.seed + 1)
-        clean = y[train_pos]
+            train_pos, val_pos = _stratified_split(train_pos, labels, frac, self.seed + 1)
+        clean = labels[train_pos]
         noise = dict(self.noise)
         noise["class_map"] = noise.get("class_map") or self.asymmetric_class_map
-        coarse = data.get("train_coarse")
         noisy, mask = apply_label_noise(
             clean, num_classes=self.num_classes, seed=self.seed,
             coarse=None if coarse is None else coarse[train_pos], **noise)
         if self.train_on_meta:  # the clean meta examples join training, labels untouched
-            noisy, clean = torch.cat([noisy, y[meta_pos]]), torch.cat([clean, y[meta_pos]])
+            noisy = torch.cat([noisy, labels[meta_pos]])
+            clean = torch.cat([clean, labels[meta_pos]])
             mask = torch.cat([mask, torch.zeros(len(meta_pos), dtype=torch.bool)])
             train_pos = np.concatenate([train_pos, meta_pos])
-        self.noise_mask = mask
-        self.splits["train"] = ArrayDataset(x[train_pos], noisy, clean_targets=clean)
-        self.splits["meta"] = ArrayDataset(x[meta_pos], y[meta_pos])
-        self.splits["val"] = (ArrayDataset(x[val_pos], y[val_pos]) if val_pos is not None
-                              else self.splits["meta"])
-        self.splits["test"] = ArrayDataset(data["test_inputs"], data["test_targets"].long())
+        return SplitPlan(train_pos, meta_pos, val_pos, noisy, clean, mask)
+
+    def use_clean_labels(self, split: str) -> None:
+        """Give ``split`` its clean labels (``kdlab eval labels=clean``)."""
+        self.setup()
+        chosen = self.splits[split]
+        self.splits[split] = ArrayDataset(chosen.inputs, chosen.clean_targets)
 
     @property
     def train_size(self) -> int:
@@ -284,6 +312,17 @@ class SplitDataModule(pl.LightningDataModule):
         from .augment import strong_view
 
         return self.from_unit_images(strong_view(self.unit_images(inputs)))
+
+    def hash_train_inputs(self, h) -> None:
+        """Feed what the train split's inputs are to the hash ``h`` (a teacher-logit cache's
+        key): here their bytes."""
+        h.update(self.splits["train"].inputs.detach().cpu().contiguous().reshape(-1)
+                 .view(torch.uint8).numpy())
+
+    def data_report(self) -> dict[str, Any]:
+        """What results.json says about the data read during the run (``data``); nothing
+        for data held in memory."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         self.setup()

@@ -82,3 +82,18 @@ class ScriptedVal(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         path = Path(trainer.default_root_dir) / "scripted" / f"epoch{trainer.current_epoch + 1}.pt"
         atomic_torch_save(pl_module.student.state_dict(), path)
+
+
+class SeenIds(pl.Callback):
+    """Each DDP rank writes the ids of the training examples it saw, per epoch, into
+    <run dir>/ranks/ids_rankR.json ({epoch: [ids in order]}) at the end of fit."""
+
+    def __init__(self):
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch["id"].tolist())
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / "ranks" / f"ids_rank{trainer.global_rank}.json"
+        atomic_write_json(path, {str(e): ids for e, ids in self.seen.items()})

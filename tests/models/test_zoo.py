@@ -43,6 +43,8 @@ def test_parameter_count_matches_paper(name):
 
 @pytest.mark.parametrize("name", model_names())
 def test_every_model_config_builds_and_maps_a_batch_to_logits(name):
+    if name == "timm":
+        pytest.importorskip("timm", reason="timm is an optional extra: pip install 'kdlab[timm]'")
     torch.manual_seed(0)
     shape = _input_shape(name)
     model = build_model(name, 10, shape)
@@ -67,6 +69,8 @@ def test_classifier_is_applied_last_to_pooled_features():
 @pytest.mark.parametrize("name", [n for n in model_names()
                                   if n not in SMALL_MODELS and not n.startswith("tv_")])
 def test_hint_layers_are_named_layer1_to_layer3(name):
+    if name == "timm":
+        pytest.importorskip("timm", reason="timm is an optional extra: pip install 'kdlab[timm]'")
     model = build_model(name, 10).eval()
     features = {}
     for path in ("layer1", "layer2", "layer3"):
