@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .mobilenetv2_cifar import ConvBNReLU, _init_weights
+from .mobilenetv2_cifar import ConvBNReLU
 from .shapes import image_channels
+from .shared import init_cifar_weights
 
 # The paper's Table 1 after the stem, as stages: (output channels at width 1, stride of each
 # depthwise-separable block).
@@ -65,7 +66,7 @@ class MobileNetV1(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4, self.layer5 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(width, num_classes)
-        _init_weights(self)
+        init_cifar_weights(self, linear_std=0.01, zero_linear_bias=True)
 
     def forward(self, x):
         x = self.conv1(x)
