@@ -20,14 +20,14 @@ from torch import Tensor, nn
 from .methods.base import Batch, Outputs
 from .teachers import Placement
 
-if TYPE_CHECKING:
-    from .module import DistillModule
+if TYPE_CHECKING:  # the module that owns this context (kdlab.module imports this file)
+    import pytorch_lightning as pl
 
 
 class RunContext:
     """What a method may use of the running training (see ``MethodContext``)."""
 
-    def __init__(self, module: DistillModule):
+    def __init__(self, module: pl.LightningModule):
         self._module = module
 
     @property
