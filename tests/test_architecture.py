@@ -1,7 +1,8 @@
 """Imports flow one way (docs/architecture.md): cli -> pipeline -> train -> module /
 teachers / methods / data / models -> small helpers. The import graph is read from the source
-with ``ast`` (imports inside functions count: a lazy import that dodges a circle is still a
-circle)."""
+with ``ast``: imports inside functions count (a lazy import that dodges a circle is still a
+circle), and so do imports under ``if TYPE_CHECKING:`` (a type-only circle still ties two
+modules' designs together)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,7 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
     for name, path in files.items():
         is_package = path.name == "__init__.py"
         tree = ast.parse(path.read_text(), str(path))
-        annotations_only = _type_checking_imports(tree)
         for node in ast.walk(tree):
-            if node in annotations_only:
-                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -48,14 +46,6 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                 continue
             graph[name] |= {t for t in targets if t in files and t != name}
     return graph
-
-
-def _type_checking_imports(tree: ast.Module) -> set[ast.AST]:
-    """Imports under ``if TYPE_CHECKING:``: for annotations only, they never run."""
-    return {node for block in ast.walk(tree) if isinstance(block, ast.If)
-            and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
-            for stmt in block.body for node in ast.walk(stmt)
-            if isinstance(node, (ast.Import, ast.ImportFrom))}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -116,8 +106,8 @@ def _shortest_circle(graph: dict[str, set[str]], group: set[str], start: str) ->
 
 def test_the_graph_is_read_from_the_source(tmp_path):
     """A toy package: relative imports (one and two dots, `from . import x`), imports inside
-    functions, and `import a.b` all make edges (imports for annotations only, under
-    `if TYPE_CHECKING:`, do not); a circle is found and named."""
+    functions, imports for annotations only (under `if TYPE_CHECKING:`) and `import a.b` all
+    make edges; a circle is found and named."""
     pkg = tmp_path / "toy"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -129,10 +119,10 @@ def test_the_graph_is_read_from_the_source(tmp_path):
                               "if TYPE_CHECKING:\n    from .a import x\n")
     graph = import_graph(pkg)
     assert graph == {"toy": set(), "toy.a": {"toy.sub.b"}, "toy.sub": {"toy.sub.b"},
-                     "toy.sub.b": {"toy.c"}, "toy.c": {"toy.a"}, "toy.d": {"toy.sub.b"}}
+                     "toy.sub.b": {"toy.c"}, "toy.c": {"toy.a"},
+                     "toy.d": {"toy.sub.b", "toy.a"}}
     assert circles(graph) == [["toy.a", "toy.sub.b", "toy.c", "toy.a"]]
     # two circles through one module: each is named
-    graph["toy.d"].add("toy.a")
     graph["toy.c"].add("toy.d")
     assert circles(graph) == [["toy.a", "toy.sub.b", "toy.c", "toy.a"],
                               ["toy.d", "toy.sub.b", "toy.c", "toy.d"]]
