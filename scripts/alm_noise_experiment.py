@@ -38,7 +38,10 @@ label weight picks out the noisy labels); for TGeo-KD the label weight is 1 - al
 example's ratio the last time it was trained on. Runs go through ``scripts/experiments.py``
 (in-process, in ``--jobs`` worker processes, one thread each; keyed by their resolved config:
 finished runs in ``--work`` are reused, interrupted ones resumed). Tables: stdout,
-``scripts/results/alm_noise[_TAG].md``; a bar chart: ``.png``; every run: ``.json``.
+``scripts/results/alm_noise[_TAG].md`` (the rows, then ALM-KD minus each row, paired by
+seed with its 95 % interval); a bar chart: ``.png``; every run: ``.json``.
+``--tables-from A.json B.json`` runs nothing and writes the tables and chart of earlier
+records together (e.g. settings run in separate invocations).
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/kdlab_alm_noise"),
                    help="run directories and the teacher cache (finished runs are reused)")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results")
+    p.add_argument("--tables-from", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="run nothing: write the tables and plot of these .json records "
+                        "(earlier outputs of this script) under --out / --tag")
     return p.parse_args(argv)
 
 
@@ -189,17 +195,15 @@ def tuned_runs(done: list[Run], args) -> list[Run]:
     return extra
 
 
-def table(done: list[Run]) -> str:
+def table(records: list[dict]) -> str:
     import pandas as pd
 
     from kdlab.report import metric_column, summarize
 
-    frame = pd.json_normalize([r.results for r in done], sep=".")
-    for key in ("setting", "teachers", "row"):
-        frame[key] = [r.labels[key] for r in done]
-    frame["seed"] = [str(r.labels["seed"]) for r in done]
-    frame["teachers.0.test.acc"] = [r.results["teachers"][0]["test"]["acc"]
-                                    if r.results["teachers"] else float("nan") for r in done]
+    frame = pd.json_normalize(records, sep=".")
+    frame["seed"] = [str(r["seed"]) for r in records]
+    frame["teacher.acc"] = [r["teacher_test"][0]["acc"] if r["teacher_test"] else float("nan")
+                            for r in records]
     metrics = ["val.acc", "test.acc", "test.ece", "test.nll", "teacher.acc",
                "mixing.label_weight_clean", "mixing.label_weight_noisy", "mixing.noise_auroc"]
     metrics = [m for m in metrics if metric_column(frame, m) in frame]
@@ -228,33 +232,84 @@ def table(done: list[Run]) -> str:
     return out.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    runs = plan(args)
-    print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
-    done = execute(runs, args.work, args.jobs)
-    done = [r for r in done if r.labels["row"] != "kd grid"] + execute(
-        tuned_runs(done, args), args.work, args.jobs)
-    text = table(done)
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
-    command = " ".join(["scripts/alm_noise_experiment.py", *(argv or sys.argv[1:])])
-    (args.out / f"alm_noise{suffix}.md").write_text(
+def differences(records: list[dict], baseline: str = "alm_kd") -> str:
+    """ALM-KD minus every other row of its setting, per teacher kind (the CE rows, which have
+    no teacher, against both): test accuracy and ECE in points, the mean difference over the
+    shared seeds with its paired 95 % t interval (``kdlab report --baseline``'s rule), * where
+    the interval excludes 0."""
+    import pandas as pd
+
+    from kdlab.report import resolved, seed_difference
+
+    def by_seed(rows: list[dict], metric: str) -> pd.Series:
+        return pd.Series({r["seed"]: 100 * r["test"][metric] for r in rows})
+
+    lines = ["| setting | teachers | row | n | ALM-KD - row, acc (points) | "
+             "ALM-KD - row, ECE (points) |", "|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        for kind in TEACHERS:
+            base = [r for r in records if r["setting"] == setting and r["teachers"] == kind
+                    and r["row"] == baseline]
+            if not base:
+                continue
+            rows = sorted({r["row"] for r in records if r["setting"] == setting
+                           and r["teachers"] in (kind, "-") and r["row"] != baseline},
+                          key=lambda row: (PLOT_ROWS.index(row.split(" (")[0])
+                                           if row.split(" (")[0] in PLOT_ROWS else 99, row))
+            for row in rows:
+                runs = [r for r in records if r["setting"] == setting and r["row"] == row
+                        and r["teachers"] in (kind, "-")]
+                cells = []
+                for metric in ("acc", "ece"):
+                    d = seed_difference(by_seed(base, metric), by_seed(runs, metric))
+                    if d is None or pd.isna(d["lo"]):
+                        cells.append("" if d is None else f"{d['diff']:+.2f}")
+                    else:
+                        cells.append(f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+                                     + (" *" if resolved(d["lo"], d["hi"]) else ""))
+                lines.append(f"| {setting} | {kind} | {row} | {len(runs)} | {cells[0]} | "
+                             f"{cells[1]} |")
+    return "\n".join(lines)
+
+
+def write_outputs(records: list[dict], out: Path, tag: str, command: str) -> None:
+    """The table, the differences from ALM-KD, every run (.json) and the bar chart (.png)."""
+    text, diffs = table(records), differences(records)
+    print("\n" + text + "\n\n" + diffs)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{tag}" if tag else ""
+    (out / f"alm_noise{suffix}.md").write_text(
         f"# ALM-KD under label noise\n\nCommand: `.venv/bin/python {command}`  \n"
         "Test acc / ECE (15 bins) / NLL of the best-on-val epoch (a clean val split no method "
         "is fitted to), mean ± std over the seeds (n); label w. = mean final label-loss weight "
         "on clean / noisy training examples; noise AUROC = how well a low label weight picks "
         "out the noisy labels. teachers: clean = trained on the clean labels of the train "
         "split (the authors' setting), noisy = on the noisy labels. Rows: see the script's "
-        "docstring.\n\n" + text + "\n")
+        "docstring.\n\n" + text + "\n\n## ALM-KD minus each row\n\nPaired by seed: the "
+        "mean difference with its 95 % t interval, * where it excludes 0 (the difference is "
+        "resolved).\n\n" + diffs + "\n")
+    (out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
+    plot(records, out / f"alm_noise{suffix}.png")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    command = " ".join(["scripts/alm_noise_experiment.py", *(argv or sys.argv[1:])])
+    if args.tables_from:  # no runs: the tables and plot of finished experiments' records
+        records = [r for path in args.tables_from for r in json.loads(path.read_text())]
+        write_outputs(records, args.out, args.tag, command)
+        return
+    runs = plan(args)
+    print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
+    done = execute(runs, args.work, args.jobs)
+    done = [r for r in done if r.labels["row"] != "kd grid"] + execute(
+        tuned_runs(done, args), args.work, args.jobs)
     records = [{**r.labels, "overrides": r.overrides, "run_dir": r.run_dir,
                 "test": r.results["test"], "val": r.results["val"],
                 "best_epoch": r.results["best_epoch"], "mixing": r.results.get("mixing"),
                 "wall_time_s": r.results["wall_time_s"],
                 "teacher_test": [t["test"] for t in r.results["teachers"]]} for r in done]
-    (args.out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
-    plot(records, args.out / f"alm_noise{suffix}.png")
+    write_outputs(records, args.out, args.tag, command)
 
 
 PLOT_ROWS = ["ce", "ce +meta", "kd", "kd tuned", "kd tuned +meta", "tgeo_kd", "alm_kd paper",
