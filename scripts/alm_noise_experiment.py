@@ -355,8 +355,8 @@ PLOT_ROWS = ["ce", "ce +meta", "kd", "kd tuned", "kd tuned +meta", "tgeo_kd", "a
 
 def plot(records: list[dict], path: Path) -> None:
     """Test accuracy (mean ± std over seeds) of every row, per setting: one panel for the
-    clean-label teachers and one for the noisy-label ones (CE rows, which have no teacher,
-    in both)."""
+    clean-label teachers and one for the noisy-label ones, where the records have them (CE
+    rows, which have no teacher, in each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,10 +368,13 @@ def plot(records: list[dict], path: Path) -> None:
 
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in records)]
     rows = [f for f in PLOT_ROWS if any(family(r["row"]) == f for r in records)]
-    fig, axes = plt.subplots(2, 1, figsize=(13, 8), sharex=True)
+    kinds = [k for k in TEACHERS if any(r["teachers"] == k for r in records)] or ["clean"]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(13, 4 * len(kinds)), sharex=True,
+                             squeeze=False)
+    axes = axes[:, 0]
     width = 0.8 / len(rows)
     colors = plt.get_cmap("tab10").colors
-    for ax, kind in zip(axes, ("clean", "noisy"), strict=True):
+    for ax, kind in zip(axes, kinds, strict=True):
         for j, row in enumerate(rows):
             means, stds = [], []
             for setting in settings:
