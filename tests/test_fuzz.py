@@ -37,8 +37,8 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz-cache")
 
 
-# KDLAB_FUZZ_EXAMPLES=200 for a longer search than the suite's.
-@settings(max_examples=int(os.environ.get("KDLAB_FUZZ_EXAMPLES", 12)), deadline=None,
+# KDLAB_FUZZ_EXAMPLES=200 for a longer search than the suite's 6 (each example is a real run).
+@settings(max_examples=int(os.environ.get("KDLAB_FUZZ_EXAMPLES", 6)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(chosen=draws)
 def test_validate_is_an_oracle_for_run(chosen, tmp_path, shared_cache, monkeypatch):
