@@ -308,8 +308,10 @@ def wide_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(records: list[dict], out: Path, tag: str, command: str) -> None:
-    """The table, the differences from ALM-KD, every run (.json) and the bar chart (.png)."""
+def write_outputs(records: list[dict], out: Path, tag: str, command: str,
+                  write_records: bool = True) -> None:
+    """The table, the differences from ALM-KD, every run (.json, unless the records are
+    already files of their own) and the bar chart (.png)."""
     text, diffs, wide = table(records), differences(records), wide_table(records)
     print("\n" + text + "\n\n" + diffs + "\n\n" + wide)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,7 +327,8 @@ def write_outputs(records: list[dict], out: Path, tag: str, command: str) -> Non
         "mean difference with its 95 % t interval, * where it excludes 0 (the difference is "
         "resolved).\n\n" + diffs + "\n\n## Per setting (the README's table)\n\nTest "
         "accuracy ± std / ECE (%), the best accuracy of each line in bold.\n\n" + wide + "\n")
-    (out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
+    if write_records:
+        (out / f"alm_noise{suffix}.json").write_text(json.dumps(records, indent=1))
     plot(records, out / f"alm_noise{suffix}.png")
 
 
@@ -334,7 +337,7 @@ def main(argv=None) -> None:
     command = " ".join(["scripts/alm_noise_experiment.py", *(argv or sys.argv[1:])])
     if args.tables_from:  # no runs: the tables and plot of finished experiments' records
         records = [r for path in args.tables_from for r in json.loads(path.read_text())]
-        write_outputs(records, args.out, args.tag, command)
+        write_outputs(records, args.out, args.tag, command, write_records=False)
         return
     runs = plan(args)
     print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
