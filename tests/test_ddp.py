@@ -22,7 +22,8 @@ METHODS = {
 def test_two_process_cpu_ddp(method, tmp_path):
     run_dir = tmp_path / "ddp"
     out = kdlab_process("train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                        "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+                        "trainer.max_epochs=2", "+trainer.limit_train_batches=4",
+                        "trainer.enable_progress_bar=false",
                         *METHODS[method], "dataset.batch_size=32", "seed=5",
                         "teacher.max_epochs=2",
                         "+callbacks.digest={_target_: helpers.callbacks.RankDigest}",

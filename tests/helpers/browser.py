@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from helpers.gloo import free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -28,15 +29,9 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class HeadlessChromium:
     def __init__(self, browser: str, driver: str, timeout: float = 60.0):
-        self.port = _free_port()
+        self.port = free_port()
         self.profile = tempfile.TemporaryDirectory(prefix="kdlab-chromium-")
         self.driver = subprocess.Popen([driver, f"--port={self.port}"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import math
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.context import FakeContext
+from helpers.gloo import gloo_ranks
 from lookahead_references import D64, T, random_problem, reference_last_layer_step, reference_terms
 from torch import nn
 
@@ -589,12 +589,6 @@ def test_the_noise_mask_is_read_for_reporting_only(variant):
 # -- (f) DDP: sync_rows over 2 gloo processes ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ToySplit:
     def __init__(self, x, y):
         self.inputs, self.targets = x, y
@@ -681,9 +675,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_sync_rows_gives_both_gloo_ranks_the_same_table(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gloo_ranks(_ddp_worker, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     expected = torch.arange(20.0).reshape(10, 2)
@@ -789,7 +781,8 @@ def test_multi_teacher_experiment_end_to_end(cache_dir, tmp_path):
     from kdlab.data import instantiate_datamodule
     from kdlab.pipeline import run
 
-    cfg = compose([*COMMON, "experiment=digits_alm_multi_teacher"])
+    # the three teachers inherit teacher.max_epochs: one epoch each is enough for the table
+    cfg = compose([*COMMON, "experiment=digits_alm_multi_teacher", "teacher.max_epochs=1"])
     assert [t.model for t in cfg.teachers] == ["cnn", "mlp", "cnn"]
     results = run(cfg, tmp_path / "run")
     assert len(results["teachers"]) == 3

@@ -42,7 +42,9 @@ STATE = {
 
 # Configurations named otherwise than their method (default: method=<name>).
 OVERRIDES = {"pskd_topk": ["method=pskd", "method.store=topk", "method.top_k=3",
-                           "method.precision=float16"]}
+                           "method.precision=float16"],
+             # a controller step (a hypergradient) after every batch: 6 batches an epoch
+             "tgeo_kd": ["method=tgeo_kd", "+trainer.limit_train_batches=6"]}
 
 
 def method_state(module: DistillModule) -> dict[str, torch.Tensor]:

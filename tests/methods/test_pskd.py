@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.context import FakeContext
+from helpers.gloo import gloo_ranks
 
 from kdlab.methods.base import Outputs
 from kdlab.methods.pskd import PSKD
@@ -279,14 +280,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_hold_the_same_topk_memory(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    gloo_ranks(_ddp_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     logits = torch.randn(N, C, generator=torch.Generator().manual_seed(5))
     probs = np.array([np_softmax(z) for z in logits.double().numpy()])

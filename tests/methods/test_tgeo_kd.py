@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.context import FakeContext, tiny_bn_model
+from helpers.gloo import gloo_ranks
 from loss_cases import CASES, make_inputs
 from torch import nn
 
@@ -652,16 +652,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_end_with_the_same_controller(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gloo_ranks(_ddp_worker, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0:
