@@ -145,16 +145,18 @@ def plan(args) -> list[Run]:
         dataset, noise, kd, tuned = SETTINGS[setting]
         base = [*DATASETS[dataset], *noise]
         rows = {k: v for k, v in ROWS.items() if args.rows is None or k in args.rows}
-        for seed in seeds_of(dataset, args):
-            for row, (overrides, needs_teacher) in {**rows, **alm_rows}.items():
-                if row in SINGLE_TEACHER_ROWS and kd == "multi_teacher_kd":
-                    continue
-                overrides = [f"method={kd}" if o == "method=kd" else o for o in overrides]
-                for kind in (args.teachers if needs_teacher else [None]):
-                    runs.append(Run({"setting": setting, "teachers": kind or "-", "row": row,
-                                     "seed": seed},
-                                    [*base, *overrides, *(TEACHERS[kind] if kind else []),
-                                     f"seed={seed}"]))
+        # seeds innermost: the workers start on different seeds, so each trains its own
+        # teacher (and builds its views cache) instead of waiting on the other's lock
+        for row, (overrides, needs_teacher) in {**rows, **alm_rows}.items():
+            if row in SINGLE_TEACHER_ROWS and kd == "multi_teacher_kd":
+                continue
+            overrides = [f"method={kd}" if o == "method=kd" else o for o in overrides]
+            for kind, seed in itertools.product(args.teachers if needs_teacher else [None],
+                                                seeds_of(dataset, args)):
+                runs.append(Run({"setting": setting, "teachers": kind or "-", "row": row,
+                                 "seed": seed},
+                                [*base, *overrides, *(TEACHERS[kind] if kind else []),
+                                 f"seed={seed}"]))
         if args.no_grid or not tuned:
             continue
         grid = KD_GRID_SMALL if dataset == "fashion_mnist" else KD_GRID
@@ -184,14 +186,16 @@ def tuned_runs(done: list[Run], args) -> list[Run]:
                 by_point.setdefault(r.labels["grid"], []).append(r.results["val"]["acc"])
         ce_w, kd_w = max(by_point, key=lambda g: statistics.fmean(by_point[g]))
         dataset, noise, kd, _ = SETTINGS[setting]
-        for seed in seeds_of(dataset, args):
+        # seeds innermost (see plan); the +meta teacher (trained on train + meta) is read by
+        # its one run only: no views cache for it
+        rows = ((f"kd tuned ({ce_w:g} / {kd_w:g})", []),
+                (f"kd tuned +meta ({ce_w:g} / {kd_w:g})",
+                 ["dataset.train_on_meta=true", "teacher_cache_runs=1"]))
+        for (row, more), seed in itertools.product(rows, seeds_of(dataset, args)):
             overrides = [*DATASETS[dataset], *noise, f"method={kd}", f"method.ce_weight={ce_w}",
                          f"method.kd_weight={kd_w}", *TEACHERS[kind], f"seed={seed}"]
-            for row, more in ((f"kd tuned ({ce_w:g} / {kd_w:g})", []),
-                              (f"kd tuned +meta ({ce_w:g} / {kd_w:g})",
-                               ["dataset.train_on_meta=true"])):
-                extra.append(Run({"setting": setting, "teachers": kind, "row": row,
-                                  "seed": seed}, [*overrides, *more]))
+            extra.append(Run({"setting": setting, "teachers": kind, "row": row,
+                              "seed": seed}, [*overrides, *more]))
     return extra
 
 
