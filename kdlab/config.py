@@ -118,10 +118,11 @@ def _override_key(override: str) -> str:
 
 # The search path of the latest composition (compose(), or the Hydra app running the job),
 # as the entries it has besides kdlab's own conf and Hydra's: --config-dir, hydra.searchpath.
-# Group files read through it are kept until the next composition (which is the snapshot of
-# the config files a run is made from).
+# Group files read through it are kept while no file on the search path changes (a sweep's
+# jobs, or the tests' runs, read each once; an edited file is read again).
 _extra_sources: list[str] = []
 _read: dict[tuple, DictConfig] = {}
+_read_stamp: tuple | None = None
 KDLAB_SOURCE = f"pkg://{CONFIG_MODULE}"
 _OWN_SOURCES = (KDLAB_SOURCE, "pkg://hydra.conf", "structured://")
 
@@ -131,7 +132,36 @@ def use_config_sources(sources: Iterable[Any]) -> None:
     ``hydra.runtime.config_sources`` (kdlab's conf, ``--config-dir``, ``hydra.searchpath``)."""
     _extra_sources[:] = [url for url in (f"{s.schema}://{s.path}" for s in sources)
                          if url not in _OWN_SOURCES]
-    _read.clear()
+
+
+def _source_dir(url: str) -> Path | None:
+    """The directory a search-path entry reads from, or None (a package that is not a
+    directory on disk: a zip)."""
+    schema, _, where = url.partition("://")
+    if schema == "file":
+        return Path(where)
+    if schema == "pkg":
+        try:
+            found = resources.files(where.replace("/", "."))
+        except (ModuleNotFoundError, TypeError):
+            return None
+        return found if isinstance(found, Path) else None
+    return None
+
+
+def _sources_stamp() -> tuple | None:
+    """(path, mtime, size) of every file on the search path: the state of the config files
+    that the group-file cache is valid for (None: a source cannot be listed, no cache)."""
+    stamp = []
+    for url in (KDLAB_SOURCE, *_extra_sources):
+        root = _source_dir(url)
+        if root is None:
+            return None
+        if root.is_dir():
+            for path in sorted(root.rglob("*.yaml")):
+                info = path.stat()
+                stamp.append((str(path), info.st_mtime_ns, info.st_size))
+    return tuple(stamp)
 
 
 def _search_path_override() -> str:
@@ -153,6 +183,11 @@ def read_group(group: str, option: str) -> DictConfig:
     """The group file ``<group>/<option>.yaml`` as Hydra finds it on the config search path
     (kdlab's conf/, then the user's directories); ``hydra.errors.MissingConfigException``
     (with the group's ``options``) when there is none."""
+    global _read_stamp
+    stamp = _sources_stamp()
+    if stamp is None or stamp != _read_stamp:
+        _read.clear()
+        _read_stamp = stamp
     key = (tuple(_extra_sources), group, option)
     if key not in _read:
         with _config_loader() as loader:

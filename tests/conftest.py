@@ -64,6 +64,21 @@ def cache_dir(tmp_path_factory):
         yield path
 
 
+# The modules that take longest (a fresh process, a DDP launch or dozens of runs each), longest
+# first: `make test` hands whole modules to its two pytest-xdist workers in collection order,
+# and handing out the long ones first lets the two end together (the rest keep their order).
+LONGEST_FIRST = ("tests/methods/test_method_smoke.py", "tests/test_resume.py",
+                 "tests/test_sweeps.py", "tests/test_ddp.py", "tests/test_streaming_runs.py",
+                 "tests/test_experiments.py", "tests/test_extending.py",
+                 "tests/methods/test_alm_kd.py", "tests/methods/test_state_size.py",
+                 "tests/test_cli.py", "tests/test_report.py", "tests/test_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def pytest_terminal_summary(terminalreporter):
     """List the tests marked ``real_parts`` (they need Fashion-MNIST's files or Chromium and
     skip without them) with their outcome, so that a CI log says whether they ran."""

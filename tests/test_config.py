@@ -158,6 +158,30 @@ def test_a_teachers_entry_finds_a_model_of_the_users_config_dir(user_conf):
         teacher_specs(compose(teachers))
 
 
+def test_group_files_are_read_once_until_one_changes(user_conf, monkeypatch):
+    """Runs of one process (a sweep's, the tests') read each group file through Hydra once;
+    an edited file on the search path is read again, and a composition without the user's
+    directory does not see its files."""
+    from kdlab import config
+    from kdlab.models import model_config
+
+    compose([], [user_conf])
+    assert model_config("mycnn").width == 4
+    reads = []
+    real = config._config_loader
+    monkeypatch.setattr(config, "_config_loader", lambda: reads.append(1) or real())
+    assert model_config("mycnn").width == 4 and model_config("cnn").width == 32
+    assert reads == [1]  # cnn only: mycnn came from the cache
+    compose([], [user_conf])  # the next run's composition: the same files
+    assert model_config("mycnn").width == 4 and reads == [1]
+    mine = user_conf / "model" / "mycnn.yaml"
+    mine.write_text(mine.read_text().replace("width: 4", "width: 12"))
+    assert model_config("mycnn").width == 12 and len(reads) == 2
+    compose([])
+    with pytest.raises(ConfigError, match="unknown model 'mycnn'"):
+        model_config("mycnn")
+
+
 def test_a_users_model_in_a_teachers_list_trains_from_the_command_line(user_conf, tmp_path,
                                                                        cache_dir):
     run = tmp_path / "run"

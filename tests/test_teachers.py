@@ -121,7 +121,7 @@ def test_the_cache_is_too_big_for_auto_but_memory_forces_it(monkeypatch):
 
 def test_teacher_cache_gives_the_same_run_and_disk_survives_a_bad_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
-    args = [*TINY, "trainer.max_epochs=2", "seed=3"]
+    args = [*TINY, "trainer.max_epochs=2", "teacher.max_epochs=2", "seed=3"]
     plain = run(compose([*args, "teacher_cache=off"]), tmp_path / "off")
     first = run(compose([*args, "teacher_cache=disk"]), tmp_path / "d1")
     assert first["test"] == plain["test"] and first["val"] == plain["val"]
