@@ -99,6 +99,10 @@ ROWS = {  # name: (overrides, needs a teacher)
     # label geometry, meta-learned on the same clean split (label weight = 1 - alpha)
     "tgeo_kd": (["method=tgeo_kd"], True),
 }
+# The grid's choice on every seed; +meta: trained on train + meta, with a teacher trained
+# there too (read by this one run: no views cache for it)
+TUNED_ROWS = {"kd tuned": [],
+              "kd tuned +meta": ["dataset.train_on_meta=true", "teacher_cache_runs=1"]}
 SINGLE_TEACHER_ROWS = {"tgeo_kd"}  # not in the multi-teacher setting
 
 
@@ -120,6 +124,9 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
                    help="only these of the fixed rows (default: all)")
     p.add_argument("--no-grid", action="store_true", help="skip the tuned-KD grid")
+    p.add_argument("--tuned-rows", nargs="+", default=list(TUNED_ROWS), choices=list(TUNED_ROWS),
+                   help="the rows the grid's choice is trained for on every seed (default: "
+                        "both; 'kd tuned +meta' trains a teacher on train + meta per seed)")
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one core each)")
     p.add_argument("--work", type=Path, default=Path("/tmp/kdlab_alm_noise"),
@@ -186,11 +193,8 @@ def tuned_runs(done: list[Run], args) -> list[Run]:
                 by_point.setdefault(r.labels["grid"], []).append(r.results["val"]["acc"])
         ce_w, kd_w = max(by_point, key=lambda g: statistics.fmean(by_point[g]))
         dataset, noise, kd, _ = SETTINGS[setting]
-        # seeds innermost (see plan); the +meta teacher (trained on train + meta) is read by
-        # its one run only: no views cache for it
-        rows = ((f"kd tuned ({ce_w:g} / {kd_w:g})", []),
-                (f"kd tuned +meta ({ce_w:g} / {kd_w:g})",
-                 ["dataset.train_on_meta=true", "teacher_cache_runs=1"]))
+        # seeds innermost (see plan)
+        rows = [(f"{name} ({ce_w:g} / {kd_w:g})", TUNED_ROWS[name]) for name in args.tuned_rows]
         for (row, more), seed in itertools.product(rows, seeds_of(dataset, args)):
             overrides = [*DATASETS[dataset], *noise, f"method={kd}", f"method.ce_weight={ce_w}",
                          f"method.kd_weight={kd_w}", *TEACHERS[kind], f"seed={seed}"]
