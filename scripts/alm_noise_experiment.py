@@ -340,11 +340,21 @@ def write_outputs(records: list[dict], out: Path, tag: str, command: str,
     plot(records, out / f"alm_noise{suffix}.png")
 
 
+def unique_records(records) -> list[dict]:
+    """Each run once: the records of two experiments share the rows without a teacher (CE,
+    CE +meta: the same runs for clean- and noisy-label teachers)."""
+    seen = {}
+    for r in records:
+        seen.setdefault((r["setting"], r["teachers"], r["row"], r["seed"]), r)
+    return list(seen.values())
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     command = " ".join(["scripts/alm_noise_experiment.py", *(argv or sys.argv[1:])])
     if args.tables_from:  # no runs: the tables and plot of finished experiments' records
-        records = [r for path in args.tables_from for r in json.loads(path.read_text())]
+        records = unique_records(r for path in args.tables_from
+                                 for r in json.loads(path.read_text()))
         write_outputs(records, args.out, args.tag, command, write_records=False)
         return
     runs = plan(args)

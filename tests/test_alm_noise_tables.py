@@ -61,9 +61,12 @@ def test_a_resolved_difference_is_starred(script):
 def test_tables_from_earlier_records_run_nothing(script, tmp_path):
     source = tmp_path / "a.json"
     source.write_text(json.dumps(RECORDS))
-    script.main(["--tables-from", str(source), "--out", str(tmp_path / "out"), "--tag", "t"])
+    # twice: two experiments' records share their CE runs, which count once
+    script.main(["--tables-from", str(source), str(source), "--out", str(tmp_path / "out"),
+                 "--tag", "t"])
     text = (tmp_path / "out" / "alm_noise_t.md").read_text()
     assert "| fashion_mnist-sym0.4 | clean      | alm_kd | 3   |" in text
+    assert "| fashion_mnist-sym0.4 | clean | ce | 1 | +2.90 | -28.90 |" in text
     assert "ALM-KD minus each row" in text and "+0.60 [-0.54, +1.74]" in text
     # the records stay in their own files: not written a second time
     assert not (tmp_path / "out" / "alm_noise_t.json").exists()
