@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --dist loadscope
+	$(BIN)/python -m pytest -q -n auto --dist loadscope --no-loadscope-reorder
 
 # The README's CIFAR-100 table on a GPU machine: teachers, then pairs x methods x seeds
 # (resumable: run it again after an interruption), then the table. ARGS=--dry-run shows the

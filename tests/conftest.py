@@ -65,13 +65,17 @@ def cache_dir(tmp_path_factory):
 
 
 # The modules that take longest (a fresh process, a DDP launch or dozens of runs each), longest
-# first: `make test` hands whole modules to its two pytest-xdist workers in collection order,
-# and handing out the long ones first lets the two end together (the rest keep their order).
+# first: `make test` hands whole modules to its two pytest-xdist workers in collection order
+# (`--no-loadscope-reorder`: xdist would otherwise order them by their number of tests, which
+# puts these few-but-long modules last), and handing out the long ones first lets the two
+# workers end together (the rest keep their order).
 LONGEST_FIRST = ("tests/methods/test_method_smoke.py", "tests/test_resume.py",
                  "tests/test_sweeps.py", "tests/test_ddp.py", "tests/test_streaming_runs.py",
-                 "tests/test_experiments.py", "tests/test_extending.py",
-                 "tests/methods/test_alm_kd.py", "tests/methods/test_state_size.py",
-                 "tests/test_cli.py", "tests/test_report.py", "tests/test_eval.py")
+                 "tests/methods/test_method_state.py", "tests/test_experiments.py",
+                 "tests/test_report.py", "tests/test_extending.py",
+                 "tests/methods/test_alm_kd.py", "tests/test_cli.py",
+                 "tests/methods/test_state_size.py", "tests/test_eval.py",
+                 "tests/test_reproduce.py")
 
 
 def pytest_collection_modifyitems(items):
