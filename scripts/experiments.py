@@ -8,7 +8,9 @@ A run's directory is ``<work>/runs/<hash of its resolved config>``: a changed de
 other change of the config) never reuses a run made with the old one. A directory holding
 ``results.json`` is reused as it is; one holding an unfinished run (``checkpoints/last.ckpt``)
 continues from its last epoch-end checkpoint (``resume=true``), so a script stopped halfway
-picks up where it was when started again with the same ``--work``. Every run goes through
+picks up where it was when started again with the same ``--work``. ``execute(...,
+train=False)`` trains nothing and returns the runs that have finished (a table of what is done
+while a long script is still running, or after it was stopped). Every run goes through
 ``kdlab.pipeline.run`` in-process, fp32 on the CPU (``trainer=cpu``), one torch thread per worker,
 its output appended to ``<work>/runs.log``.
 """
@@ -49,8 +51,13 @@ def run_key(cfg) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
-    """Run ``overrides`` in this process, or reuse / resume it: (run dir, results.json)."""
+class NotFinished(Exception):
+    """A run that has not finished, met with ``train=False``."""
+
+
+def run_one(overrides: list[str], work: str, train: bool = True) -> tuple[str, dict[str, Any]]:
+    """Run ``overrides`` in this process, or reuse / resume it: (run dir, results.json);
+    with ``train=False`` an unfinished run raises :class:`NotFinished` instead."""
     os.environ["KDLAB_CACHE_DIR"] = str(Path(work) / "cache")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from kdlab.config import compose
@@ -58,6 +65,8 @@ def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
     cfg = compose([*COMMON, *overrides])
     run_dir = Path(work) / "runs" / run_key(cfg)
     done = run_dir / "results.json"
+    if not done.exists() and not train:
+        raise NotFinished(str(run_dir))
     if not done.exists():
         from kdlab.pipeline import run
 
@@ -73,10 +82,13 @@ def run_one(overrides: list[str], work: str) -> tuple[str, dict[str, Any]]:
     return str(run_dir), json.loads(done.read_text())
 
 
-def run_or_fail(overrides: list[str], work: str) -> tuple[str, dict[str, Any] | None, str]:
+def run_or_fail(overrides: list[str], work: str, train: bool = True
+                ) -> tuple[str, dict[str, Any] | None, str]:
     """:func:`run_one`, with a failure caught: (run dir, results or None, the error line)."""
     try:
-        return (*run_one(overrides, work), "")
+        return (*run_one(overrides, work, train), "")
+    except NotFinished:
+        return "", None, "not finished"
     except Exception as e:  # one failed run must not stop the others
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return "", None, f"{type(e).__name__}: {first}"
@@ -86,11 +98,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
-def execute(runs: list[Run], work: Path, jobs: int = 1) -> list[Run]:
+def execute(runs: list[Run], work: Path, jobs: int = 1, train: bool = True) -> list[Run]:
     """Run (or reuse) every run, ``jobs`` at a time, printing one line per finished run with
     the time so far and an estimate of the time left; returns the runs that finished, with
     their results (a failed run is reported and left out: start the script again to retry
-    it)."""
+    it). With ``train=False`` nothing runs: the finished runs are returned, and the others
+    counted."""
+    if not train:
+        for run in runs:
+            run.run_dir, run.results, _ = run_or_fail(run.overrides, str(work), train=False)
+        done = [r for r in runs if r.results is not None]
+        print(f"{len(done)} of {len(runs)} runs finished in {work} (the others left out: "
+              "nothing trained)", flush=True)
+        return done
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pool = ProcessPoolExecutor(jobs) if jobs > 1 else None

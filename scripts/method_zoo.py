@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/method_zoo.py --jobs 2                    # fashion_mnist, 3 seeds
     .venv/bin/python scripts/method_zoo.py --methods ce kd dkd --seeds 0 --tag quick
+    .venv/bin/python scripts/method_zoo.py --finished-only             # the table so far
 
 Each method config in conf/method/ (``--methods`` to choose) trains the dataset's default
 student from its default teacher (auto-trained with CE on the same split and seed, clean
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                    help="run directories and the teacher caches (finished runs are reused)")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results")
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: the tables of the runs that have finished (n per row "
+                        "says how many seeds each has), e.g. while the zoo is still running")
     p.add_argument("overrides", nargs="*", help="extra kdlab train overrides for every run")
     return p.parse_args(argv)
 
@@ -143,11 +147,16 @@ def main(argv=None) -> None:
     runs = plan(args)
     print(f"{len(runs)} runs ({args.jobs} at a time) in {args.work}", flush=True)
     start = time.time()
-    done = execute(runs, args.work, args.jobs)
+    done = execute(runs, args.work, args.jobs, train=not args.finished_only)
+    if not done:
+        raise SystemExit(f"method_zoo: error: none of the {len(runs)} runs has finished in "
+                         f"{args.work}; run without --finished-only to train them")
     table = rows(done)
     command = " ".join(["scripts/method_zoo.py", *(argv if argv is not None else sys.argv[1:])])
+    took = ("the runs finished so far, nothing trained" if args.finished_only else
+            f"{(time.time() - start) / 3600:.1f} h with reused runs not counted again")
     text = (f"# Every method on {args.dataset}\n\nCommand: `.venv/bin/python {command}` "
-            f"({(time.time() - start) / 3600:.1f} h with reused runs not counted again)  \n"
+            f"({took})  \n"
             "The dataset's default pair and recipe; each method at its defaults; the epoch with "
             "the best val accuracy (ties: lower val NLL, then later) on a separate clean "
             "validation split; test accuracy / ECE (15 bins) / NLL of that epoch, mean ± std "
