@@ -65,9 +65,9 @@ def run_one(overrides: list[str], work: str, train: bool = True) -> tuple[str, d
     cfg = compose([*COMMON, *overrides])
     run_dir = Path(work) / "runs" / run_key(cfg)
     done = run_dir / "results.json"
-    if not done.exists() and not train:
-        raise NotFinished(str(run_dir))
     if not done.exists():
+        if not train:
+            raise NotFinished(str(run_dir))
         from kdlab.pipeline import run
 
         for name in ("lightning", "pytorch_lightning", "kdlab"):
@@ -82,13 +82,10 @@ def run_one(overrides: list[str], work: str, train: bool = True) -> tuple[str, d
     return str(run_dir), json.loads(done.read_text())
 
 
-def run_or_fail(overrides: list[str], work: str, train: bool = True
-                ) -> tuple[str, dict[str, Any] | None, str]:
+def run_or_fail(overrides: list[str], work: str) -> tuple[str, dict[str, Any] | None, str]:
     """:func:`run_one`, with a failure caught: (run dir, results or None, the error line)."""
     try:
-        return (*run_one(overrides, work, train), "")
-    except NotFinished:
-        return "", None, "not finished"
+        return (*run_one(overrides, work), "")
     except Exception as e:  # one failed run must not stop the others
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return "", None, f"{type(e).__name__}: {first}"
@@ -104,9 +101,10 @@ def execute(runs: list[Run], work: Path, jobs: int = 1, train: bool = True) -> l
     their results (a failed run is reported and left out: start the script again to retry
     it). With ``train=False`` nothing runs: the finished runs are returned, and the others
     counted."""
-    if not train:
+    if not train:  # an error other than an unfinished run (a bad override) is raised
         for run in runs:
-            run.run_dir, run.results, _ = run_or_fail(run.overrides, str(work), train=False)
+            with contextlib.suppress(NotFinished):
+                run.run_dir, run.results = run_one(run.overrides, str(work), train=False)
         done = [r for r in runs if r.results is not None]
         print(f"{len(done)} of {len(runs)} runs finished in {work} (the others left out: "
               "nothing trained)", flush=True)

@@ -51,13 +51,17 @@ def test_finished_runs_are_returned_and_the_others_not_trained(experiments, work
     assert done[0].run_dir == str(run_dir)
     assert sorted(p.name for p in (work / "runs").iterdir()) == [run_dir.name]  # no new run
     assert "1 of 2 runs finished" in capsys.readouterr().out
+    # a run that cannot even be composed is an error, not "not finished yet"
+    with pytest.raises(Exception, match="no_such_method"):
+        experiments.execute([experiments.Run({}, ["method=no_such_method"])], work, train=False)
 
 
 def test_the_zoo_table_so_far(zoo, experiments, work, tmp_path):
     out = tmp_path / "out"
-    common = ["dataset=digits", f"teacher_cache_runs={len(zoo.shipped_methods())}"]
+    cache_hint = f"teacher_cache_runs={len(zoo.shipped_methods())}"  # as the zoo plans runs
     for seed, acc in ((0, 0.90), (1, 0.94)):
-        finish(experiments, work, [*common[:1], "method=kd", f"seed={seed}", common[1]], acc)
+        finish(experiments, work, ["dataset=digits", "method=kd", f"seed={seed}", cache_hint],
+               acc)
     zoo.main(["--dataset", "digits", "--methods", "kd", "ce", "--seeds", "0", "1",
               "--finished-only", "--work", str(work), "--out", str(out), "--tag", "t"])
     table = (out / "zoo_digits_t.md").read_text()
