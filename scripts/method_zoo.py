@@ -9,7 +9,8 @@ student from its default teacher (auto-trained with CE on the same split and see
 labels), on the dataset's recipe, with the method's own defaults; the epoch is selected on
 the separate clean validation split and the test split is evaluated once, for that epoch.
 Rows: the teacher (its test numbers, from the KD runs), then every method (``ce`` is the
-student trained alone). Runs are keyed by their resolved config and resumable
+student trained alone; every row's accuracy difference from it comes with a 95 % interval,
+paired by seed). Runs are keyed by their resolved config and resumable
 (``scripts/experiments.py``): start the script again after an interruption.
 
 Output: ``scripts/results/zoo_<dataset>[_TAG].md`` (table), ``.json`` (every run) and
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiments import Run, execute  # noqa: E402
 
 METRICS = ("acc", "ece", "nll")
+BASELINE = "ce"  # the difference column: each row's test accuracy minus the student alone
 
 
 def shipped_methods() -> list[str]:
@@ -91,6 +93,7 @@ def rows(done: list[Run]) -> list[dict]:
     for method, runs in by_method.items():
         table.append({"row": method, "n": len(runs),
                       "seconds": statistics.fmean(r.results["wall_time_s"] for r in runs),
+                      "acc_by_seed": {r.labels["seed"]: r.results["test"]["acc"] for r in runs},
                       **{m: mean_std([r.results["test"][m] for r in runs]) for m in METRICS}})
     return table
 
@@ -102,15 +105,36 @@ def markdown(table: list[dict]) -> str:
         return text if std != std else f"{text} ± {scale * std:.{digits}f}"
 
     best = max(r["acc"][0] for r in table if not r["row"].startswith("teacher"))
-    lines = ["| row | n | test acc (%) | ECE (%) | NLL | s / run |", "|---|---|---|---|---|---|"]
+    baseline = next((r for r in table if r["row"] == BASELINE), None)
+    lines = [f"| row | n | test acc (%) | acc − {BASELINE} (95 % CI) | ECE (%) | NLL | s / run |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
         acc = cell(r["acc"], 100, 2)
         if r["acc"][0] == best and not r["row"].startswith("teacher"):
             acc = f"**{acc}**"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else ""
-        lines.append(f"| {r['row']} | {r['n']} | {acc} | {cell(r['ece'], 100, 2)} | "
-                     f"{cell(r['nll'], 1, 3)} | {seconds} |")
+        lines.append(f"| {r['row']} | {r['n']} | {acc} | {difference(r, baseline)} | "
+                     f"{cell(r['ece'], 100, 2)} | {cell(r['nll'], 1, 3)} | {seconds} |")
     return "\n".join(lines)
+
+
+def difference(row: dict, baseline: dict | None) -> str:
+    """Test accuracy minus the baseline's in points, with the 95 % interval of
+    ``kdlab.report.seed_difference`` (paired by seed where the two share >= 2 seeds); ``*``
+    when the interval excludes 0. Empty for the teacher, the baseline and without one."""
+    import pandas as pd
+
+    from kdlab.report import resolved, seed_difference
+
+    if baseline is None or row is baseline or "acc_by_seed" not in row:
+        return ""
+    found = seed_difference(*(pd.Series(r["acc_by_seed"], dtype=float) * 100
+                              for r in (row, baseline)))
+    text = f"{found['diff']:+.2f}"
+    if found["lo"] != found["lo"]:  # too few runs for an interval
+        return text
+    mark = " *" if resolved(found["lo"], found["hi"]) else ""
+    return f"{text} [{found['lo']:+.2f}, {found['hi']:+.2f}]{mark}"
 
 
 def plot(table: list[dict], path: Path, title: str) -> None:
@@ -160,8 +184,10 @@ def main(argv=None) -> None:
             "The dataset's default pair and recipe; each method at its defaults; the epoch with "
             "the best val accuracy (ties: lower val NLL, then later) on a separate clean "
             "validation split; test accuracy / ECE (15 bins) / NLL of that epoch, mean ± std "
-            "over seeds (n); s / run: mean wall time of a run (teacher training not counted); "
-            "bold: the best student.\n\n" + markdown(table) + "\n")
+            "over seeds (n); acc − ce: the difference from the student trained alone with "
+            "its 95 % t interval, paired by seed (* where it excludes 0); s / run: mean wall "
+            "time of a run (teacher training not counted); bold: the best student.\n\n"
+            + markdown(table) + "\n")
     print("\n" + text)
     suffix = f"_{args.tag}" if args.tag else ""
     args.out.mkdir(parents=True, exist_ok=True)

@@ -59,20 +59,35 @@ def test_finished_runs_are_returned_and_the_others_not_trained(experiments, work
 def test_the_zoo_table_so_far(zoo, experiments, work, tmp_path):
     out = tmp_path / "out"
     cache_hint = f"teacher_cache_runs={len(zoo.shipped_methods())}"  # as the zoo plans runs
-    for seed, acc in ((0, 0.90), (1, 0.94)):
-        finish(experiments, work, ["dataset=digits", "method=kd", f"seed={seed}", cache_hint],
-               acc)
-    zoo.main(["--dataset", "digits", "--methods", "kd", "ce", "--seeds", "0", "1",
+    for method, accs in (("kd", (0.90, 0.94)), ("ce", (0.89, 0.91))):
+        for seed, acc in enumerate(accs):
+            finish(experiments, work,
+                   ["dataset=digits", f"method={method}", f"seed={seed}", cache_hint], acc)
+    zoo.main(["--dataset", "digits", "--methods", "kd", "ce", "dkd", "--seeds", "0", "1",
               "--finished-only", "--work", str(work), "--out", str(out), "--tag", "t"])
     table = (out / "zoo_digits_t.md").read_text()
     assert "nothing trained" in table
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()
             if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"row", "teacher (teacher_net, CE)", "kd"}  # ce: no finished run
-    # kd: n = 2, mean 92.00, sample std of (90, 94) = 2.83
-    assert rows["kd"].startswith("| kd | 2 | **92.00 ± 2.83** |")
+    assert set(rows) == {"row", "teacher (teacher_net, CE)", "kd", "ce"}  # dkd: none finished
+    # kd: n = 2, mean 92.00, sample std of (90, 94) = 2.83; minus ce paired by seed:
+    # d = (1, 3), mean 2, sd sqrt(2), se 1, t_{0.975, 1} = 12.706 -> [-10.71, +14.71]
+    assert rows["kd"].startswith("| kd | 2 | **92.00 ± 2.83** | +2.00 [-10.71, +14.71] | ")
+    assert rows["ce"].startswith("| ce | 2 | 90.00 ± 1.41 |  | ")
     assert not any((work / "runs").glob("*/checkpoints"))
 
     with pytest.raises(SystemExit, match="none of the 2 runs has finished"):
-        zoo.main(["--dataset", "digits", "--methods", "ce", "--seeds", "0", "1",
+        zoo.main(["--dataset", "digits", "--methods", "dkd", "--seeds", "0", "1",
                   "--finished-only", "--work", str(work), "--out", str(out)])
+
+
+def test_a_resolved_difference_is_marked(zoo):
+    """Three seeds, d = (1.0, 1.2, 1.4) points: mean 1.2, sd 0.2, se 0.2 / sqrt(3),
+    t_{0.975, 2} = 4.303 -> 1.2 +/- 0.497 = [+0.70, +1.70], excludes 0."""
+    base = {"row": "ce", "acc_by_seed": {0: 0.900, 1: 0.910, 2: 0.905}}
+    row = {"row": "kd", "acc_by_seed": {0: 0.910, 1: 0.922, 2: 0.919}}
+    assert zoo.difference(row, base) == "+1.20 [+0.70, +1.70] *"
+    assert zoo.difference(base, base) == ""
+    assert zoo.difference({"row": "teacher"}, base) == ""
+    # one baseline run: the difference of the means alone, 91.70 - 90.00
+    assert zoo.difference(row, {"row": "ce", "acc_by_seed": {0: 0.9}}) == "+1.70"
