@@ -14,7 +14,7 @@ paired by seed). Runs are keyed by their resolved config and resumable
 (``scripts/experiments.py``): start the script again after an interruption.
 
 Output: ``scripts/results/zoo_<dataset>[_TAG].md`` (table), ``.json`` (every run) and
-``.png`` (accuracy and ECE per method, mean ± std over seeds).
+``.png`` (per method: test accuracy minus ce's with its 95 % interval, and ECE).
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def rows(done: list[Run]) -> list[dict]:
     if teacher_runs:  # one teacher per seed: count each seed once
         per_seed = {r.labels["seed"]: r.results["teachers"][0] for r in teacher_runs}
         arch = next(iter(per_seed.values()))["name"]
-        table.append({"row": f"teacher ({arch}, CE)", "n": len(per_seed), **{
+        table.append({"row": f"teacher ({arch}, CE)", "n": len(per_seed),
+                      "acc_by_seed": {s: t["test"]["acc"] for s, t in per_seed.items()}, **{
             m: mean_std([t["test"][m] for t in per_seed.values()]) for m in METRICS}})
     for method, runs in by_method.items():
         table.append({"row": method, "n": len(runs),
@@ -118,18 +119,28 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def difference(row: dict, baseline: dict | None) -> str:
+def difference_from(row: dict, baseline: dict | None) -> dict | None:
     """Test accuracy minus the baseline's in points, with the 95 % interval of
-    ``kdlab.report.seed_difference`` (paired by seed where the two share >= 2 seeds); ``*``
-    when the interval excludes 0. Empty for the teacher, the baseline and without one."""
+    ``kdlab.report.seed_difference`` (paired by seed where the two share >= 2 seeds); None
+    for the baseline itself and without one."""
     import pandas as pd
 
-    from kdlab.report import resolved, seed_difference
+    from kdlab.report import seed_difference
 
     if baseline is None or row is baseline or "acc_by_seed" not in row:
+        return None
+    return seed_difference(*(pd.Series(r["acc_by_seed"], dtype=float) * 100
+                             for r in (row, baseline)))
+
+
+def difference(row: dict, baseline: dict | None) -> str:
+    """:func:`difference_from` as shown: ``+diff [lo, hi]``, ``*`` when the interval excludes
+    0; the difference alone with too few runs for an interval; empty without one."""
+    from kdlab.report import resolved
+
+    found = difference_from(row, baseline)
+    if found is None:
         return ""
-    found = seed_difference(*(pd.Series(r["acc_by_seed"], dtype=float) * 100
-                              for r in (row, baseline)))
     text = f"{found['diff']:+.2f}"
     if found["lo"] != found["lo"]:  # too few runs for an interval
         return text
@@ -137,27 +148,52 @@ def difference(row: dict, baseline: dict | None) -> str:
     return f"{text} [{found['lo']:+.2f}, {found['hi']:+.2f}]{mark}"
 
 
-def plot(table: list[dict], path: Path, title: str) -> None:
+def plot(table: list[dict], path: Path, title: str, span: float = 3.0) -> None:
+    """Two panels: each row's test accuracy minus the baseline's with its 95 % interval
+    (the axis clipped to +/- ``span`` points: rows beyond it are drawn at the edge with their
+    value written), and ECE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from kdlab.report import resolved
+
+    baseline = next((r for r in table if r["row"] == BASELINE), None)
     names = [r["row"] for r in table]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(names) + 1.6), sharey=True)
     y = np.arange(len(names))
-    for ax, (metric, label) in zip(axes, (("acc", "test accuracy (%)"), ("ece", "ECE (%)")),
-                                   strict=True):
-        means = np.array([100 * r[metric][0] for r in table])
-        stds = np.nan_to_num(np.array([100 * r[metric][1] for r in table]))
-        colors = ["grey" if n.startswith("teacher") else
-                  "black" if n in ("ce", "kd") else "tab:blue" for n in names]
-        ax.barh(y, means, xerr=stds, color=colors, capsize=2)
-        ax.set_xlabel(label)
-        ax.grid(axis="x", alpha=0.3)
-        if metric == "acc":
-            ax.set_xlim(max(0, means.min() - 3), min(100, means.max() + 1))
+    colors = ["grey" if n.startswith("teacher") else
+              "black" if n in ("ce", "kd") else "tab:blue" for n in names]
+    ax = axes[0]
+    for i, r in enumerate(table):
+        found = difference_from(r, baseline)
+        if found is None:
+            if r is baseline:
+                ax.plot([0], [i], "|", color=colors[i], ms=12)
+            continue
+        diff, lo, hi = found["diff"], found["lo"], found["hi"]
+        clipped = min(max(diff, -span), span)
+        filled = lo == lo and resolved(lo, hi)
+        ax.plot([clipped], [i], "o", color=colors[i], mfc=colors[i] if filled else "white",
+                clip_on=False)
+        if lo == lo:
+            ax.plot([max(lo, -span), min(hi, span)], [i, i], color=colors[i], lw=1.5)
+        if abs(diff) > span:
+            ax.annotate(f"{diff:+.1f}", (clipped, i), xytext=(-6 if diff > 0 else 6, 4),
+                        textcoords="offset points", fontsize=8,
+                        ha="right" if diff > 0 else "left")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(-span, span)
+    ax.set_xlabel(f"test accuracy − {BASELINE} (points), 95 % interval paired by seed "
+                  "(filled: excludes 0)")
+    ax.grid(axis="x", alpha=0.3)
+    means = np.array([100 * r["ece"][0] for r in table])
+    stds = np.nan_to_num(np.array([100 * r["ece"][1] for r in table]))
+    axes[1].barh(y, means, xerr=stds, color=colors, capsize=2)
+    axes[1].set_xlabel("ECE (%), mean ± std")
+    axes[1].grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=10)
@@ -197,7 +233,7 @@ def main(argv=None) -> None:
           "val": r.results["val"], "wall_time_s": r.results["wall_time_s"],
           "teacher_test": [t["test"] for t in r.results["teachers"]]} for r in done], indent=1))
     plot(table, args.out / f"zoo_{args.dataset}{suffix}.png",
-         f"every method on {args.dataset}: mean ± std over seeds {args.seeds}")
+         f"every method on {args.dataset}, seeds {args.seeds}")
 
 
 if __name__ == "__main__":
