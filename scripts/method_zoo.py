@@ -79,7 +79,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def rows(done: list[Run]) -> list[dict]:
-    """One row per method (and the teacher's row first): mean / std of each metric."""
+    """One row per method: mean / std of each metric; the teacher's row first, then the
+    baseline's and KD's, then the others by mean test accuracy, best first."""
     by_method: dict[str, list[Run]] = {}
     for run in done:
         by_method.setdefault(run.labels["method"], []).append(run)
@@ -96,7 +97,9 @@ def rows(done: list[Run]) -> list[dict]:
                       "seconds": statistics.fmean(r.results["wall_time_s"] for r in runs),
                       "acc_by_seed": {r.labels["seed"]: r.results["test"]["acc"] for r in runs},
                       **{m: mean_std([r.results["test"][m] for r in runs]) for m in METRICS}})
-    return table
+    first = {BASELINE: 0, "kd": 1}
+    return sorted(table, key=lambda r: (not r["row"].startswith("teacher"),
+                                        first.get(r["row"], 2), -r["acc"][0]))
 
 
 def markdown(table: list[dict]) -> str:
