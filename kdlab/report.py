@@ -287,6 +287,19 @@ def resolved(lo: float, hi: float) -> bool:
     return lo > 0 or hi < 0
 
 
+def difference_text(found: dict[str, Any] | None, digits: int = 2) -> str:
+    """A :func:`seed_difference` as a table cell: ``+diff [lo, hi] *`` (``*`` when the
+    interval excludes 0), the difference alone with too few runs for an interval, empty for
+    None."""
+    if found is None:
+        return ""
+    text = f"{found['diff']:+.{digits}f}"
+    if math.isnan(found["lo"]):
+        return text
+    mark = " *" if resolved(found["lo"], found["hi"]) else ""
+    return f"{text} [{found['lo']:+.{digits}f}, {found['hi']:+.{digits}f}]{mark}"
+
+
 def baseline_differences(frame: pd.DataFrame, summary: pd.DataFrame, keys: list[str],
                          metrics: list[str], baseline: str) -> pd.DataFrame:
     """``summary`` plus, per metric m, ``m_diff``, ``m_diff_lo``, ``m_diff_hi``,

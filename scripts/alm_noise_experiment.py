@@ -247,7 +247,7 @@ def differences(records: list[dict], baseline: str = "alm_kd") -> str:
     the interval excludes 0."""
     import pandas as pd
 
-    from kdlab.report import resolved, seed_difference
+    from kdlab.report import difference_text, seed_difference
 
     def by_seed(rows: list[dict], metric: str) -> pd.Series:
         return pd.Series({r["seed"]: 100 * r["test"][metric] for r in rows})
@@ -267,14 +267,9 @@ def differences(records: list[dict], baseline: str = "alm_kd") -> str:
             for row in rows:
                 runs = [r for r in records if r["setting"] == setting and r["row"] == row
                         and r["teachers"] in (kind, "-")]
-                cells = []
-                for metric in ("acc", "ece"):
-                    d = seed_difference(by_seed(base, metric), by_seed(runs, metric))
-                    if d is None or pd.isna(d["lo"]):
-                        cells.append("" if d is None else f"{d['diff']:+.2f}")
-                    else:
-                        cells.append(f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
-                                     + (" *" if resolved(d["lo"], d["hi"]) else ""))
+                cells = [difference_text(seed_difference(by_seed(base, metric),
+                                                         by_seed(runs, metric)))
+                         for metric in ("acc", "ece")]
                 lines.append(f"| {setting} | {kind} | {row} | {len(runs)} | {cells[0]} | "
                              f"{cells[1]} |")
     return "\n".join(lines)

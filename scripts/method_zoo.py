@@ -137,18 +137,10 @@ def difference_from(row: dict, baseline: dict | None) -> dict | None:
 
 
 def difference(row: dict, baseline: dict | None) -> str:
-    """:func:`difference_from` as shown: ``+diff [lo, hi]``, ``*`` when the interval excludes
-    0; the difference alone with too few runs for an interval; empty without one."""
-    from kdlab.report import resolved
+    """:func:`difference_from` as a table cell (``kdlab.report.difference_text``)."""
+    from kdlab.report import difference_text
 
-    found = difference_from(row, baseline)
-    if found is None:
-        return ""
-    text = f"{found['diff']:+.2f}"
-    if found["lo"] != found["lo"]:  # too few runs for an interval
-        return text
-    mark = " *" if resolved(found["lo"], found["hi"]) else ""
-    return f"{text} [{found['lo']:+.2f}, {found['hi']:+.2f}]{mark}"
+    return difference_text(difference_from(row, baseline))
 
 
 def plot(table: list[dict], path: Path, title: str, span: float = 3.0) -> None:
