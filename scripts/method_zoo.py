@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -170,10 +171,10 @@ def plot(table: list[dict], path: Path, title: str, span: float = 3.0) -> None:
             continue
         diff, lo, hi = found["diff"], found["lo"], found["hi"]
         clipped = min(max(diff, -span), span)
-        filled = lo == lo and resolved(lo, hi)
+        filled = resolved(lo, hi)  # False for a NaN interval (one run each)
         ax.plot([clipped], [i], "o", color=colors[i], mfc=colors[i] if filled else "white",
                 clip_on=False)
-        if lo == lo:
+        if not math.isnan(lo):
             ax.plot([max(lo, -span), min(hi, span)], [i, i], color=colors[i], lw=1.5)
         if abs(diff) > span:
             ax.annotate(f"{diff:+.1f}", (clipped, i), xytext=(-6 if diff > 0 else 6, 4),
